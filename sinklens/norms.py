@@ -1,0 +1,168 @@
+"""E3: hidden-state norms at the sink layer, on natural text and on long runs of one token.
+
+Paper claim (Fig. 2/6): repeating some tokens drives their hidden-state norm at the sink layer
+(``blocks.L.hook_resid_post``) up to the first token's, i.e. the repeats become sinks; other
+tokens never get there. :func:`norm_baseline` measures the two reference lines on natural text:
+the first token's norm and the *typical* norm (mean over the later tokens; the paper used the
+first 1000 characters of Tiny Shakespeare). :func:`repetition_curves` measures
+``[first] + [word] * n`` for each word and reports after how many repeats a word reaches the sink
+regime: the first repeat whose log-norm passes ``typical + sink_fraction * (first - typical)``
+in log space (digest D6, a reconstruction: the paper judged "repeats needed" by eye).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from sinklens.activations import check_layer, run_cache
+from sinklens.results import Result
+from sinklens.tokens import FirstToken, Token, first_token, repeated_tokens, token
+
+SINK_FRACTION = 0.9
+
+
+def resid_norms(
+    model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], layer: int
+) -> Float[torch.Tensor, "batch pos"]:
+    """L2 norm of ``blocks.{layer}.hook_resid_post`` at every position."""
+    name = f"blocks.{check_layer(model, layer)}.hook_resid_post"
+    return run_cache(model, tokens, [name])[name].norm(dim=-1).float().cpu()
+
+
+@dataclass
+class NormBaseline(Result):
+    """Norms of natural text at one layer: the first token's and the typical (mean later) norm."""
+
+    kind = "norm_baseline"
+    layer: int
+    first_token: Token
+    token_norms: Float[torch.Tensor, "pos"]
+
+    @property
+    def first_token_norm(self) -> float:
+        return float(self.token_norms[0])
+
+    @property
+    def typical_norm(self) -> float:
+        return float(self.token_norms[1:].mean())
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"position": range(len(self.token_norms)), "norm": self.token_norms.tolist()})
+
+    def summary(self) -> dict:
+        return {
+            "layer": self.layer,
+            "typical_norm": self.typical_norm,
+            "first_token_norm": self.first_token_norm,
+            "n_tokens": len(self.token_norms),
+        }
+
+
+def norm_baseline(model: TransformerBridge, layer: int, text: Int[torch.Tensor, "1 pos"]) -> NormBaseline:
+    """Measure ``text`` (``[first] + tokens``, see :func:`sinklens.tokens.text_tokens`) at ``layer``."""
+    return NormBaseline(layer, token(model, int(text[0, 0])), resid_norms(model, text, layer)[0])
+
+
+def sink_threshold(first_norm: float, typical: float, sink_fraction: float = SINK_FRACTION) -> float:
+    """The norm at ``sink_fraction`` of the way from typical to the first token, in log space."""
+    return math.exp(math.log(typical) + sink_fraction * (math.log(first_norm) - math.log(typical)))
+
+
+def repeats_to_reach(norms: Float[torch.Tensor, "pos"], threshold: float) -> int | None:
+    """The smallest repeat count n >= 1 with ``norms[n] >= threshold`` (position 0 is the first token)."""
+    hits = (norms[1:] >= threshold).nonzero().flatten()
+    return int(hits[0]) + 1 if len(hits) else None
+
+
+@dataclass
+class RepetitionCurves(Result):
+    """Sink-layer norms of ``[first] + [word] * n`` for several words, with the text baseline."""
+
+    kind = "repetition_curves"
+    layer: int
+    first_token: Token
+    words: list[Token]
+    norms: Float[torch.Tensor, "word pos"]  # position 0 is the first token, position n the n-th repeat
+    baseline: NormBaseline
+    sink_fraction: float
+
+    @property
+    def n_repeats(self) -> int:
+        return self.norms.shape[1] - 1
+
+    @property
+    def first_token_norm(self) -> float:
+        return float(self.norms[0, 0])
+
+    @property
+    def threshold(self) -> float:
+        return sink_threshold(self.first_token_norm, self.baseline.typical_norm, self.sink_fraction)
+
+    @property
+    def repeats_to_sink(self) -> list[int | None]:
+        return [repeats_to_reach(row, self.threshold) for row in self.norms]
+
+    @property
+    def max_norms(self) -> list[float]:
+        return self.norms[:, 1:].max(dim=-1).values.tolist()
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per word: its token, the largest repeat norm and the repeats to the sink regime."""
+        typical = self.baseline.typical_norm
+        return pd.DataFrame(
+            {
+                "word": [w.text for w in self.words],
+                "token_id": [w.id for w in self.words],
+                "n_repeats": self.n_repeats,
+                "max_norm": self.max_norms,
+                "max_over_typical": [m / typical for m in self.max_norms],
+                "repeats_to_sink": pd.array(self.repeats_to_sink, dtype="Int64"),
+            }
+        )
+
+    def summary(self) -> dict:
+        return {
+            "layer": self.layer,
+            "sink_fraction": self.sink_fraction,
+            "sink_threshold_norm": self.threshold,
+            "words": [
+                {
+                    "word": w.text,
+                    "token_id": w.id,
+                    "n_repeats": self.n_repeats,
+                    "max_norm": m,
+                    "repeats_to_sink": r,
+                }
+                for w, m, r in zip(self.words, self.max_norms, self.repeats_to_sink)
+            ],
+        }
+
+
+def repetition_curves(
+    model: TransformerBridge,
+    words: Sequence[Token | str | int],
+    *,
+    layer: int,
+    baseline: NormBaseline,
+    n_repeats: int = 1000,
+    first: FirstToken = "bos",
+    sink_fraction: float = SINK_FRACTION,
+    progress: bool = False,
+) -> RepetitionCurves:
+    """Norm-vs-repetition curves at ``layer`` for each word (one forward pass per word).
+
+    ``words`` are :class:`Token` objects, single-token words (mid-text form) or token ids.
+    """
+    start = first_token(model, first)
+    sequences = [repeated_tokens(model, w.id if isinstance(w, Token) else w, n_repeats, first=first) for w in words]
+    tokens = [token(model, int(seq[0, -1])) for seq in sequences]
+    rows = [resid_norms(model, seq, layer)[0] for seq in tqdm(sequences, desc="repetition curves", disable=not progress)]
+    return RepetitionCurves(layer, start, tokens, torch.stack(rows), baseline, sink_fraction)

@@ -1,0 +1,79 @@
+"""Result objects: dataclasses of tensors that turn into DataFrames, figures and files.
+
+Every analysis returns one subclass of :class:`Result`. ``to_frame()`` gives long-form pandas,
+``plot()`` a plotly figure (drawn by :mod:`sinklens.plotting`), ``summary()`` the JSON-able numbers
+for ``results.json``. :func:`save_result` / :func:`load_result` round-trip any result through one
+``torch.save`` file, which is how long runs resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from sinklens._io import atomic_path
+
+_RESULT_TYPES: dict[str, type] = {}
+
+
+class Result:
+    """Base class of analysis results (subclasses are dataclasses)."""
+
+    kind: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _RESULT_TYPES[cls.__name__] = cls
+
+    def to_frame(self):
+        raise NotImplementedError
+
+    def plot(self):
+        from sinklens import plotting
+
+        return getattr(plotting, f"plot_{self.kind}")(self)
+
+    def summary(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"__type__": type(value).__name__, "fields": fields}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "__type__" in value:
+        cls = _RESULT_TYPES.get(value["__type__"]) or _VALUE_TYPES[value["__type__"]]
+        return cls(**{k: _decode(v) for k, v in value["fields"].items()})
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+_VALUE_TYPES: dict[str, type] = {}
+
+
+def value_type(cls: type) -> type:
+    """Register a small dataclass (not a result) that results may contain."""
+    _VALUE_TYPES[cls.__name__] = cls
+    return cls
+
+
+def save_result(result: Result, path: Path) -> None:
+    """Write ``result`` to ``path`` atomically."""
+    with atomic_path(Path(path)) as tmp:
+        torch.save(_encode(result), tmp)
+
+
+def load_result(path: Path) -> Result:
+    return _decode(torch.load(path, weights_only=True))

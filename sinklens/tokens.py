@@ -1,0 +1,152 @@
+"""Token-level inputs: the first token, words as single tokens, repeated-token sequences.
+
+Sequences are built from token ids, never by joining strings, so a repeated word is exactly one
+token id per repeat (digest D2). A word is taken as it appears mid-text (after a space), which is
+the form the paper's notebook repeats; pass ``leading_space=False`` for the bare form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Int
+from transformer_lens.model_bridge import TransformerBridge
+
+from sinklens.errors import SinklensError
+from sinklens.results import value_type
+
+FirstToken = str | int
+"""``"bos"`` (default), ``"eos"``, a token id, or a word placed at the start of the text."""
+
+
+@value_type
+@dataclass(frozen=True)
+class Token:
+    """A token id with its text, as results record it."""
+
+    id: int
+    text: str
+
+
+def token(model: TransformerBridge, token_id: int) -> Token:
+    vocab = model.cfg.d_vocab
+    if not 0 <= token_id < vocab:
+        raise SinklensError(
+            f"token id {token_id} is outside the vocabulary (0..{vocab - 1})", "pass a valid token id"
+        )
+    return Token(token_id, model.tokenizer.decode([token_id]))
+
+
+def first_token(model: TransformerBridge, first: FirstToken = "bos") -> Token:
+    """Resolve the token placed at position 0: the model's BOS by default."""
+    tokenizer = model.tokenizer
+    if isinstance(first, int):
+        return token(model, first)
+    if first in ("bos", "eos"):
+        token_id = _bos_id(model) if first == "bos" else tokenizer.eos_token_id
+        if token_id is None:
+            raise SinklensError(
+                f"the tokenizer of {model.cfg.model_name} defines no {first.upper()} token",
+                "choose the first token explicitly: first_token='eos' or a word such as 'The' "
+                "(CLI: --first-token)",
+            )
+        return token(model, token_id)
+    return word_token(model, first, leading_space=False)
+
+
+def _bos_id(model: TransformerBridge) -> int | None:
+    """The tokenizer's own BOS: TransformerLens fills a missing BOS with EOS, :func:`load_model` records the truth."""
+    source = getattr(model, "sinklens_source", None)
+    return source.bos_token_id if source is not None else model.tokenizer.bos_token_id
+
+
+def word_token_ids(model: TransformerBridge, word: str, *, leading_space: bool = True) -> list[int]:
+    """Token ids of ``word`` as it appears after a space in running text (or bare)."""
+    encode = lambda text: model.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    if not word or word != word.strip():
+        raise SinklensError(f"word {word!r} is empty or has surrounding whitespace", "pass the bare word, e.g. 'the'")
+    if not leading_space:
+        return encode(word)
+    anchor = encode("a")
+    ids = encode(f"a {word}")
+    if ids[: len(anchor)] != anchor:  # the tokenizer merged across the space: fall back to the bare form
+        return encode(word)
+    return ids[len(anchor) :]
+
+
+def word_token(model: TransformerBridge, word: str, *, leading_space: bool = True) -> Token:
+    """The single token for ``word``; a word that is several tokens or unknown is an error."""
+    ids = word_token_ids(model, word, leading_space=leading_space)
+    pieces = [model.tokenizer.decode([i]) for i in ids]
+    if len(ids) != 1:
+        raise SinklensError(
+            f"word {word!r} is {len(ids)} tokens for this tokenizer ({pieces})",
+            "pick a word that is one token, or repeat its whole token cycle (cycle=True, CLI: --cycle)",
+        )
+    unk = model.tokenizer.unk_token_id
+    if unk is not None and ids[0] == unk:
+        raise SinklensError(f"word {word!r} is not in the vocabulary (it maps to the unknown token)", "pick another word")
+    return Token(ids[0], pieces[0])
+
+
+def check_context(model: TransformerBridge, n_tokens: int) -> None:
+    """Raise if a sequence of ``n_tokens`` does not fit the model's context window."""
+    n_ctx = model.cfg.n_ctx
+    if n_tokens > n_ctx:
+        raise SinklensError(
+            f"a sequence of {n_tokens} tokens is longer than the context of {model.cfg.model_name} "
+            f"({n_ctx} tokens)",
+            f"use fewer repeats (at most {n_ctx} tokens in all), or load the model with a larger n_ctx",
+        )
+
+
+def repeated_tokens(
+    model: TransformerBridge,
+    word: str | int,
+    n_repeats: int,
+    *,
+    first: FirstToken = "bos",
+    prefix: str | None = None,
+    cycle: bool = False,
+    leading_space: bool = True,
+) -> Int[torch.Tensor, "1 pos"]:
+    """``[first] + prefix + [word] * n_repeats`` as token ids.
+
+    ``word`` is a word or a token id. A word of several tokens is an error unless ``cycle``
+    is set, in which case its token cycle is repeated ``n_repeats`` times.
+    """
+    if n_repeats < 1:
+        raise SinklensError(f"n_repeats must be at least 1, got {n_repeats}", "pass a positive number of repeats")
+    if isinstance(word, int):
+        unit = [token(model, word).id]
+    elif cycle:
+        unit = word_token_ids(model, word, leading_space=leading_space)
+    else:
+        unit = [word_token(model, word, leading_space=leading_space).id]
+    prefix_ids = model.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+    ids = [first_token(model, first).id, *prefix_ids, *unit * n_repeats]
+    check_context(model, len(ids))
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def text_tokens(
+    model: TransformerBridge, text: str, *, first: FirstToken = "bos", max_tokens: int | None = None
+) -> Int[torch.Tensor, "1 pos"]:
+    """``[first] + tokens(text)``, cut to ``max_tokens`` in all and checked against the context."""
+    ids = [first_token(model, first).id, *model.tokenizer.encode(text, add_special_tokens=False)]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    check_context(model, len(ids))
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def default_words(model: TransformerBridge, phrase: str = "Another one bites the dust") -> list[Token]:
+    """The paper's Fig. 2/6 words: the tokens of ``phrase`` as they appear mid-text."""
+    ids = word_token_ids(model, phrase)
+    return [Token(i, model.tokenizer.decode([i])) for i in ids]
+
+
+def words_to_tokens(model: TransformerBridge, words: Sequence[str | int], *, leading_space: bool = True) -> list[Token]:
+    return [token(model, w) if isinstance(w, int) else word_token(model, w, leading_space=leading_space) for w in words]

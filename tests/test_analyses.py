@@ -1,0 +1,142 @@
+import math
+
+import pytest
+import torch
+
+from sinklens import (
+    SinklensError, attention_received, attention_score_maps, find_sink_layer, load_result, norm_baseline,
+    repeated_tokens, repetition_curves, run_cache, save_result, text_tokens,
+)
+from sinklens.activations import stop_layer
+from sinklens.attention import paper_figure_layers
+from sinklens.loading import load_model
+from sinklens.norms import repeats_to_reach, resid_norms, sink_threshold
+from sinklens.sink_layer import RATIO_FALLBACK, SIGMA_RULE, sink_layer_threshold
+
+from conftest import CORPUS, N_LAYERS, SINK_LAYER, save_tiny
+
+
+def test_run_cache_keeps_only_the_named_hooks_and_stops_early(tiny):
+    tokens = text_tokens(tiny, "Speak, speak.")
+    names = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"]
+    cache = run_cache(tiny, tokens, names)
+    assert set(names) <= set(cache.keys())
+    assert not any(k.startswith(("blocks.2.", "blocks.3.")) for k in cache.keys())
+    assert cache["blocks.0.mlp.hook_post"].shape == (1, tokens.shape[1], tiny.cfg.d_mlp)
+    assert stop_layer(tiny, names) == 2
+    assert stop_layer(tiny, [f"blocks.{N_LAYERS - 1}.hook_resid_post"]) is None
+
+
+def test_run_cache_reduces_inside_the_hook(tiny):
+    tokens = text_tokens(tiny, "Speak, speak.")
+    name = "blocks.1.attn.hook_pattern"
+    full = run_cache(tiny, tokens, [name])[name]
+    reduced = run_cache(tiny, tokens, [name], reduce=lambda n, x: x[..., 0].mean())[name]
+    assert torch.allclose(reduced, full[..., 0].mean())
+
+
+def test_layer_out_of_range_is_a_clear_error(tiny):
+    with pytest.raises(SinklensError, match=f"layer {N_LAYERS} is out of range.*0..{N_LAYERS - 1}"):
+        resid_norms(tiny, text_tokens(tiny, "Speak"), N_LAYERS)
+    with pytest.raises(SinklensError, match="out of range"):
+        attention_received(tiny, text_tokens(tiny, "Speak"), layers=[-1])
+
+
+def test_sink_layer_finds_the_planted_sink(tiny):
+    result = find_sink_layer(tiny, reference=text_tokens(tiny, CORPUS))
+    assert result.sink_layer == SINK_LAYER and result.method == SIGMA_RULE
+    assert result.ratios[SINK_LAYER] > 1e4 and result.ratios[:SINK_LAYER].max() < 10
+    assert result.threshold == pytest.approx(sink_layer_threshold(result.first_token_norms))
+    alone = find_sink_layer(tiny)  # the lone first token gives the same norms (causal attention)
+    assert torch.allclose(alone.first_token_norms, result.first_token_norms, rtol=1e-4)
+    frame = result.to_frame()
+    assert list(frame["above_threshold"]) == [layer == SINK_LAYER for layer in range(N_LAYERS)]
+    assert result.plot().data
+
+
+def test_mean_plus_two_sigma_rule():
+    norms = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 100.0, 1.0])
+    assert sink_layer_threshold(norms) == pytest.approx(float(norms.mean() + 2 * norms.std()))
+    assert sink_layer_threshold(norms) < 100.0
+
+
+def test_no_sink_layer_falls_back_to_the_largest_ratio_or_is_a_clear_error(tmp_path):
+    model = load_model(str(save_tiny(tmp_path, plant_sink=False)), device="cpu")
+    with pytest.raises(SinklensError, match="no layer in 0..5 has a first-token MLP output norm"):
+        find_sink_layer(model, n_sigma=3.0)
+    result = find_sink_layer(model, n_sigma=3.0, reference=text_tokens(model, CORPUS))
+    assert result.method == RATIO_FALLBACK
+    assert result.sink_layer == int(result.ratios.argmax())
+
+
+def test_resid_norms_match_the_hf_hidden_states(tiny):
+    tokens = text_tokens(tiny, CORPUS[:80])
+    with torch.no_grad():
+        hidden = tiny.original_model(tokens, output_hidden_states=True).hidden_states
+    for layer in (0, SINK_LAYER, N_LAYERS - 2):
+        assert torch.allclose(resid_norms(tiny, tokens, layer), hidden[layer + 1].norm(dim=-1), rtol=1e-4)
+
+
+def test_norm_baseline_and_repetition_curves(tiny):
+    baseline = norm_baseline(tiny, SINK_LAYER, text_tokens(tiny, CORPUS))
+    assert baseline.first_token_norm > 1e3 * baseline.typical_norm  # the planted sink
+    curves = repetition_curves(tiny, ["the", "you"], layer=SINK_LAYER, baseline=baseline, n_repeats=40)
+    assert curves.norms.shape == (2, 41)
+    assert curves.first_token_norm == pytest.approx(baseline.first_token_norm, rel=1e-4)
+    expected = resid_norms(tiny, repeated_tokens(tiny, "you", 40), SINK_LAYER)[0]
+    assert torch.allclose(curves.norms[1], expected)
+    # The planted sink reads a BOS-only direction, so repeats never reach it.
+    assert curves.repeats_to_sink == [None, None]
+    frame = curves.to_frame()
+    assert list(frame["word"]) == [" the", " you"] and (frame["n_repeats"] == 40).all()
+    summary = curves.summary()["words"][0]
+    assert set(summary) == {"word", "token_id", "n_repeats", "max_norm", "repeats_to_sink"}
+    assert len(curves.plot().data) > 2
+
+
+def test_sink_threshold_and_repeats_to_reach():
+    threshold = sink_threshold(first_norm=1000.0, typical=10.0, sink_fraction=0.5)
+    assert threshold == pytest.approx(100.0)
+    norms = torch.tensor([1000.0, 5.0, 50.0, 120.0, 80.0, 200.0])
+    assert repeats_to_reach(norms, threshold) == 3
+    assert repeats_to_reach(norms, 5000.0) is None
+    assert repeats_to_reach(norms, 1.0) == 1  # position 0 (the first token) never counts
+
+
+def test_attention_received_matches_the_full_pattern(tiny):
+    tokens = repeated_tokens(tiny, "the", 12)
+    result = attention_received(tiny, tokens, label="repeat")
+    pattern = run_cache(tiny, tokens, ["blocks.3.attn.hook_pattern"])["blocks.3.attn.hook_pattern"][0]
+    n = tokens.shape[1]
+    for key in (0, 5):
+        expected = pattern[:, key + 1 :, key].mean(dim=-1)
+        assert torch.allclose(result.received[3, :, key], expected, atol=1e-6)
+    assert torch.isnan(result.received[:, :, n - 1]).all()
+    share = result.sink_head_share
+    assert ((share >= 0) & (share <= 1)).all()
+    expected_share = (pattern[:, 1:, 0].mean(dim=-1) > result.epsilon).float().mean()
+    assert share[3] == pytest.approx(float(expected_share))
+    assert len(result.to_frame()) == N_LAYERS
+
+
+def test_attention_score_maps_average_visible_scores(tiny):
+    tokens = torch.cat([text_tokens(tiny, CORPUS)[:, :8], repeated_tokens(tiny, "the", 7)])
+    layers = paper_figure_layers(tiny, SINK_LAYER)
+    assert layers == [2, 3, 4, 5]
+    maps = attention_score_maps(tiny, tokens, layers, label="mixed")
+    scores = run_cache(tiny, tokens, ["blocks.4.attn.hook_attn_scores"])["blocks.4.attn.hook_attn_scores"]
+    assert torch.allclose(maps.scores[2, 3, :4], scores[:, :, 3, :4].mean(dim=(0, 1)), atol=1e-5)
+    assert torch.isnan(maps.scores[:, 3, 4:]).all()  # keys after the query are masked
+    assert len(maps.token_labels) == 8
+    assert maps.to_frame()["score"].notna().all()
+    summary = maps.summary()
+    assert math.isfinite(summary["mean_score_on_first"][0])
+
+
+def test_results_round_trip_through_a_file(tiny, tmp_path):
+    result = find_sink_layer(tiny, reference=text_tokens(tiny, CORPUS))
+    save_result(result, tmp_path / "r.pt")
+    loaded = load_result(tmp_path / "r.pt")
+    assert type(loaded) is type(result) and loaded.first_token == result.first_token
+    assert torch.equal(loaded.first_token_norms, result.first_token_norms)
+    assert loaded.to_frame().equals(result.to_frame())

