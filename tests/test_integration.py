@@ -61,3 +61,19 @@ def test_report_on_the_default_model(smollm2, tmp_path):
     assert on_disk["first_token_norm"] > 50 * on_disk["typical_norm"]
     assert [w["word"] for w in on_disk["words"]] == [" Another", " one", " bites", " the", " dust"]
     assert (tmp_path / "report.html").stat().st_size > 1_000_000
+
+
+def test_report_runs_on_gemma3(tmp_path):
+    """Gemma-3-270M: another architecture (sliding-window layers, a sink tied to <bos>)."""
+    from sinklens import load_model
+
+    gemma = load_model("gemma-3-270m", device="cpu")
+    results = run_report(ReportConfig(model="gemma-3-270m", n_repeats=300), tmp_path, model=gemma)
+    assert results["model"]["name"] == "google/gemma-3-270m" and results["model"]["n_layers"] == 18
+    assert results["first_token"]["text"] == "<bos>"
+    assert results["first_token_norm"] > 5 * results["typical_norm"]
+    # Recorded in docs/results.md: Gemma-3 builds its first-token norm over several layers, so no single
+    # layer passes the paper's mean + 2 sigma rule, and no repeated word approaches the sink.
+    assert results["sink_layer_method"] != "mean + n_sigma * std"
+    assert all(w["repeats_to_sink"] is None for w in results["words"])
+    assert (tmp_path / "report.html").is_file()

@@ -37,7 +37,8 @@ def test_directory_without_config_is_a_clear_error(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_corrupt_gguf_is_a_clear_error(tmp_path):
+def test_corrupt_gguf_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SINKLENS_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
     with pytest.raises(SinklensError, match="not a readable GGUF model file"):
