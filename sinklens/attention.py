@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 import pandas as pd
 import torch
@@ -24,7 +25,9 @@ from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens.activations import check_layer, run_cache
+from sinklens.corpus import text_lines
 from sinklens.results import Result
+from sinklens.tokens import FirstToken, repeated_tokens, text_tokens
 
 EPSILON = 0.3
 
@@ -123,6 +126,23 @@ class AttentionScoreMaps(Result):
         others = self.scores[:, 1:, 1:].nanmean(dim=(-1, -2))
         return {"input": self.label, "layers": self.layers, "mean_score_on_first": first.tolist(),
                 "mean_score_on_others": others.tolist()}
+
+
+FIG1_LENGTH = 20  # the notebook's Fig. 1 inputs are 20 tokens long
+FIG1_LINES = 4
+
+
+def fig1_inputs(
+    model: TransformerBridge, text: str, word: str | int, *, first: FirstToken = "bos", length: int = FIG1_LENGTH,
+    n_lines: int = FIG1_LINES,
+) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "1 pos"]]:
+    """The notebook's Fig. 1 inputs: ``n_lines`` text lines cut to ``length`` tokens, and
+    ``[first] + [word] * (length - 1)``. Lines come from the first lines of ``text`` with more than
+    ``length`` tokens; if it has none, the start of ``text`` is used."""
+    candidates = (text_tokens(model, line, first=first, max_tokens=length + 1) for line in text_lines(text))
+    lines = list(islice((t[:, :length] for t in candidates if t.shape[1] > length), n_lines))
+    regular = torch.cat(lines) if lines else text_tokens(model, text, first=first, max_tokens=length)
+    return regular, repeated_tokens(model, word, length - 1, first=first)
 
 
 def paper_figure_layers(model: TransformerBridge, sink_layer: int) -> list[int]:

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                                                    "'Another one bites the dust')")
     report.add_argument("--n-repeats", type=int, default=1000, help="repeats per word (default: %(default)s)")
     report.add_argument("--corpus", help="natural-text file for the typical norm (default: Tiny Shakespeare's opening)")
+    report.add_argument("--sink-layer", type=int,
+                        help="use this layer for the norm curves instead of the detected one")
     report.add_argument("--corpus-chars", type=int, default=PAPER_CORPUS_CHARS,
                         help="characters of the corpus to use (default: %(default)s)")
 
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             config = ReportConfig(
                 model=args.model, words=args.words, n_repeats=args.n_repeats, first_token=args.first_token,
                 corpus=args.corpus, corpus_chars=args.corpus_chars, max_layer=args.max_layer, n_sigma=args.n_sigma,
+                sink_layer=args.sink_layer,
             )
             results = run_report(config, args.out, progress=True)
             out = Path(args.out)

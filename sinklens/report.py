@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens import plotting
 from sinklens._io import write_json, write_text
-from sinklens.attention import attention_received, attention_score_maps, paper_figure_layers
-from sinklens.corpus import read_text, shakespeare, text_lines
+from sinklens.activations import check_layer
+from sinklens.attention import attention_received, attention_score_maps, fig1_inputs, paper_figure_layers
+from sinklens.corpus import read_text, shakespeare
 from sinklens.errors import SinklensError
 from sinklens.loading import load_model
 from sinklens.norms import SINK_FRACTION, norm_baseline, repetition_curves
@@ -37,8 +37,6 @@ from sinklens.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA, find_sink_layer
 from sinklens.tokens import default_words, first_token, repeated_tokens, text_tokens, words_to_tokens
 
 PAPER_CORPUS_CHARS = 1000  # the notebook's typical norm uses the first 1000 characters
-FIG1_LENGTH = 20  # the notebook's Fig. 1 inputs are 20 tokens long
-FIG1_LINES = 4
 
 
 @dataclass
@@ -54,6 +52,7 @@ class ReportConfig:
     max_layer: int = PAPER_MAX_LAYER
     n_sigma: float = PAPER_N_SIGMA
     sink_fraction: float = SINK_FRACTION
+    sink_layer: int | None = None  # None: detect it; else use this layer (detection still reported)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -90,13 +89,13 @@ def run_report(
     Pass an already loaded ``model`` to skip loading. Returns the ``results.json`` content.
     """
     out = Path(out)
-    if config.n_repeats < 1:
-        raise SinklensError(f"n_repeats must be at least 1, got {config.n_repeats}", "pass a positive number")
+    if config.words is not None and not config.words:
+        raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
     model = model or load_model(config.model)
     corpus = read_text(config.corpus) if config.corpus else shakespeare()
     start = first_token(model, config.first_token)
     words = default_words(model) if config.words is None else words_to_tokens(model, config.words)
-    for word in words:  # fail on a too-long input before any compute
+    for word in words:  # fail on a bad repeat count or a too-long input before any compute
         repeated_tokens(model, word.id, config.n_repeats, first=config.first_token)
     reference = text_tokens(model, corpus[: config.corpus_chars], first=config.first_token)
     steps = _Checkpoints(out, config.fingerprint())
@@ -110,7 +109,8 @@ def run_report(
 
     sink = step("sink_layer", lambda: find_sink_layer(
         model, first=config.first_token, max_layer=config.max_layer, n_sigma=config.n_sigma, reference=reference))
-    layer = sink.sink_layer
+    layer = sink.sink_layer if config.sink_layer is None else check_layer(model, config.sink_layer)
+    method = sink.method if config.sink_layer is None else "given by the user"
     baseline = step("baseline", lambda: norm_baseline(model, layer, reference))
     curves = step("curves", lambda: repetition_curves(
         model, words, layer=layer, baseline=baseline, n_repeats=config.n_repeats, first=config.first_token,
@@ -120,12 +120,11 @@ def run_report(
     received_text = step("attention_text", lambda: attention_received(model, reference, label="natural text"))
     received_repeat = step("attention_repeat", lambda: attention_received(
         model, repeated, label=f"{sinkiest.text!r} x {config.n_repeats}"))
-    lines = [text_tokens(model, line, first=config.first_token) for line in text_lines(corpus)]
-    regular = torch.cat([t[:, :FIG1_LENGTH] for t in lines if t.shape[1] > FIG1_LENGTH][:FIG1_LINES])
+    regular, short_repeat = fig1_inputs(model, corpus, sinkiest.id, first=config.first_token)
     fig1_layers = paper_figure_layers(model, layer)
     regular_maps = step("scores_text", lambda: attention_score_maps(model, regular, fig1_layers, label="regular text"))
     repeat_maps = step("scores_repeat", lambda: attention_score_maps(
-        model, repeated[:, :FIG1_LENGTH], fig1_layers, label=f"{sinkiest.text!r} repeated"))
+        model, short_repeat, fig1_layers, label=f"{sinkiest.text!r} repeated"))
     bar.close()
     maps = (regular_maps, repeat_maps)
 
@@ -137,7 +136,7 @@ def run_report(
         "versions": _versions(),
         "first_token": {"id": start.id, "text": start.text},
         "sink_layer": layer,
-        "sink_layer_method": sink.method,
+        "sink_layer_method": method,
         "typical_norm": baseline.typical_norm,
         "first_token_norm": baseline.first_token_norm,
         "words": curves.summary()["words"],
@@ -182,7 +181,9 @@ def _render_html(results, sink, curves, received_text, received_repeat, maps) ->
             f"MLP output norm of the lone first token {html.escape(repr(first['text']))} (id {first['id']}) per "
             f"layer, and the median over the later tokens of natural text. The sink layer is the first layer "
             f"above mean + {sink.n_sigma:g} sigma of the first-token norms; if none is, the layer with the largest "
-            f"first/later-token ratio. Here: <b>layer {sink.sink_layer}</b>, by {html.escape(sink.method)}. {paper}",
+            f"first/later-token ratio. Detected: <b>layer {sink.sink_layer}</b>, by {html.escape(sink.method)}; "
+            f"the analyses below use layer {results['sink_layer']} ({html.escape(results['sink_layer_method'])}). "
+            f"{paper}",
             sink.plot(), sink.to_frame(), first_figure=True,
         ),
         _section(

@@ -8,7 +8,7 @@ from sinklens import (
     repeated_tokens, repetition_curves, run_cache, save_result, text_tokens,
 )
 from sinklens.activations import stop_layer
-from sinklens.attention import paper_figure_layers
+from sinklens.attention import fig1_inputs, paper_figure_layers
 from sinklens.loading import load_model
 from sinklens.norms import repeats_to_reach, resid_norms, sink_threshold
 from sinklens.sink_layer import RATIO_FALLBACK, SIGMA_RULE, sink_layer_threshold
@@ -140,3 +140,12 @@ def test_results_round_trip_through_a_file(tiny, tmp_path):
     assert type(loaded) is type(result) and loaded.first_token == result.first_token
     assert torch.equal(loaded.first_token_norms, result.first_token_norms)
     assert loaded.to_frame().equals(result.to_frame())
+
+
+def test_fig1_inputs_are_text_lines_and_a_short_repeat(tiny):
+    regular, repeat = fig1_inputs(tiny, CORPUS, "the")
+    assert regular.shape[1] == 20 and 1 <= regular.shape[0] <= 4
+    assert (regular[:, 0] == tiny.tokenizer.bos_token_id).all()
+    assert repeat.shape == (1, 20) and len(set(repeat[0, 1:].tolist())) == 1
+    short, _ = fig1_inputs(tiny, "Speak.\nAll:\nSpeak.", "the")  # no line is long enough: the text's start
+    assert short.shape[0] == 1 and short.shape[1] < 20

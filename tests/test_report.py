@@ -70,3 +70,12 @@ def test_cli_report_and_errors(tiny_dir, corpus_file, tmp_path, capsys):
 def test_cli_sink_layer(tiny_dir, capsys):
     assert main(["sink-layer", "--model", str(tiny_dir)]) == 0
     assert "sink layer: 2" in capsys.readouterr().out
+
+
+def test_report_uses_a_sink_layer_given_by_the_user(tiny, config, tmp_path):
+    results = run_report(ReportConfig(**{**config.__dict__, "sink_layer": 4}), tmp_path, model=tiny)
+    assert results["sink_layer"] == 4 and results["sink_layer_method"] == "given by the user"
+    assert results["sink_layer_detail"]["sink_layer"] == SINK_LAYER  # the detection is still reported
+    assert results["norm_baseline"]["layer"] == 4
+    with pytest.raises(SinklensError, match="layer 6 is out of range"):
+        run_report(ReportConfig(**{**config.__dict__, "sink_layer": 6}), tmp_path, model=tiny)
