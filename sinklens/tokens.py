@@ -31,6 +31,7 @@ class Token:
 
 
 def token(model: TransformerBridge, token_id: int) -> Token:
+    """The :class:`Token` for an id, checked against the vocabulary."""
     vocab = model.cfg.d_vocab
     if not 0 <= token_id < vocab:
         raise SinklensError(
@@ -64,16 +65,20 @@ def _bos_id(model: TransformerBridge) -> int | None:
 
 def word_token_ids(model: TransformerBridge, word: str, *, leading_space: bool = True) -> list[int]:
     """Token ids of ``word`` as it appears after a space in running text (or bare)."""
-    encode = lambda text: model.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     if not word or word != word.strip():
         raise SinklensError(f"word {word!r} is empty or has surrounding whitespace", "pass the bare word, e.g. 'the'")
     if not leading_space:
-        return encode(word)
-    anchor = encode("a")
-    ids = encode(f"a {word}")
+        return _encode(model, word)
+    anchor = _encode(model, "a")
+    ids = _encode(model, f"a {word}")
     if ids[: len(anchor)] != anchor:  # the tokenizer merged across the space: fall back to the bare form
-        return encode(word)
+        return _encode(model, word)
     return ids[len(anchor) :]
+
+
+def _encode(model: TransformerBridge, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (the bridge's tokenizer adds BOS by default)."""
+    return model.tokenizer.encode(text, add_special_tokens=False)
 
 
 def word_token(model: TransformerBridge, word: str, *, leading_space: bool = True) -> Token:
@@ -98,7 +103,8 @@ def check_context(model: TransformerBridge, n_tokens: int) -> None:
         raise SinklensError(
             f"a sequence of {n_tokens} tokens is longer than the context of {model.cfg.model_name} "
             f"({n_ctx} tokens)",
-            f"use fewer repeats (at most {n_ctx} tokens in all), or load the model with a larger n_ctx",
+            f"shorten the input to at most {n_ctx} tokens in all (fewer repeats, less text), or load the model "
+            "with a larger n_ctx",
         )
 
 
@@ -125,7 +131,7 @@ def repeated_tokens(
         unit = word_token_ids(model, word, leading_space=leading_space)
     else:
         unit = [word_token(model, word, leading_space=leading_space).id]
-    prefix_ids = model.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+    prefix_ids = _encode(model, prefix) if prefix else []
     ids = [first_token(model, first).id, *prefix_ids, *unit * n_repeats]
     check_context(model, len(ids))
     return torch.tensor([ids], dtype=torch.long)
@@ -135,7 +141,7 @@ def text_tokens(
     model: TransformerBridge, text: str, *, first: FirstToken = "bos", max_tokens: int | None = None
 ) -> Int[torch.Tensor, "1 pos"]:
     """``[first] + tokens(text)``, cut to ``max_tokens`` in all and checked against the context."""
-    ids = [first_token(model, first).id, *model.tokenizer.encode(text, add_special_tokens=False)]
+    ids = [first_token(model, first).id, *_encode(model, text)]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     check_context(model, len(ids))
