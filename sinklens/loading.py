@@ -24,6 +24,7 @@ from sinklens.errors import SinklensError
 from sinklens.registry import DEFAULT_MODEL, MODEL_ALIASES
 
 SourceKind = Literal["alias", "gguf", "hf_dir", "hub"]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ def resolve_model(spec: str) -> ModelSource:
         raise SinklensError(
             f"{spec} is a directory without config.json, so it is not a Hugging Face model directory",
             "pass the directory that save_pretrained() wrote (config.json, weights, tokenizer files)",
+        )
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise SinklensError(
+            f"{spec} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})",
+            "save the tokenizer into the same directory: tokenizer.save_pretrained(directory)",
         )
     return ModelSource(spec, "hf_dir", str(path.resolve()))
 
@@ -133,6 +139,11 @@ def _load_hf(location: str | Path, source: ModelSource, dtype: torch.dtype):
                 f"and the Hugging Face hub did not provide it ({_first_line(exc)})",
                 "check the name; without network access pass a local model directory or .gguf file, "
                 "or a built-in alias (and set HF_HUB_OFFLINE=1 to fail fast)",
+            ) from exc
+        if "Unrecognized configuration class" in str(exc):
+            raise SinklensError(
+                f"{source.spec} is not a causal language model ({_first_line(exc)})",
+                "sinklens studies decoder-only LMs: pass a model that AutoModelForCausalLM can load",
             ) from exc
         raise SinklensError(
             f"could not load the model files in {location} ({_first_line(exc)})",

@@ -62,3 +62,21 @@ def test_unknown_hub_name_without_network_is_one_clear_error(monkeypatch):
     assert "not a built-in alias" in message and "smollm2-135m-instruct" in message
     assert "\n" not in message
     assert time.monotonic() - start < 10  # HF_HUB_OFFLINE is honoured: no connection retries
+
+
+def test_a_directory_without_tokenizer_files_is_a_clear_error(tmp_path, tiny_dir):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((tiny_dir / name).read_bytes())
+    with pytest.raises(SinklensError, match="no tokenizer files.*tokenizer.save_pretrained"):
+        load_model(str(tmp_path))
+
+
+def test_a_model_that_is_not_a_causal_lm_is_a_clear_error(tmp_path, tiny_dir):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=8, patch_size=4)).save_pretrained(tmp_path)
+    for source in tiny_dir.glob("tokenizer*"):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    with pytest.raises(SinklensError, match="is not a causal language model"):
+        load_model(str(tmp_path))
