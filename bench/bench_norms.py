@@ -1,6 +1,7 @@
 """Benchmark: sinklens' norm-curve analysis vs a plain Hugging Face forward, and model load times.
 
-Runs every measurement in its own subprocess, side by side in one run, and prints ratios:
+Runs every measurement in its own subprocess, alternating sinklens and plain HF in one run, and
+prints the median ratios with their range (peak RSS is noisy from run to run):
 
 * time and peak memory of ``repetition_curves`` (TransformerBridge, named hooks, stop after the sink
   layer) against a plain HF forward over the same layers and tokens (the HF model cut after the sink
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -56,12 +58,11 @@ if mode == "sinklens":
     run = lambda: sinklens.repetition_curves(model, words, layer=layer, baseline=baseline, n_repeats=n_repeats).norms
 else:
     from transformers import AutoModelForCausalLM
-    from sinklens.loading import _converted_gguf
-    from sinklens.registry import SMOLLM2
+    from sinklens.loading import alias_weights
+    from sinklens.registry import DEFAULT_MODEL
     del model
     hf = AutoModelForCausalLM.from_pretrained(
-        _converted_gguf(None, f"{SMOLLM2.alias}-{SMOLLM2.gguf.sha256[:16]}"), dtype=torch.float32,
-        attn_implementation="eager").eval()
+        alias_weights(DEFAULT_MODEL), dtype=torch.float32, attn_implementation="eager").eval()
     hf.model.layers = hf.model.layers[: layer + 1]
     captured = []
     hf.model.layers[layer].register_forward_hook(lambda m, i, o: captured.append((o[0] if isinstance(o, tuple) else o).norm(dim=-1)))
@@ -90,18 +91,28 @@ def measure(mode: str, n_repeats: int, rounds: int, env: dict | None = None) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1000, help="repeats per word (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds, best kept (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per process, best kept (default: %(default)s)")
+    parser.add_argument("--trials", type=int, default=3,
+                        help="process pairs, alternating; medians reported (default: %(default)s)")
     args = parser.parse_args()
 
     measure("warm", 0, 0)  # make sure the default model is converted before timing anything
-    ours = measure("sinklens", args.repeats, args.rounds)
-    plain = measure("hf", args.repeats, args.rounds)
-    print(f"norm curves, 5 words x {args.repeats} repeats, to the sink layer (best of {args.rounds}):")
-    print(f"  sinklens {ours['seconds']:.2f} s, peak +{ours['peak_bytes'] / 2**20:.0f} MiB")
-    print(f"  plain HF {plain['seconds']:.2f} s, peak +{plain['peak_bytes'] / 2**20:.0f} MiB")
-    print(f"  time ratio {ours['seconds'] / plain['seconds']:.2f}x (target <= 1.1x), "
-          f"memory ratio {ours['peak_bytes'] / max(plain['peak_bytes'], 1):.2f}x (target <= 1.2x)")
-    print(f"  same norms: {abs(ours['checksum'] - plain['checksum']) <= 1e-4 * abs(plain['checksum'])}")
+    pairs = [(measure("sinklens", args.repeats, args.rounds), measure("hf", args.repeats, args.rounds))
+             for _ in range(args.trials)]
+    time_ratios = [ours["seconds"] / plain["seconds"] for ours, plain in pairs]
+    memory_ratios = [ours["peak_bytes"] / max(plain["peak_bytes"], 1) for ours, plain in pairs]
+    print(f"norm curves, 5 words x {args.repeats} repeats, to the sink layer "
+          f"({args.trials} alternating process pairs, best of {args.rounds} rounds each):")
+    for name, side in (("sinklens", 0), ("plain HF", 1)):
+        seconds = statistics.median(pair[side]["seconds"] for pair in pairs)
+        peak = statistics.median(pair[side]["peak_bytes"] for pair in pairs)
+        print(f"  {name} median {seconds:.2f} s, peak +{peak / 2**20:.0f} MiB")
+    print(f"  time ratio median {statistics.median(time_ratios):.2f}x (range {min(time_ratios):.2f}-"
+          f"{max(time_ratios):.2f}; target <= 1.1x)")
+    print(f"  memory ratio median {statistics.median(memory_ratios):.2f}x (range {min(memory_ratios):.2f}-"
+          f"{max(memory_ratios):.2f}; target <= 1.2x)")
+    same = all(abs(o["checksum"] - p["checksum"]) <= 1e-4 * abs(p["checksum"]) for o, p in pairs)
+    print(f"  same norms: {same}")
     with tempfile.TemporaryDirectory() as empty_cache:
         cold = measure("cold", 0, 0, env={"SINKLENS_CACHE": empty_cache})
     warm = measure("warm", 0, 0)

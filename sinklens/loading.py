@@ -90,8 +90,7 @@ def load_model(
     source = resolve_model(spec)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if source.kind == "alias":
-        alias = MODEL_ALIASES[spec]
-        location = _converted_gguf(lambda: fetch_asset(alias.gguf), f"{alias.alias}-{alias.gguf.sha256[:16]}")
+        location = alias_weights(spec)
     elif source.kind == "gguf":
         gguf = Path(source.name)
         location = _converted_gguf(lambda: gguf, f"{gguf.stem}-{sha256_file(gguf)[:16]}")
@@ -112,6 +111,12 @@ def load_model(
     bridge.eval()
     bridge.sinklens_source = source
     return bridge
+
+
+def alias_weights(alias: str) -> Path:
+    """The cached Hugging Face directory (safetensors) of a built-in alias, fetched and converted if needed."""
+    model = MODEL_ALIASES[alias]
+    return _converted_gguf(lambda: fetch_asset(model.gguf), f"{model.alias}-{model.gguf.sha256[:16]}")
 
 
 def _aliases() -> str:

@@ -129,9 +129,10 @@ def run_report(
     maps = (regular_maps, repeat_maps)
 
     source = getattr(model, "sinklens_source", None)
-    record = paper_record(source.name if source else model.cfg.model_name)
+    model_name = source.name if source else model.cfg.model_name
+    record = paper_record(model_name)
     results = {
-        "model": {"spec": config.model, "name": source.name if source else model.cfg.model_name,
+        "model": {"spec": config.model, "name": model_name,
                   "n_layers": model.cfg.n_layers, "d_mlp": model.cfg.d_mlp, "n_ctx": model.cfg.n_ctx},
         "versions": _versions(),
         "first_token": {"id": start.id, "text": start.text},

@@ -17,6 +17,7 @@ import torch
 from sinklens._io import atomic_path
 
 _RESULT_TYPES: dict[str, type] = {}
+_VALUE_TYPES: dict[str, type] = {}
 
 
 class Result:
@@ -58,9 +59,6 @@ def _decode(value: Any) -> Any:
     if isinstance(value, list):
         return [_decode(v) for v in value]
     return value
-
-
-_VALUE_TYPES: dict[str, type] = {}
 
 
 def value_type(cls: type) -> type:
