@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 WORKER = r"""
 import json, os, sys, time
@@ -47,7 +46,7 @@ if mode in ("cold", "warm"):
     sys.exit()
 
 import sinklens
-from sinklens.corpus import shakespeare
+from sinklens.load.corpus import shakespeare
 model = sinklens.load_model()
 reference = sinklens.text_tokens(model, shakespeare()[:1000])
 layer = sinklens.find_sink_layer(model, reference=reference).sink_layer
@@ -58,8 +57,8 @@ if mode == "sinklens":
     run = lambda: sinklens.repetition_curves(model, words, layer=layer, baseline=baseline, n_repeats=n_repeats).norms
 else:
     from transformers import AutoModelForCausalLM
-    from sinklens.loading import alias_weights
-    from sinklens.registry import DEFAULT_MODEL
+    from sinklens.load.models import alias_weights
+    from sinklens.load.registry import DEFAULT_MODEL
     del model
     hf = AutoModelForCausalLM.from_pretrained(
         alias_weights(DEFAULT_MODEL), dtype=torch.float32, attn_implementation="eager").eval()

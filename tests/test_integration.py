@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sinklens import ReportConfig, find_sink_layer, norm_baseline, repetition_curves, run_report, text_tokens
-from sinklens.corpus import shakespeare
-from sinklens.report import PAPER_CORPUS_CHARS
+from sinklens.load.corpus import shakespeare
+from sinklens.present.report import PAPER_CORPUS_CHARS
 
 pytestmark = pytest.mark.integration
 

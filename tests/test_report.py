@@ -1,12 +1,11 @@
 import json
 
 import pytest
+from conftest import SINK_LAYER
 
 from sinklens import ReportConfig, SinklensError, run_report
-from sinklens import report as report_module
-from sinklens.cli import main
-
-from conftest import SINK_LAYER
+from sinklens.present import report as report_module
+from sinklens.present.cli import main
 
 STABLE_KEYS = {"model", "versions", "first_token", "sink_layer", "typical_norm", "first_token_norm", "words"}
 

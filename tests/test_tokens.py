@@ -1,11 +1,9 @@
 import pytest
-import torch
+from conftest import save_tiny
 
 from sinklens import SinklensError, first_token, repeated_tokens, text_tokens, word_token
-from sinklens.loading import load_model
-from sinklens.tokens import default_words, word_token_ids
-
-from conftest import save_tiny
+from sinklens.load.models import load_model
+from sinklens.run.tokens import default_words, word_token_ids
 
 
 def test_first_token_defaults_to_bos(tiny):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sinklens.assets import Asset, PackageMember
+from sinklens.load.assets import Asset, PackageMember
 
 
 @dataclass(frozen=True)

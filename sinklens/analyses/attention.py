@@ -20,14 +20,16 @@ from dataclasses import dataclass
 from itertools import islice
 
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
+from plotly.subplots import make_subplots
 from transformer_lens.model_bridge import TransformerBridge
 
-from sinklens.activations import check_layer, run_cache
-from sinklens.corpus import text_lines
+from sinklens.load.corpus import text_lines
 from sinklens.results import Result
-from sinklens.tokens import FirstToken, repeated_tokens, text_tokens
+from sinklens.run.cache import check_layer, run_cache
+from sinklens.run.tokens import FirstToken, repeated_tokens, text_tokens
 
 EPSILON = 0.3
 
@@ -45,7 +47,6 @@ def _received_by_later_queries(pattern: Float[torch.Tensor, "batch head query_po
 class AttentionReceived(Result):
     """Mean attention each key position receives from later queries, per layer and head."""
 
-    kind = "attention_received"
     label: str
     layers: list[int]
     received: Float[torch.Tensor, "layer head key_pos"]
@@ -77,6 +78,9 @@ class AttentionReceived(Result):
             }
         )
 
+    def plot(self) -> go.Figure:
+        return plot_attention_received(self)
+
     def summary(self) -> dict:
         return {"input": self.label, "epsilon": self.epsilon, **self.to_frame().drop(columns="input").to_dict("list")}
 
@@ -100,7 +104,6 @@ def attention_received(
 class AttentionScoreMaps(Result):
     """Pre-softmax attention scores, mean over batch and heads, for a few layers (Fig. 1)."""
 
-    kind = "attention_score_maps"
     label: str
     layers: list[int]
     scores: Float[torch.Tensor, "layer query_pos key_pos"]  # NaN where the mask hides a key
@@ -119,6 +122,9 @@ class AttentionScoreMaps(Result):
                 "score": self.scores.flatten().tolist(),
             }
         ).dropna()
+
+    def plot(self) -> go.Figure:
+        return plot_attention_score_maps(self)
 
     def summary(self) -> dict:
         """Per layer: the mean score on key 0 and on the other visible keys (queries >= 1)."""
@@ -172,3 +178,45 @@ def attention_score_maps(
     cache = run_cache(model, tokens, names, reduce=lambda _, scores: _mean_visible_scores(scores))
     labels = [model.tokenizer.decode([int(t)]) for t in tokens[0]]
     return AttentionScoreMaps(label, layers, torch.stack([cache[n] for n in names]), labels)
+
+
+def plot_attention_received(*results: AttentionReceived) -> go.Figure:
+    """Attention received by the first token and by a later token, per layer, for one or more inputs."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["Attention received", "Share of sink heads"])
+    for result in results:
+        fig.add_scatter(x=result.layers, y=result.first_token.tolist(), mode="lines+markers",
+                        name=f"{result.label}: first token", row=1, col=1)
+        fig.add_scatter(x=result.layers, y=result.later_tokens.tolist(), mode="lines+markers",
+                        name=f"{result.label}: later token (mean)", line_dash="dot", row=1, col=1)
+        fig.add_scatter(x=result.layers, y=result.sink_head_share.tolist(), mode="lines+markers",
+                        name=f"{result.label}: heads > {result.epsilon:g} on first", row=1, col=2)
+    fig.update_yaxes(type="log", title_text="Mean attention weight", row=1, col=1)
+    fig.update_yaxes(range=[0, 1], title_text="Share of heads", row=1, col=2)
+    fig.update_xaxes(title_text="Layer")
+    return fig
+
+
+def plot_attention_score_maps(*results: AttentionScoreMaps) -> go.Figure:
+    """Heatmaps of mean pre-softmax scores: one row per input, one column per layer (Fig. 1)."""
+    cols = len(results[0].layers)
+    titles = [f"{r.label}, layer {layer}" for r in results for layer in r.layers]
+    fig = make_subplots(rows=len(results), cols=cols, subplot_titles=titles)
+    for i, result in enumerate(results):
+        for j, scores in enumerate(result.scores):
+            fig.add_heatmap(z=scores.tolist(), colorscale="RdBu_r", zmid=0, showscale=False,
+                            row=i + 1, col=j + 1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(title_text="Query position", col=1)
+    fig.update_xaxes(title_text="Key position")
+    fig.update_layout(height=300 * len(results), title="Mean pre-softmax attention scores")
+    return fig
+
+
+def attention_heads_view(model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], layer: int):
+    """A circuitsvis view of every head's attention pattern at ``layer`` (short prompts only)."""
+    import circuitsvis as cv
+
+    name = f"blocks.{check_layer(model, layer)}.attn.hook_pattern"
+    pattern = run_cache(model, tokens[:1], [name])[name][0]
+    labels = [model.tokenizer.decode([int(t)]) for t in tokens[0]]
+    return cv.attention.attention_patterns(tokens=labels, attention=pattern.cpu())

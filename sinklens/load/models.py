@@ -19,9 +19,9 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens._io import atomic_dir, cache_dir, sha256_file
-from sinklens.assets import fetch_asset
 from sinklens.errors import SinklensError
-from sinklens.registry import DEFAULT_MODEL, MODEL_ALIASES
+from sinklens.load.assets import fetch_asset
+from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
 
 SourceKind = Literal["alias", "gguf", "hf_dir", "hub"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")

@@ -17,14 +17,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
+from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from sinklens.activations import check_layer, run_cache
+from sinklens.analyses._figures import with_reference_line
 from sinklens.results import Result
-from sinklens.tokens import FirstToken, Token, first_token, repeated_tokens, token
+from sinklens.run.cache import check_layer, run_cache
+from sinklens.run.tokens import FirstToken, Token, first_token, repeated_tokens, token
 
 SINK_FRACTION = 0.9
 
@@ -41,7 +44,6 @@ def resid_norms(
 class NormBaseline(Result):
     """Norms of natural text at one layer: the first token's and the typical (mean later) norm."""
 
-    kind = "norm_baseline"
     layer: int
     first_token: Token
     token_norms: Float[torch.Tensor, "pos"]
@@ -57,6 +59,13 @@ class NormBaseline(Result):
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame({"position": range(len(self.token_norms)), "norm": self.token_norms.tolist()})
 
+    def plot(self) -> go.Figure:
+        fig = go.Figure(go.Scatter(y=self.token_norms.tolist(), mode="lines", name="token norm"))
+        return with_reference_line(
+            fig, self.typical_norm, "typical", f"Natural-text norms at layer {self.layer}", "Position",
+            "Hidden state norm",
+        )
+
     def summary(self) -> dict:
         return {
             "layer": self.layer,
@@ -67,7 +76,7 @@ class NormBaseline(Result):
 
 
 def norm_baseline(model: TransformerBridge, layer: int, text: Int[torch.Tensor, "1 pos"]) -> NormBaseline:
-    """Measure ``text`` (``[first] + tokens``, see :func:`sinklens.tokens.text_tokens`) at ``layer``."""
+    """Measure ``text`` (``[first] + tokens``, see :func:`sinklens.run.tokens.text_tokens`) at ``layer``."""
     return NormBaseline(layer, token(model, int(text[0, 0])), resid_norms(model, text, layer)[0])
 
 
@@ -86,7 +95,6 @@ def repeats_to_reach(norms: Float[torch.Tensor, "pos"], threshold: float) -> int
 class RepetitionCurves(Result):
     """Sink-layer norms of ``[first] + [word] * n`` for several words, with the text baseline."""
 
-    kind = "repetition_curves"
     layer: int
     first_token: Token
     words: list[Token]
@@ -127,6 +135,33 @@ class RepetitionCurves(Result):
                 "repeats_to_sink": pd.array(self.repeats_to_sink, dtype="Int64"),
             }
         )
+
+    def plot(self) -> go.Figure:
+        """One panel per word: norm vs number of repeats, with the first-token and typical lines (Fig. 2)."""
+        n = len(self.words)
+        cols = min(n, 3)
+        rows = -(-n // cols)
+        fig = make_subplots(rows=rows, cols=cols, subplot_titles=[repr(w.text) for w in self.words],
+                            shared_yaxes=True)
+        x = list(range(self.norms.shape[1]))
+        lines = [
+            (self.first_token_norm, f"first token {self.first_token.text!r}", "firebrick"),
+            (self.baseline.typical_norm, "typical", "gray"),
+            (self.threshold, "sink regime", "orange"),
+        ]
+        for i, row in enumerate(self.norms):
+            r, c = divmod(i, cols)
+            fig.add_scatter(x=x, y=row.tolist(), mode="lines", name=self.words[i].text, showlegend=False,
+                            line_color="steelblue", row=r + 1, col=c + 1)
+            for value, name, color in lines:
+                fig.add_scatter(x=[0, x[-1]], y=[value, value], mode="lines", name=name, legendgroup=name,
+                                showlegend=i == 0, line=dict(color=color, dash="dash"), row=r + 1, col=c + 1)
+        fig.update_yaxes(type="log")
+        fig.update_xaxes(title_text="Number of repetitions")
+        fig.update_yaxes(title_text="Hidden state norm", col=1)
+        fig.update_layout(title=f"Hidden-state norm at the sink layer ({self.layer}) vs repetitions",
+                          height=320 * rows)
+        return fig
 
     def summary(self) -> dict:
         return {

@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA
 from sinklens.errors import SinklensError
-from sinklens.registry import DEFAULT_MODEL, MODEL_ALIASES
-from sinklens.report import PAPER_CORPUS_CHARS, ReportConfig, run_report
-from sinklens.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA
+from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
+from sinklens.present.report import PAPER_CORPUS_CHARS, ReportConfig, run_report
 
 
 def _first_token(value: str) -> str | int:
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{word['repeats_to_sink']}")
             print(f"wrote {out / 'report.html'} and {out / 'results.json'}")
         elif args.command == "sink-layer":
-            from sinklens.loading import load_model
-            from sinklens.sink_layer import find_sink_layer
+            from sinklens.analyses.sink_layer import find_sink_layer
+            from sinklens.load.models import load_model
 
             model = load_model(args.model)
             result = find_sink_layer(model, first=args.first_token, max_layer=args.max_layer, n_sigma=args.n_sigma)

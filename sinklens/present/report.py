@@ -23,18 +23,24 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from sinklens import plotting
 from sinklens._io import write_json, write_text
-from sinklens.activations import check_layer
-from sinklens.attention import attention_received, attention_score_maps, fig1_inputs, paper_figure_layers
-from sinklens.corpus import read_text, shakespeare
+from sinklens.analyses.attention import (
+    attention_received,
+    attention_score_maps,
+    fig1_inputs,
+    paper_figure_layers,
+    plot_attention_received,
+    plot_attention_score_maps,
+)
+from sinklens.analyses.norms import SINK_FRACTION, norm_baseline, repetition_curves
+from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA, find_sink_layer
 from sinklens.errors import SinklensError
-from sinklens.loading import load_model
-from sinklens.norms import SINK_FRACTION, norm_baseline, repetition_curves
-from sinklens.registry import DEFAULT_MODEL, paper_record
+from sinklens.load.corpus import read_text, shakespeare
+from sinklens.load.models import load_model
+from sinklens.load.registry import DEFAULT_MODEL, paper_record
 from sinklens.results import Result, load_result, save_result
-from sinklens.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA, find_sink_layer
-from sinklens.tokens import default_words, first_token, repeated_tokens, text_tokens, words_to_tokens
+from sinklens.run.cache import check_layer
+from sinklens.run.tokens import default_words, first_token, repeated_tokens, text_tokens, words_to_tokens
 
 PAPER_CORPUS_CHARS = 1000  # the notebook's typical norm uses the first 1000 characters
 
@@ -201,13 +207,13 @@ def _render_html(results, sink, curves, received_text, received_repeat, maps) ->
             "Mean attention weight that later queries put on the first token and on a later token, and the "
             f"share of heads whose mean attention on the first token exceeds {received_text.epsilon:g} "
             "(Gu et al. 2024).",
-            plotting.plot_attention_received(received_text, received_repeat),
+            plot_attention_received(received_text, received_repeat),
             _side_by_side(received_text, received_repeat),
         ),
         _section(
             "Attention scores: regular text vs a repeated token (paper Fig. 1)",
             "Pre-softmax scores averaged over heads (and over the text lines), masked keys blank.",
-            plotting.plot_attention_score_maps(*maps),
+            plot_attention_score_maps(*maps),
         ),
     ]
     versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())

@@ -18,14 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
 
-from sinklens.activations import run_cache
+from sinklens.analyses._figures import with_reference_line
 from sinklens.errors import SinklensError
 from sinklens.results import Result
-from sinklens.tokens import FirstToken, Token, first_token
+from sinklens.run.cache import run_cache
+from sinklens.run.tokens import FirstToken, Token, first_token
 
 PAPER_MAX_LAYER = 15
 PAPER_N_SIGMA = 2.0
@@ -37,7 +39,6 @@ RATIO_FALLBACK = "largest first/later-token ratio (no layer passed mean + n_sigm
 class SinkLayerResult(Result):
     """First-token MLP-output norms per layer and the layer the rule picks."""
 
-    kind = "sink_layer"
     first_token: Token
     first_token_norms: Float[torch.Tensor, "layer"]
     other_token_norms: Float[torch.Tensor, "layer"] | None  # median over a reference text's later tokens
@@ -62,6 +63,19 @@ class SinkLayerResult(Result):
             frame["other_token_median_norm"] = self.other_token_norms.tolist()
             frame["ratio"] = self.ratios.tolist()
         return frame
+
+    def plot(self) -> go.Figure:
+        layers = list(range(len(self.first_token_norms)))
+        fig = go.Figure()
+        fig.add_bar(x=layers, y=self.first_token_norms.tolist(), name=f"first token {self.first_token.text!r}")
+        if self.other_token_norms is not None:
+            fig.add_scatter(x=layers, y=self.other_token_norms.tolist(), mode="lines+markers",
+                            name="later tokens (median)")
+        return with_reference_line(
+            fig, self.threshold, f"mean + {self.n_sigma:g} sigma",
+            f"MLP output norm per layer: sink layer {self.sink_layer} ({self.method})", "Layer",
+            "||blocks.L.hook_mlp_out||",
+        )
 
     def summary(self) -> dict:
         return {
@@ -91,7 +105,7 @@ def find_sink_layer(
 ) -> SinkLayerResult:
     """Find the sink layer among layers ``0..max_layer-1`` (all layers if the model has fewer).
 
-    ``reference`` is ``[first] + text`` token ids (see :func:`sinklens.tokens.text_tokens`); its
+    ``reference`` is ``[first] + text`` token ids (see :func:`sinklens.run.tokens.text_tokens`); its
     position 0 must be the first token.
     """
     start = first_token(model, first)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sinklens.assets import fetch_asset
 from sinklens.errors import SinklensError
-from sinklens.registry import SHAKESPEARE_CORIOLANUS
+from sinklens.load.assets import fetch_asset
+from sinklens.load.registry import SHAKESPEARE_CORIOLANUS
 
 _SPEAKER = re.compile(r"^([A-Z][A-Z' ]*[A-Z])\.$", flags=re.MULTILINE)
 

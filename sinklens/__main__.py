@@ -1,0 +1,5 @@
+import sys
+
+from sinklens.present.cli import main
+
+sys.exit(main())
