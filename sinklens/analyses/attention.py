@@ -34,7 +34,7 @@ from sinklens.run.tokens import FirstToken, repeated_tokens, text_tokens
 EPSILON = 0.3
 
 
-def _received_by_later_queries(pattern: Float[torch.Tensor, "batch head query_pos key_pos"]):
+def received_by_later_queries(pattern: Float[torch.Tensor, "batch head query_pos key_pos"]):
     """Mean over batch and over queries q > k of ``pattern[..., q, k]``; NaN for the last key."""
     n = pattern.shape[-1]
     strictly_later = torch.ones(n, n, dtype=torch.bool, device=pattern.device).tril(-1)
@@ -96,7 +96,7 @@ def attention_received(
     """Measure the attention received per key position in ``layers`` (default: all)."""
     layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
-    cache = run_cache(model, tokens, names, reduce=lambda _, pattern: _received_by_later_queries(pattern))
+    cache = run_cache(model, tokens, names, reduce=lambda _, pattern: received_by_later_queries(pattern))
     return AttentionReceived(label, layers, torch.stack([cache[n] for n in names]), epsilon)
 
 

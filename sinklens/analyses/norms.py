@@ -6,8 +6,16 @@ tokens never get there. :func:`norm_baseline` measures the two reference lines o
 the first token's norm and the *typical* norm (mean over the later tokens; the paper used the
 first 1000 characters of Tiny Shakespeare). :func:`repetition_curves` measures
 ``[first] + [word] * n`` for each word and reports after how many repeats a word reaches the sink
-regime: the first repeat whose log-norm passes ``typical + sink_fraction * (first - typical)``
-in log space (digest D6, a reconstruction: the paper judged "repeats needed" by eye).
+regime, the norms above ``typical + sink_fraction * (first - typical)`` in log space (0.9 of the
+way from typical to the first token). The paper judged "repeats needed" by eye from its curves;
+this threshold is ours, stated so that a reader can recompute it. Norms that climb to the regime
+can dip out again (on SmolLM2, ``' poem'`` right after ``<|im_start|>`` is a sink at its first
+repeat, drops at the second and crosses again at the fourth), so two counts are reported: the
+repeat from which the norm stays in the regime to the end of the run (``repeats_to_sink``) and
+the first crossing (``first_crossing``).
+
+Curves can be measured under interventions (neurons ablated, a patch): the sink regime then stays
+defined by the intact model's baseline, so curves with and without compare on one scale.
 """
 
 from __future__ import annotations
@@ -26,18 +34,18 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens.analyses._figures import with_reference_line
 from sinklens.results import Result
-from sinklens.run.cache import check_layer, run_cache
+from sinklens.run.cache import Hook, check_layer, run_cache
 from sinklens.run.tokens import FirstToken, Token, first_token, repeated_tokens, token
 
 SINK_FRACTION = 0.9
 
 
 def resid_norms(
-    model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], layer: int
+    model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], layer: int, *, interventions: Sequence[Hook] = ()
 ) -> Float[torch.Tensor, "batch pos"]:
-    """L2 norm of ``blocks.{layer}.hook_resid_post`` at every position."""
+    """L2 norm of ``blocks.{layer}.hook_resid_post`` at every position (under ``interventions``, if any)."""
     name = f"blocks.{check_layer(model, layer)}.hook_resid_post"
-    return run_cache(model, tokens, [name])[name].norm(dim=-1).float().cpu()
+    return run_cache(model, tokens, [name], interventions=interventions)[name].norm(dim=-1).float().cpu()
 
 
 @dataclass
@@ -85,10 +93,20 @@ def sink_threshold(first_norm: float, typical: float, sink_fraction: float = SIN
     return math.exp(math.log(typical) + sink_fraction * (math.log(first_norm) - math.log(typical)))
 
 
-def repeats_to_reach(norms: Float[torch.Tensor, "pos"], threshold: float) -> int | None:
+def first_crossing(norms: Float[torch.Tensor, "pos"], threshold: float) -> int | None:
     """The smallest repeat count n >= 1 with ``norms[n] >= threshold`` (position 0 is the first token)."""
     hits = (norms[1:] >= threshold).nonzero().flatten()
     return int(hits[0]) + 1 if len(hits) else None
+
+
+def repeats_to_stay(norms: Float[torch.Tensor, "pos"], threshold: float) -> int | None:
+    """The smallest repeat count n >= 1 from which every later norm is ``>= threshold`` (None if the
+    last repeat is below it)."""
+    below = (norms[1:] < threshold).nonzero().flatten()
+    if not len(below):
+        return 1
+    last_below = int(below[-1]) + 1
+    return last_below + 1 if last_below < len(norms) - 1 else None
 
 
 @dataclass
@@ -99,8 +117,9 @@ class RepetitionCurves(Result):
     first_token: Token
     words: list[Token]
     norms: Float[torch.Tensor, "word pos"]  # position 0 is the first token, position n the n-th repeat
-    baseline: NormBaseline
+    baseline: NormBaseline  # measured on the intact model: it defines the sink regime
     sink_fraction: float
+    condition: str = "original"  # what the model ran under, e.g. "sink neurons ablated"
 
     @property
     def n_repeats(self) -> int:
@@ -108,15 +127,23 @@ class RepetitionCurves(Result):
 
     @property
     def first_token_norm(self) -> float:
+        """The first token's norm in these runs (under the interventions, if any)."""
         return float(self.norms[0, 0])
 
     @property
     def threshold(self) -> float:
-        return sink_threshold(self.first_token_norm, self.baseline.typical_norm, self.sink_fraction)
+        """The sink regime's lower edge, from the intact model's baseline."""
+        return sink_threshold(self.baseline.first_token_norm, self.baseline.typical_norm, self.sink_fraction)
 
     @property
     def repeats_to_sink(self) -> list[int | None]:
-        return [repeats_to_reach(row, self.threshold) for row in self.norms]
+        """Per word, the repeat from which the norm stays in the sink regime (None: it does not)."""
+        return [repeats_to_stay(row, self.threshold) for row in self.norms]
+
+    @property
+    def first_crossings(self) -> list[int | None]:
+        """Per word, the first repeat whose norm enters the sink regime."""
+        return [first_crossing(row, self.threshold) for row in self.norms]
 
     @property
     def max_norms(self) -> list[float]:
@@ -133,39 +160,17 @@ class RepetitionCurves(Result):
                 "max_norm": self.max_norms,
                 "max_over_typical": [m / typical for m in self.max_norms],
                 "repeats_to_sink": pd.array(self.repeats_to_sink, dtype="Int64"),
+                "first_crossing": pd.array(self.first_crossings, dtype="Int64"),
             }
         )
 
     def plot(self) -> go.Figure:
-        """One panel per word: norm vs number of repeats, with the first-token and typical lines (Fig. 2)."""
-        n = len(self.words)
-        cols = min(n, 3)
-        rows = -(-n // cols)
-        fig = make_subplots(rows=rows, cols=cols, subplot_titles=[repr(w.text) for w in self.words],
-                            shared_yaxes=True)
-        x = list(range(self.norms.shape[1]))
-        lines = [
-            (self.first_token_norm, f"first token {self.first_token.text!r}", "firebrick"),
-            (self.baseline.typical_norm, "typical", "gray"),
-            (self.threshold, "sink regime", "orange"),
-        ]
-        for i, row in enumerate(self.norms):
-            r, c = divmod(i, cols)
-            fig.add_scatter(x=x, y=row.tolist(), mode="lines", name=self.words[i].text, showlegend=False,
-                            line_color="steelblue", row=r + 1, col=c + 1)
-            for value, name, color in lines:
-                fig.add_scatter(x=[0, x[-1]], y=[value, value], mode="lines", name=name, legendgroup=name,
-                                showlegend=i == 0, line=dict(color=color, dash="dash"), row=r + 1, col=c + 1)
-        fig.update_yaxes(type="log")
-        fig.update_xaxes(title_text="Number of repetitions")
-        fig.update_yaxes(title_text="Hidden state norm", col=1)
-        fig.update_layout(title=f"Hidden-state norm at the sink layer ({self.layer}) vs repetitions",
-                          height=320 * rows)
-        return fig
+        return plot_repetition_curves(self)
 
     def summary(self) -> dict:
         return {
             "layer": self.layer,
+            "condition": self.condition,
             "sink_fraction": self.sink_fraction,
             "sink_threshold_norm": self.threshold,
             "words": [
@@ -175,8 +180,9 @@ class RepetitionCurves(Result):
                     "n_repeats": self.n_repeats,
                     "max_norm": m,
                     "repeats_to_sink": r,
+                    "first_crossing": c,
                 }
-                for w, m, r in zip(self.words, self.max_norms, self.repeats_to_sink)
+                for w, m, r, c in zip(self.words, self.max_norms, self.repeats_to_sink, self.first_crossings)
             ],
         }
 
@@ -190,14 +196,50 @@ def repetition_curves(
     n_repeats: int = 1000,
     first: FirstToken = "bos",
     sink_fraction: float = SINK_FRACTION,
+    interventions: Sequence[Hook] = (),
+    condition: str = "original",
     progress: bool = False,
 ) -> RepetitionCurves:
     """Norm-vs-repetition curves at ``layer`` for each word (one forward pass per word).
 
     ``words`` are :class:`Token` objects, single-token words (mid-text form) or token ids.
+    ``interventions`` edit the model during the runs (e.g. :func:`sinklens.run.interventions.ablation_hooks`);
+    name them in ``condition``. ``baseline`` should come from the intact model.
     """
     start = first_token(model, first)
     sequences = [repeated_tokens(model, w.id if isinstance(w, Token) else w, n_repeats, first=first) for w in words]
     tokens = [token(model, int(seq[0, -1])) for seq in sequences]
-    rows = [resid_norms(model, seq, layer)[0] for seq in tqdm(sequences, desc="repetition curves", disable=not progress)]
-    return RepetitionCurves(layer, start, tokens, torch.stack(rows), baseline, sink_fraction)
+    rows = [resid_norms(model, seq, layer, interventions=interventions)[0]
+            for seq in tqdm(sequences, desc=f"repetition curves ({condition})", disable=not progress)]
+    return RepetitionCurves(layer, start, tokens, torch.stack(rows), baseline, sink_fraction, condition)
+
+
+def plot_repetition_curves(*results: RepetitionCurves) -> go.Figure:
+    """One panel per word: norm vs number of repeats for each condition, with the intact model's
+    first-token, typical and sink-regime lines (the paper's Fig. 2)."""
+    first = results[0]
+    words = first.words
+    cols = min(len(words), 3)
+    rows = -(-len(words) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[repr(w.text) for w in words], shared_yaxes=True)
+    x = list(range(first.norms.shape[1]))
+    lines = [
+        (first.baseline.first_token_norm, f"first token {first.first_token.text!r}", "firebrick"),
+        (first.baseline.typical_norm, "typical", "gray"),
+        (first.threshold, "sink regime", "orange"),
+    ]
+    colors = ["steelblue", "seagreen", "purple", "darkorange"]
+    for i in range(len(words)):
+        r, c = divmod(i, cols)
+        for k, result in enumerate(results):
+            fig.add_scatter(x=x, y=result.norms[i].tolist(), mode="lines", name=result.condition,
+                            legendgroup=result.condition, showlegend=i == 0 and len(results) > 1,
+                            line_color=colors[k % len(colors)], row=r + 1, col=c + 1)
+        for value, name, color in lines:
+            fig.add_scatter(x=[0, x[-1]], y=[value, value], mode="lines", name=name, legendgroup=name,
+                            showlegend=i == 0, line=dict(color=color, dash="dash"), row=r + 1, col=c + 1)
+    fig.update_yaxes(type="log")
+    fig.update_xaxes(title_text="Number of repetitions")
+    fig.update_yaxes(title_text="Hidden state norm", col=1)
+    fig.update_layout(title=f"Hidden-state norm at the sink layer ({first.layer}) vs repetitions", height=320 * rows)
+    return fig

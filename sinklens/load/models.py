@@ -3,7 +3,9 @@
 Every path ends in the same place: a Hugging Face model and tokenizer, handed to
 ``TransformerBridge.boot_transformers(..., hf_model=...)`` in eval mode with eager attention and
 raw (HF-exact) numerics. GGUF files are dequantised once and cached as safetensors, so a second
-load takes seconds.
+load takes seconds. The first fetch and conversion are announced on the ``sinklens`` logger (the
+command line prints them); the transformers library's own progress bars and notices stay hidden
+unless ``verbose=True``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,6 +28,7 @@ from sinklens.load.assets import fetch_asset
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
 
 SourceKind = Literal["alias", "gguf", "hf_dir", "hub"]
+log = logging.getLogger("sinklens")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -80,13 +85,43 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     n_ctx: int | None = None,
+    verbose: bool = False,
 ) -> TransformerBridge:
     """Load ``spec`` as an eval-mode ``TransformerBridge`` with eager attention.
 
     ``spec`` is a built-in alias (``smollm2-135m-instruct``, the default, or ``gemma-3-270m``), a
     ``.gguf`` file, a local Hugging Face directory, or a hub name. The bridge gets a
-    ``sinklens_source`` attribute (a :class:`ModelSource`) that results record.
+    ``sinklens_source`` attribute (a :class:`ModelSource`) that results record. ``verbose`` shows
+    the transformers library's progress bars and notices.
     """
+    with _libraries_quiet(not verbose):
+        return _load(spec, dtype, device, n_ctx)
+
+
+@contextmanager
+def _libraries_quiet(quiet: bool) -> Iterator[None]:
+    """Hide transformers' and huggingface_hub's progress bars and notices for the duration."""
+    if not quiet:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    bars_on, hub_bars_off, level = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars_on:
+            hf_logging.enable_progress_bar()
+        if not hub_bars_off:
+            enable_progress_bars()
+
+
+def _load(spec: str, dtype: torch.dtype, device: str | torch.device | None, n_ctx: int | None) -> TransformerBridge:
     source = resolve_model(spec)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if source.kind == "alias":
@@ -168,7 +203,8 @@ def _converted_gguf(get_gguf, key: str) -> Path:
     gguf = Path(get_gguf())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logging.getLogger(__name__).info("dequantising %s into %s (first load only)", gguf, target)
+    log.info("converting %s to float32 safetensors in %s: once, about a minute; later loads take seconds",
+             gguf.name, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

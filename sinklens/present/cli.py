@@ -1,81 +1,237 @@
-"""The ``sinklens`` command: ``report`` for the whole study, one command per analysis otherwise."""
+"""The ``sinklens`` command: ``report`` for the whole study, one command per analysis otherwise.
+
+Every command follows the same rules: arguments that can be checked without a model are checked
+before it is loaded, and the rest before the first forward pass; bad input ends with one line
+``sinklens: error: <problem>. Fix: <what to do>`` and exit status 2, after any progress bar is
+closed; other libraries' progress bars and notices stay hidden unless ``--verbose``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
+from tqdm.std import tqdm
+
+from sinklens.analyses.first_token import AUTO, MIN_SINK_RATIO
 from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA
+from sinklens.analyses.sink_neurons import CRITERIA, MAX_NEURONS, REMOVED_SHARE
 from sinklens.errors import SinklensError
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
-from sinklens.present.report import PAPER_CORPUS_CHARS, ReportConfig, run_report
+from sinklens.present.report import PAPER_CORPUS_CHARS, ReportConfig, check_output_dir, run_report
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"sinklens: error: {message}. Fix: see `{self.prog} --help`\n")
 
 
 def _first_token(value: str) -> str | int:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
+def _layers(value: str) -> list[int]:
+    """``11``, ``3-8`` or ``3,4,5``."""
+    try:
+        if "-" in value.strip("-"):
+            start, end = (int(v) for v in value.split("-", 1))
+            layers = list(range(start, end + 1))
+        else:
+            layers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a layer, a range like 3-8 or a list like 3,4,5") from None
+    if not layers:
+        raise argparse.ArgumentTypeError(f"the layer range {value!r} is empty")
+    return layers
+
+
+def _positive(kind: type) -> Callable[[str], int | float]:
+    def parse(value: str):
+        number = kind(value)
+        if number <= 0:
+            raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+        return number
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sinklens", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="sinklens", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"alias ({', '.join(MODEL_ALIASES)}), .gguf file, HF directory or hub name "
                              f"(default: {DEFAULT_MODEL})")
-    common.add_argument("--first-token", type=_first_token, default="bos",
-                        help="token at position 0: bos (default), eos, a token id, or a word")
-    common.add_argument("--max-layer", type=int, default=PAPER_MAX_LAYER,
+    common.add_argument("--first-token", type=_first_token, default=AUTO,
+                        help="token at position 0: auto (default: the tokenizer's BOS if the model makes it a sink, "
+                             "else the candidate it does), bos, eos, a token id, or a word")
+    common.add_argument("--max-layer", type=_positive(int), default=PAPER_MAX_LAYER,
                         help="search layers 0..max-layer-1 for the sink layer (default: %(default)s)")
     common.add_argument("--n-sigma", type=float, default=PAPER_N_SIGMA,
                         help="sink layer threshold: mean + n-sigma * std (default: %(default)s)")
-
-    report = sub.add_parser("report", parents=[common], help="write report.html and results.json")
-    report.add_argument("--out", default="sinklens-report", help="output directory (default: %(default)s)")
-    report.add_argument("--words", nargs="+", help="single-token words to repeat (default: the tokens of "
-                                                   "'Another one bites the dust')")
-    report.add_argument("--n-repeats", type=int, default=1000, help="repeats per word (default: %(default)s)")
-    report.add_argument("--corpus", help="natural-text file for the typical norm (default: Tiny Shakespeare's opening)")
-    report.add_argument("--sink-layer", type=int,
-                        help="use this layer for the norm curves instead of the detected one")
-    report.add_argument("--corpus-chars", type=int, default=PAPER_CORPUS_CHARS,
+    common.add_argument("--corpus", help="natural-text file for the typical norm (default: Tiny Shakespeare's opening)")
+    common.add_argument("--corpus-chars", type=_positive(int), default=PAPER_CORPUS_CHARS,
                         help="characters of the corpus to use (default: %(default)s)")
+    common.add_argument("--verbose", action="store_true", help="show other libraries' progress bars and notices")
 
+    words = argparse.ArgumentParser(add_help=False)
+    words.add_argument("--words", nargs="+", help="single-token words to repeat (default: the tokens of "
+                                                  "'Another one bites the dust')")
+    words.add_argument("--n-repeats", type=_positive(int), default=1000, help="repeats per word (default: %(default)s)")
+
+    neurons = argparse.ArgumentParser(add_help=False)
+    neurons.add_argument("--layers", type=_layers,
+                         help="layers to search for sink neurons: 11, 3-8 or 3,4,5 (default: decided from the data)")
+    neurons.add_argument("--criterion", choices=CRITERIA, default="paper",
+                         help="ranking: the paper's neuron output at the first token, or the notebook's gate "
+                              "pre-activation at the last repeat (default: %(default)s)")
+    neurons.add_argument("--share", type=float, default=REMOVED_SHARE,
+                         help="share of the first token's excess norm the sink neurons' ablation must remove "
+                              "(default: %(default)s)")
+    neurons.add_argument("--max-neurons", type=_positive(int), default=MAX_NEURONS,
+                         help="candidates the filter tries (default: %(default)s)")
+    neurons.add_argument("--min-ratio", type=_positive(float), default=MIN_SINK_RATIO,
+                         help="a first token is a sink at this multiple of the typical norm (default: %(default)s)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    report = sub.add_parser("report", parents=[common, words, neurons], help="write report.html and results.json")
+    report.add_argument("--out", default="sinklens-report", help="output directory (default: %(default)s)")
+    report.add_argument("--sink-layer", type=int, help="measure the norm curves at this layer instead")
+    sub.add_parser("table", parents=[common, words, neurons, as_json],
+                   help="one row of the paper's Table 1: sink layer, sink neurons, repeats to the sink")
+    top = sub.add_parser("neurons", parents=[common, neurons, as_json],
+                         help="rank the sink layer's neurons and find the sink neurons by ablation")
+    top.add_argument("--top", type=_positive(int), default=10, help="rows of the ranking to print (default: %(default)s)")
     sub.add_parser("sink-layer", parents=[common], help="print the first-token MLP norms and the sink layer")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _show_sinklens_messages()
     try:
-        if args.command == "report":
-            config = ReportConfig(
-                model=args.model, words=args.words, n_repeats=args.n_repeats, first_token=args.first_token,
-                corpus=args.corpus, corpus_chars=args.corpus_chars, max_layer=args.max_layer, n_sigma=args.n_sigma,
-                sink_layer=args.sink_layer,
-            )
-            results = run_report(config, args.out, progress=True)
-            out = Path(args.out)
-            print(f"sink layer {results['sink_layer']}; typical norm {results['typical_norm']:.4g}; "
-                  f"first-token norm {results['first_token_norm']:.4g}")
-            for word in results["words"]:
-                print(f"  {word['word']!r:>12} max norm {word['max_norm']:10.4g}  repeats to sink "
-                      f"{word['repeats_to_sink']}")
-            print(f"wrote {out / 'report.html'} and {out / 'results.json'}")
-        elif args.command == "sink-layer":
-            from sinklens.analyses.sink_layer import find_sink_layer
-            from sinklens.load.models import load_model
-
-            model = load_model(args.model)
-            result = find_sink_layer(model, first=args.first_token, max_layer=args.max_layer, n_sigma=args.n_sigma)
-            print(result.to_frame().to_string(index=False))
-            print(f"sink layer: {result.sink_layer}")
+        COMMANDS[args.command](args)
     except SinklensError as exc:
+        for bar in list(tqdm._instances):  # an error must not land on a progress bar's line
+            bar.close()
         print(f"sinklens: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
+
+def _show_sinklens_messages() -> None:
+    """Print the library's one-line notices (first download, first conversion) on stderr."""
+    logger = logging.getLogger("sinklens")
+    if not any(getattr(h, "sinklens_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("sinklens: %(message)s"))
+        handler.sinklens_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _config(args) -> ReportConfig:
+    config = ReportConfig(
+        model=args.model, words=getattr(args, "words", None), n_repeats=getattr(args, "n_repeats", 1000),
+        first_token=args.first_token, corpus=args.corpus, corpus_chars=args.corpus_chars, max_layer=args.max_layer,
+        n_sigma=args.n_sigma, sink_layer=getattr(args, "sink_layer", None), layers=getattr(args, "layers", None),
+        criterion=getattr(args, "criterion", "paper"), share=getattr(args, "share", REMOVED_SHARE),
+        max_neurons=getattr(args, "max_neurons", MAX_NEURONS), min_ratio=getattr(args, "min_ratio", MIN_SINK_RATIO),
+    )
+    config.check()
+    return config
+
+
+def _study_inputs(args, config: ReportConfig):
+    """Load the model and the natural text once the model-free checks have passed."""
+    from sinklens.load.corpus import read_text, shakespeare
+    from sinklens.load.models import load_model
+
+    model = load_model(config.model, verbose=args.verbose)
+    text = (read_text(config.corpus) if config.corpus else shakespeare())[: config.corpus_chars]
+    return model, text
+
+
+def _report(args) -> None:
+    config = _config(args)
+    out = check_output_dir(args.out)
+    from sinklens.load.models import load_model
+
+    results = run_report(config, out, model=load_model(config.model, verbose=args.verbose), progress=True)
+    for line in results["summary"]:
+        print(line)
+    print(f"wrote {Path(out) / 'report.html'} and {Path(out) / 'results.json'}")
+
+
+def _table(args) -> None:
+    from sinklens.analyses.table import sink_table_row
+
+    config = _config(args)
+    model, text = _study_inputs(args, config)
+    row = sink_table_row(
+        model, text, words=config.words, n_repeats=config.n_repeats, first=config.first_token, layers=config.layers,
+        criterion=config.criterion, share=config.share, max_neurons=config.max_neurons, max_layer=config.max_layer,
+        n_sigma=config.n_sigma, min_ratio=config.min_ratio, progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(row.summary()))
+        return
+    print(row.to_frame().to_string(index=False))
+    print(f"first token: {row.choice.reason}")
+
+
+def _neurons(args) -> None:
+    from sinklens.analyses.first_token import choose_first_token
+    from sinklens.analyses.sink_neurons import find_sink_neurons
+    from sinklens.run.tokens import text_tokens
+
+    config = _config(args)
+    model, text = _study_inputs(args, config)
+    choice = choose_first_token(model, text, given=None if config.first_token == AUTO else config.first_token,
+                                max_layer=config.max_layer, min_ratio=config.min_ratio)
+    result = find_sink_neurons(model, text_tokens(model, text, first=choice.token.id), layers=config.layers,
+                               criterion=config.criterion, share=config.share, max_neurons=config.max_neurons,
+                               max_layer=config.max_layer, n_sigma=config.n_sigma)
+    if args.json:
+        print(json.dumps({"first_token": choice.summary(), **result.summary()}))
+        return
+    print(result.to_frame().head(args.top).to_string(index=False))
+    print(f"first token: {choice.reason}")
+    print(f"sink neurons ({result.case}): {result.describe_neurons()}; the first token's norm at layer "
+          f"{result.sink_layer}: {result.first_token_norm:.4g} -> {result.first_token_norm_ablated:.4g} ablated "
+          f"(typical {result.typical_norm:.4g})")
+    if result.notebook_neurons is not None:
+        print(f"the notebook's rule (top 2 of the gate pre-activation at {result.notebook_input}): "
+              f"{result.notebook_neurons}")
+
+
+def _sink_layer(args) -> None:
+    from sinklens.analyses.first_token import choose_first_token
+    from sinklens.analyses.sink_layer import find_sink_layer
+    from sinklens.run.tokens import text_tokens
+
+    config = _config(args)
+    model, text = _study_inputs(args, config)
+    choice = choose_first_token(model, text, given=None if config.first_token == AUTO else config.first_token,
+                                max_layer=config.max_layer)
+    result = find_sink_layer(model, max_layer=config.max_layer, n_sigma=config.n_sigma,
+                             first=choice.token.id, reference=text_tokens(model, text, first=choice.token.id))
+    print(result.to_frame().to_string(index=False))
+    print(f"first token: {choice.reason}")
+    print(f"sink layer: {result.sink_layer} ({result.method})")
+
+
+COMMANDS = {"report": _report, "table": _table, "neurons": _neurons, "sink-layer": _sink_layer}
 
 if __name__ == "__main__":
     sys.exit(main())

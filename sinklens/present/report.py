@@ -1,9 +1,14 @@
 """The one-command report: every analysis on one model, as ``report.html`` and ``results.json``.
 
+The page opens with a summary a model owner reads first (the first token the model makes a
+sink, the sink layer and neurons, which words turn into sinks and after how many repeats, and the
+paper's numbers beside them), then one section per analysis.
+
 Each step's result is checkpointed under ``OUT/.steps/`` as soon as it is computed, so an
 interrupted report resumes where it stopped when run again with the same settings (other
 settings start afresh). ``results.json`` keeps stable top-level keys for scripts: ``model``,
-``versions``, ``first_token``, ``sink_layer``, ``typical_norm``, ``first_token_norm`` and ``words``.
+``versions``, ``first_token``, ``sink_layer``, ``typical_norm``, ``first_token_norm``, ``words``
+and ``sink_neurons``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import dataclasses
 import hashlib
 import html
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from plotly.offline import get_plotlyjs
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens._io import write_json, write_text
+from sinklens.analyses.ablation import ablation_study
 from sinklens.analyses.attention import (
     attention_received,
     attention_score_maps,
@@ -32,17 +40,21 @@ from sinklens.analyses.attention import (
     plot_attention_received,
     plot_attention_score_maps,
 )
-from sinklens.analyses.norms import SINK_FRACTION, norm_baseline, repetition_curves
-from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA, find_sink_layer
+from sinklens.analyses.first_token import AUTO, MIN_SINK_RATIO
+from sinklens.analyses.norms import SINK_FRACTION, norm_baseline, plot_repetition_curves, repetition_curves
+from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA
+from sinklens.analyses.sink_neurons import MAX_NEURONS, REMOVED_SHARE, SEVERAL_LAYERS
+from sinklens.analyses.table import SinkTableRow, sink_table_row
 from sinklens.errors import SinklensError
 from sinklens.load.corpus import read_text, shakespeare
 from sinklens.load.models import load_model
-from sinklens.load.registry import DEFAULT_MODEL, paper_record
+from sinklens.load.registry import DEFAULT_MODEL, PAPER_TABLE_1
 from sinklens.results import Result, load_result, save_result
 from sinklens.run.cache import check_layer
-from sinklens.run.tokens import default_words, first_token, repeated_tokens, text_tokens, words_to_tokens
+from sinklens.run.tokens import check_context, repeated_tokens, text_tokens, words_to_tokens
 
 PAPER_CORPUS_CHARS = 1000  # the notebook's typical norm uses the first 1000 characters
+TOP_NEURONS_SHOWN = 20
 
 
 @dataclass
@@ -52,16 +64,51 @@ class ReportConfig:
     model: str = DEFAULT_MODEL
     words: list[str] | None = None  # None: the tokens of "Another one bites the dust"
     n_repeats: int = 1000
-    first_token: str = "bos"
+    first_token: str | int = AUTO  # "auto": the token the model makes a sink (its BOS where that is one)
     corpus: str | None = None  # a text file; None: the opening of Coriolanus (Tiny Shakespeare)
     corpus_chars: int = PAPER_CORPUS_CHARS
     max_layer: int = PAPER_MAX_LAYER
     n_sigma: float = PAPER_N_SIGMA
     sink_fraction: float = SINK_FRACTION
-    sink_layer: int | None = None  # None: detect it; else use this layer (detection still reported)
+    sink_layer: int | None = None  # None: from the analysis; else measure the curves at this layer
+    layers: list[int] | None = None  # layers to search for sink neurons; None: decided from the data
+    criterion: str = "paper"
+    share: float = REMOVED_SHARE
+    max_neurons: int = MAX_NEURONS
+    min_ratio: float = MIN_SINK_RATIO
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def check(self) -> None:
+        """Checks that need no model, so a bad setting fails before anything is loaded."""
+        if self.words is not None and not self.words:
+            raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
+        if self.n_repeats < 1:
+            raise SinklensError(f"n_repeats must be at least 1, got {self.n_repeats}", "pass a positive number")
+        if self.corpus_chars < 2:
+            raise SinklensError(f"corpus_chars must be at least 2, got {self.corpus_chars}", "pass a positive number")
+        if self.layers is not None and not self.layers:
+            raise SinklensError("the layer range is empty", "pass at least one layer, e.g. 3-8")
+        if not 0 < self.share <= 1:
+            raise SinklensError(f"share must be in (0, 1], got {self.share}", "pass a share such as 0.9")
+        if self.corpus:
+            read_text(self.corpus)
+
+
+def check_output_dir(out: str | Path) -> Path:
+    """Raise one clear error unless ``out`` is (or can become) a writable directory."""
+    out = Path(out).expanduser()
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if out.exists() and not out.is_dir():
+        raise SinklensError(f"output path {out} is an existing file, not a directory",
+                            "pass a directory path for --out (it is created if missing)")
+    if existing is not None and not existing.is_dir():
+        raise SinklensError(f"output path {out} lies under {existing}, which is a file", "pass a directory path")
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise SinklensError(f"cannot write to {out}: {existing or out.anchor} is not writable",
+                            "pass a directory you can write to")
+    return out
 
 
 class _Checkpoints:
@@ -94,70 +141,130 @@ def run_report(
 
     Pass an already loaded ``model`` to skip loading. Returns the ``results.json`` content.
     """
-    out = Path(out)
-    if config.words is not None and not config.words:
-        raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
+    config.check()
+    out = check_output_dir(out)
     model = model or load_model(config.model)
     corpus = read_text(config.corpus) if config.corpus else shakespeare()
-    start = first_token(model, config.first_token)
-    words = default_words(model) if config.words is None else words_to_tokens(model, config.words)
-    for word in words:  # fail on a bad repeat count or a too-long input before any compute
-        repeated_tokens(model, word.id, config.n_repeats, first=config.first_token)
-    reference = text_tokens(model, corpus[: config.corpus_chars], first=config.first_token)
+    text = corpus[: config.corpus_chars]
+    if config.words is not None:
+        words_to_tokens(model, config.words)  # a bad word fails before any compute
+    check_context(model, config.n_repeats + 1)
+    for layer in [*(config.layers or []), *([] if config.sink_layer is None else [config.sink_layer])]:
+        check_layer(model, layer)
     steps = _Checkpoints(out, config.fingerprint())
-    bar = tqdm(total=7, desc="sinklens report", disable=not progress)
+    with tqdm(total=7, desc="sinklens report", disable=not progress) as bar:
 
-    def step(name: str, compute: Callable[[], Result]) -> Result:
-        bar.set_postfix_str(name)
-        result = steps.get(name, compute)
-        bar.update()
-        return result
+        def step(name: str, compute: Callable[[], Result]) -> Result:
+            bar.set_postfix_str(name)
+            result = steps.get(name, compute)
+            bar.update()
+            return result
 
-    sink = step("sink_layer", lambda: find_sink_layer(
-        model, first=config.first_token, max_layer=config.max_layer, n_sigma=config.n_sigma, reference=reference))
-    layer = sink.sink_layer if config.sink_layer is None else check_layer(model, config.sink_layer)
-    method = sink.method if config.sink_layer is None else "given by the user"
-    baseline = step("baseline", lambda: norm_baseline(model, layer, reference))
-    curves = step("curves", lambda: repetition_curves(
-        model, words, layer=layer, baseline=baseline, n_repeats=config.n_repeats, first=config.first_token,
-        sink_fraction=config.sink_fraction, progress=progress))
-    sinkiest = curves.words[max(range(len(curves.words)), key=lambda i: curves.max_norms[i])]
-    repeated = repeated_tokens(model, sinkiest.id, config.n_repeats, first=config.first_token)
-    received_text = step("attention_text", lambda: attention_received(model, reference, label="natural text"))
-    received_repeat = step("attention_repeat", lambda: attention_received(
-        model, repeated, label=f"{sinkiest.text!r} x {config.n_repeats}"))
-    regular, short_repeat = fig1_inputs(model, corpus, sinkiest.id, first=config.first_token)
-    fig1_layers = paper_figure_layers(model, layer)
-    regular_maps = step("scores_text", lambda: attention_score_maps(model, regular, fig1_layers, label="regular text"))
-    repeat_maps = step("scores_repeat", lambda: attention_score_maps(
-        model, short_repeat, fig1_layers, label=f"{sinkiest.text!r} repeated"))
-    bar.close()
-    maps = (regular_maps, repeat_maps)
+        row: SinkTableRow = step("table", lambda: sink_table_row(
+            model, text, words=config.words, n_repeats=config.n_repeats,
+            first=config.first_token, layers=config.layers, criterion=config.criterion, share=config.share,
+            max_neurons=config.max_neurons, max_layer=config.max_layer, n_sigma=config.n_sigma,
+            min_ratio=config.min_ratio, sink_fraction=config.sink_fraction))
+        start = row.choice.token.id
+        reference = text_tokens(model, text, first=start)
+        curves = row.curves
+        if config.sink_layer is not None:
+            baseline = norm_baseline(model, config.sink_layer, reference)
+            curves = step("curves", lambda: repetition_curves(
+                model, row.curves.words, layer=config.sink_layer, baseline=baseline, n_repeats=config.n_repeats,
+                first=start, sink_fraction=config.sink_fraction, progress=progress))
+        sinkiest = curves.words[max(range(len(curves.words)), key=lambda i: curves.max_norms[i])]
+        repeated = repeated_tokens(model, sinkiest.id, config.n_repeats, first=start)
+        repeat_label = f"{sinkiest.text!r} x {config.n_repeats}"
+        neurons = row.neurons.sink_neurons
+        study = step("ablation", lambda: ablation_study(
+            model, neurons, {"natural text": reference, repeat_label: repeated})) if neurons else None
+        received_text = step("attention_text", lambda: attention_received(model, reference, label="natural text"))
+        received_repeat = step("attention_repeat", lambda: attention_received(model, repeated, label=repeat_label))
+        regular, short_repeat = fig1_inputs(model, corpus, sinkiest.id, first=start)
+        fig1_layers = paper_figure_layers(model, curves.layer)
+        regular_maps = step("scores_text", lambda: attention_score_maps(model, regular, fig1_layers,
+                                                                        label="regular text"))
+        repeat_maps = step("scores_repeat", lambda: attention_score_maps(
+            model, short_repeat, fig1_layers, label=f"{sinkiest.text!r} repeated"))
 
-    source = getattr(model, "sinklens_source", None)
-    model_name = source.name if source else model.cfg.model_name
-    record = paper_record(model_name)
+    table = row.summary()
+    if config.sink_layer is not None:
+        method = "given by the user"
+    elif row.neurons.case == SEVERAL_LAYERS:
+        method = (f"the last of layers {row.neurons.layers[0]}-{row.neurons.sink_layer}, over which the first token's "
+                  "norm is built (see sink_neurons)")
+    else:
+        method = row.sink.method
     results = {
-        "model": {"spec": config.model, "name": model_name,
+        "model": {"spec": config.model, "name": row.model,
                   "n_layers": model.cfg.n_layers, "d_mlp": model.cfg.d_mlp, "n_ctx": model.cfg.n_ctx},
         "versions": _versions(),
-        "first_token": {"id": start.id, "text": start.text},
-        "sink_layer": layer,
+        "summary": headline(row, curves),
+        "first_token": table["first_token"],
+        "sink_found": row.sink_found,
+        "sink_layer": curves.layer,
         "sink_layer_method": method,
-        "typical_norm": baseline.typical_norm,
-        "first_token_norm": baseline.first_token_norm,
+        "typical_norm": curves.baseline.typical_norm,
+        "first_token_norm": curves.baseline.first_token_norm,
         "words": curves.summary()["words"],
+        "sink_neurons": row.neurons.summary(),
+        "table_row": {k: v for k, v in table.items() if k not in ("words", "first_token_candidates")},
+        "first_token_candidates": row.choice.summary(),
         "settings": dataclasses.asdict(config),
-        "sink_layer_detail": sink.summary(),
-        "norm_baseline": baseline.summary(),
+        "sink_layer_detail": row.sink.summary(),
+        "norm_baseline": curves.baseline.summary(),
         "repetition": {k: v for k, v in curves.summary().items() if k != "words"},
+        "repetition_ablated": None if row.curves_ablated is None else row.curves_ablated.summary(),
+        "ablation": None if study is None else study.summary(),
         "attention": [received_text.summary(), received_repeat.summary()],
         "attention_scores": [regular_maps.summary(), repeat_maps.summary()],
-        "paper_table_1": dataclasses.asdict(record) if record else None,
+        "paper_table_1": [dataclasses.asdict(r) for r in PAPER_TABLE_1.values()],
     }
     write_json(out / "results.json", results)
-    write_text(out / "report.html", _render_html(results, sink, curves, received_text, received_repeat, maps))
+    page = _render_html(results, row, curves, study, (received_text, received_repeat), (regular_maps, repeat_maps))
+    write_text(out / "report.html", page)
     return results
+
+
+def headline(row: SinkTableRow, curves) -> list[str]:
+    """The report's opening sentences, from the measured row (also in ``results.json["summary"]``)."""
+    s = row.summary()
+    lines = [f"Position 0 holds {s['first_token']['text']!r}: {s['first_token']['chosen_by']}."]
+    if not row.sink_found:
+        lines.append("No sink found: no candidate first token rises an order of magnitude above the typical norm, "
+                     "so there is no sink layer or sink neuron to report.")
+        return lines
+    neurons = row.neurons
+    if neurons.sink_neurons:
+        lines.append(
+            f"Sink ({neurons.case}, layers {neurons.layers[0]}-{neurons.sink_layer}): sink neurons "
+            f"{neurons.describe_neurons()}. Ablating them takes the first token's norm at layer {neurons.sink_layer} "
+            f"from {neurons.first_token_norm:,.0f} to {neurons.first_token_norm_ablated:,.0f} (typical "
+            f"{neurons.typical_norm:,.0f}), {float(neurons.removed_shares[neurons.n_sink]):.1%} of its excess.")
+    else:
+        lines.append(f"Sink layer {neurons.sink_layer}, but no set of up to {len(neurons.candidates)} neurons removes "
+                     f"{neurons.share:.0%} of the first token's excess norm (best: "
+                     f"{float(neurons.removed_shares.max()):.1%}).")
+    typical = curves.baseline.typical_norm
+    for word, stay, cross, peak in zip(curves.words, curves.repeats_to_sink, curves.first_crossings, curves.max_norms):
+        if stay is not None:
+            text = f"enters the sink regime to stay after {stay} repeats (first crossing: {cross})"
+        elif cross is not None:
+            text = f"crosses into the sink regime at repeat {cross} but does not stay"
+        else:
+            text = f"never reaches the sink regime (at most {peak / typical:.1f}x typical)"
+        lines.append(f"{word.text!r} x {curves.n_repeats}: {text}.")
+    if row.curves_ablated is not None and row.curves_ablated.layer == curves.layer:
+        reached = [w.text for w, c in zip(row.curves_ablated.words, row.curves_ablated.first_crossings) if c]
+        lines.append("With the sink neurons ablated, " + (f"{', '.join(map(repr, reached))} still reach the sink regime."
+                     if reached else f"no word reaches the sink regime (largest norm "
+                                     f"{max(row.curves_ablated.max_norms):,.0f}, threshold {curves.threshold:,.0f})."))
+    llama2 = PAPER_TABLE_1["meta-llama/Llama-2-7b-hf"]
+    lines.append(f"The paper (Table 1): Llama-2-7B sinks at layer {llama2.sink_layer} through neurons "
+                 f"{', '.join(map(str, llama2.sink_neurons))}, and a repeated token becomes a sink after about "
+                 f"{llama2.repeats} repeats; the other models it studied use layer 1 or 2 and one or two neurons.")
+    return lines
 
 
 def _side_by_side(*results):
@@ -166,64 +273,78 @@ def _side_by_side(*results):
     return pd.concat(frames, axis=1).reset_index()
 
 
-def _section(title: str, text: str, figure=None, frame=None, first_figure: bool = False) -> str:
+def _section(title: str, text: str, *figures, frame=None) -> str:
     parts = [f"<h2>{html.escape(title)}</h2>", f"<p>{text}</p>"]
-    if figure is not None:
-        parts.append(figure.to_html(full_html=False, include_plotlyjs=True if first_figure else False))
+    parts += [figure.to_html(full_html=False, include_plotlyjs=False) for figure in figures]
     if frame is not None:
-        parts.append(frame.to_html(index=False, float_format=lambda x: f"{x:.4g}", classes="table"))
+        parts.append(frame.to_html(index=False, float_format=lambda x: f"{x:.4g}", classes="table", na_rep=""))
     return "\n".join(parts)
 
 
-def _render_html(results, sink, curves, received_text, received_repeat, maps) -> str:
+def _render_html(results, row: SinkTableRow, curves, study, received, maps) -> str:
     model = results["model"]
+    neurons = row.neurons
     first = results["first_token"]
-    record = results["paper_table_1"]
-    paper = (f"The paper's Table 1 gives sink layer {record['sink_layer']} and sink neurons "
-             f"{record['sink_neurons']} for this model." if record else
-             "This model is not in the paper's Table 1, so there is no published value to compare with.")
+    summary = "".join(f"<li>{html.escape(line)}</li>" for line in results["summary"])
+    curve_sets = [curves] + ([row.curves_ablated] if row.curves_ablated and row.curves_ablated.layer == curves.layer
+                             else [])
     sections = [
-        _section(
-            "Sink layer",
-            f"MLP output norm of the lone first token {html.escape(repr(first['text']))} (id {first['id']}) per "
-            f"layer, and the median over the later tokens of natural text. The sink layer is the first layer "
-            f"above mean + {sink.n_sigma:g} sigma of the first-token norms; if none is, the layer with the largest "
-            f"first/later-token ratio. Detected: <b>layer {sink.sink_layer}</b>, by {html.escape(sink.method)}; "
-            f"the analyses below use layer {results['sink_layer']} ({html.escape(results['sink_layer_method'])}). "
-            f"{paper}",
-            sink.plot(), sink.to_frame(), first_figure=True,
-        ),
-        _section(
-            "Hidden-state norm vs repetitions (paper Fig. 2/6)",
-            f"Norm of <code>blocks.{curves.layer}.hook_resid_post</code> for [first token] + [word] x "
-            f"{curves.n_repeats}. Typical norm (natural text) {results['typical_norm']:.4g}; first-token norm "
-            f"{results['first_token_norm']:.4g}. A word reaches the sink regime at the first repeat whose log-norm "
-            f"passes {curves.sink_fraction:g} of the way from typical to the first token "
-            f"(norm {curves.threshold:.4g}).",
-            curves.plot(), curves.to_frame(),
-        ),
-        _section(
-            "Attention received per layer",
-            "Mean attention weight that later queries put on the first token and on a later token, and the "
-            f"share of heads whose mean attention on the first token exceeds {received_text.epsilon:g} "
-            "(Gu et al. 2024).",
-            plot_attention_received(received_text, received_repeat),
-            _side_by_side(received_text, received_repeat),
-        ),
-        _section(
-            "Attention scores: regular text vs a repeated token (paper Fig. 1)",
-            "Pre-softmax scores averaged over heads (and over the text lines), masked keys blank.",
-            plot_attention_score_maps(*maps),
-        ),
+        _section("Table 1, this model beside the paper",
+                 "Repeats: the fewest repeats after which a word of the list stays in the sink regime (none when no "
+                 "word stays). The paper's rows are Yona et al. (2025), Table 1.", row.plot(), frame=row.to_frame()),
+        _section("Which first token is a sink",
+                 "Norm of each candidate for position 0, over the typical norm of natural text, per layer. A candidate "
+                 f"is a sink when it reaches {row.choice.min_ratio:g}x. {html.escape(row.choice.reason)}.",
+                 row.choice.plot(), frame=row.choice.to_frame()),
+        _section("Sink layer",
+                 f"MLP output norm of the lone first token {html.escape(repr(first['text']))} (id {first['id']}) per "
+                 f"layer, and the median over the later tokens of natural text. The paper's rule picks the first "
+                 f"layer above mean + {row.sink.n_sigma:g} sigma: <b>layer {row.sink.sink_layer}</b> "
+                 f"({html.escape(row.sink.method)}). Measurements below use layer {results['sink_layer']} "
+                 f"({html.escape(results['sink_layer_method'])}).",
+                 row.sink.plot(), frame=row.sink.to_frame()),
+        _section("Sink neurons",
+                 f"Candidates ranked by {'the notebook criterion' if neurons.criterion == 'notebook' else 'their contribution to the first token'}"
+                 f" ({neurons.case}, layers {neurons.layers}); the sink neurons are the shortest prefix whose "
+                 f"zero-ablation removes {neurons.share:.0%} of the first token's excess norm. Found: "
+                 f"<b>{html.escape(neurons.describe_neurons())}</b>. The notebook's rule (top 2 of the gate "
+                 f"pre-activation at the last of {html.escape(neurons.notebook_input or 'a long repeat')}) gives "
+                 f"{neurons.notebook_neurons}. Massive activation dimensions of the first token: "
+                 f"{neurons.massive_dims}; w_out_top_dim is each neuron's largest W_out entry (its super weight).",
+                 neurons.plot(), frame=neurons.to_frame().head(TOP_NEURONS_SHOWN)),
+    ]
+    if study is not None:
+        sections.append(_section(
+            "Ablating the sink neurons (paper Fig. 3)",
+            f"Residual norms per position at layers {study.layers}, intact and with the sink neurons set to 0 at every "
+            "position; the attention later queries pay to the first token; the sink neurons' activation along "
+            "each input.", study.plot(), study.plot_attention(), study.plot_activations()))
+    sections += [
+        _section("Hidden-state norm vs repetitions (paper Fig. 2/6)",
+                 f"Norm of <code>blocks.{curves.layer}.hook_resid_post</code> for [first token] + [word] x "
+                 f"{curves.n_repeats}, intact" + (" and with the sink neurons ablated" if len(curve_sets) > 1 else "")
+                 + f". Typical norm {results['typical_norm']:.4g}, first-token norm {results['first_token_norm']:.4g}; "
+                 f"the sink regime starts {curves.sink_fraction:g} of the way from typical to the first token in log "
+                 f"space (norm {curves.threshold:.4g}).", plot_repetition_curves(*curve_sets),
+                 frame=curves.to_frame()),
+        _section("Attention received per layer",
+                 "Mean attention weight that later queries put on the first token and on a later token, and the "
+                 f"share of heads whose mean attention on the first token exceeds {received[0].epsilon:g} "
+                 "(Gu et al. 2024).", plot_attention_received(*received), frame=_side_by_side(*received)),
+        _section("Attention scores: regular text vs a repeated token (paper Fig. 1)",
+                 "Pre-softmax scores averaged over heads (and over the text lines), masked keys blank.",
+                 plot_attention_score_maps(*maps)),
     ]
     versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>sinklens report: {html.escape(model['name'])}</title>
+<script type="text/javascript">{get_plotlyjs()}</script>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;}} .table{{border-collapse:collapse;font-size:0.85em}}
 .table td,.table th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body>
 <h1>sinklens report: {html.escape(model['name'])}</h1>
-<p>Model spec <code>{html.escape(results['model']['spec'])}</code>, {model['n_layers']} layers. {html.escape(versions)}.
+<p>Model spec <code>{html.escape(model['spec'])}</code>, {model['n_layers']} layers. {html.escape(versions)}.
 Every number here is in <code>results.json</code>.</p>
+<h2>Summary</h2><ul>{summary}</ul>
 {''.join(sections)}
 </body></html>
 """

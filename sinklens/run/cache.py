@@ -18,6 +18,8 @@ from transformer_lens.model_bridge import TransformerBridge
 from sinklens.errors import SinklensError
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
+Hook = tuple[str, Callable]
+"""A ``(hook name, hook function)`` pair, as ``model.hooks(fwd_hooks=...)`` takes them."""
 
 
 def check_layer(model: TransformerBridge, layer: int) -> int:
@@ -46,11 +48,14 @@ def run_cache(
     names: Sequence[str],
     *,
     reduce: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    interventions: Sequence[Hook] = (),
 ) -> ActivationCache:
     """Run ``tokens`` and return an ``ActivationCache`` holding only the hooks in ``names``.
 
     With ``reduce``, each activation is replaced by ``reduce(name, activation)`` inside the hook
-    and only that is stored. The forward pass stops after the deepest block named.
+    and only that is stored. ``interventions`` are ``(hook name, hook function)`` pairs that edit
+    activations during this run only (see :mod:`sinklens.run.interventions`); cached values are
+    read after them. The forward pass stops after the deepest block named.
     """
     names = list(dict.fromkeys(names))
     for name in names:
@@ -58,7 +63,7 @@ def run_cache(
             check_layer(model, int(m.group(1)))
     tokens = tokens.to(model.cfg.device)
     stop = stop_layer(model, names)
-    with torch.inference_mode():
+    with torch.inference_mode(), model.hooks(fwd_hooks=list(interventions)):
         if reduce is None:
             _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=stop)
             return cache

@@ -46,7 +46,7 @@ def first_token(model: TransformerBridge, first: FirstToken = "bos") -> Token:
     if isinstance(first, int):
         return token(model, first)
     if first in ("bos", "eos"):
-        token_id = _bos_id(model) if first == "bos" else tokenizer.eos_token_id
+        token_id = bos_token_id(model) if first == "bos" else tokenizer.eos_token_id
         if token_id is None:
             raise SinklensError(
                 f"the tokenizer of {model.cfg.model_name} defines no {first.upper()} token",
@@ -57,7 +57,7 @@ def first_token(model: TransformerBridge, first: FirstToken = "bos") -> Token:
     return word_token(model, first, leading_space=False)
 
 
-def _bos_id(model: TransformerBridge) -> int | None:
+def bos_token_id(model: TransformerBridge) -> int | None:
     """The tokenizer's own BOS: TransformerLens fills a missing BOS with EOS, :func:`load_model` records the truth."""
     source = getattr(model, "sinklens_source", None)
     return source.bos_token_id if source is not None else model.tokenizer.bos_token_id
@@ -68,15 +68,15 @@ def word_token_ids(model: TransformerBridge, word: str, *, leading_space: bool =
     if not word or word != word.strip():
         raise SinklensError(f"word {word!r} is empty or has surrounding whitespace", "pass the bare word, e.g. 'the'")
     if not leading_space:
-        return _encode(model, word)
-    anchor = _encode(model, "a")
-    ids = _encode(model, f"a {word}")
+        return encode(model, word)
+    anchor = encode(model, "a")
+    ids = encode(model, f"a {word}")
     if ids[: len(anchor)] != anchor:  # the tokenizer merged across the space: fall back to the bare form
-        return _encode(model, word)
+        return encode(model, word)
     return ids[len(anchor) :]
 
 
-def _encode(model: TransformerBridge, text: str) -> list[int]:
+def encode(model: TransformerBridge, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens (the bridge's tokenizer adds BOS by default)."""
     return model.tokenizer.encode(text, add_special_tokens=False)
 
@@ -131,7 +131,7 @@ def repeated_tokens(
         unit = word_token_ids(model, word, leading_space=leading_space)
     else:
         unit = [word_token(model, word, leading_space=leading_space).id]
-    prefix_ids = _encode(model, prefix) if prefix else []
+    prefix_ids = encode(model, prefix) if prefix else []
     ids = [first_token(model, first).id, *prefix_ids, *unit * n_repeats]
     check_context(model, len(ids))
     return torch.tensor([ids], dtype=torch.long)
@@ -141,7 +141,7 @@ def text_tokens(
     model: TransformerBridge, text: str, *, first: FirstToken = "bos", max_tokens: int | None = None
 ) -> Int[torch.Tensor, "1 pos"]:
     """``[first] + tokens(text)``, cut to ``max_tokens`` in all and checked against the context."""
-    ids = [first_token(model, first).id, *_encode(model, text)]
+    ids = [first_token(model, first).id, *encode(model, text)]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     check_context(model, len(ids))
