@@ -9,34 +9,19 @@ prints the median ratios with their range (peak RSS is noisy from run to run):
 * cold (empty cache: fetch the wheel, dequantise the GGUF) vs warm load of the default model.
   Target: warm under 5 s.
 
-Peak memory is the growth of the process' resident set over its level after loading (Linux
-VmHWM, reset through /proc/self/clear_refs). Usage: ``python bench/bench_norms.py [--repeats N]``.
+Peak memory is the growth of the process' resident set over its level after loading (see
+``_harness.py``). Usage: ``python bench/bench_norms.py [--repeats N] [--trials N]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
 
+from _harness import alternate, print_pairs, run_worker
+
 WORKER = r"""
-import json, os, sys, time
-import torch
-torch.set_grad_enabled(False)
 mode, n_repeats, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-
-def rss(field):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field))
-
-def reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
 if mode in ("cold", "warm"):
     start = time.perf_counter()
     import sinklens
@@ -54,7 +39,7 @@ words = sinklens.default_words(model)
 sequences = [sinklens.repeated_tokens(model, w.id, n_repeats) for w in words]
 if mode == "sinklens":
     baseline = sinklens.norm_baseline(model, layer, reference)
-    run = lambda: sinklens.repetition_curves(model, words, layer=layer, baseline=baseline, n_repeats=n_repeats).norms
+    run = lambda: sinklens.repetition_curves(model, words, layer=layer, baseline=baseline, n_repeats=n_repeats).norms.sum()
 else:
     from transformers import AutoModelForCausalLM
     from sinklens.load.models import alias_weights
@@ -69,22 +54,9 @@ else:
         captured.clear()
         for seq in sequences:
             hf.model(seq, use_cache=False)
-        return torch.cat(captured)
-run()  # warm-up
-reset_peak(); base = rss("VmRSS")
-times = []
-for _ in range(rounds):
-    start = time.perf_counter(); norms = run(); times.append(time.perf_counter() - start)
-print(json.dumps({"seconds": min(times), "peak_bytes": rss("VmHWM") - base, "checksum": float(norms.sum())}))
+        return torch.cat(captured).sum()
+print(json.dumps(measure(run, rounds)))
 """
-
-
-def measure(mode: str, n_repeats: int, rounds: int, env: dict | None = None) -> dict:
-    proc = subprocess.run([sys.executable, "-c", WORKER, mode, str(n_repeats), str(rounds)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        sys.exit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -95,26 +67,13 @@ def main() -> None:
                         help="process pairs, alternating; medians reported (default: %(default)s)")
     args = parser.parse_args()
 
-    measure("warm", 0, 0)  # make sure the default model is converted before timing anything
-    pairs = [(measure("sinklens", args.repeats, args.rounds), measure("hf", args.repeats, args.rounds))
-             for _ in range(args.trials)]
-    time_ratios = [ours["seconds"] / plain["seconds"] for ours, plain in pairs]
-    memory_ratios = [ours["peak_bytes"] / max(plain["peak_bytes"], 1) for ours, plain in pairs]
-    print(f"norm curves, 5 words x {args.repeats} repeats, to the sink layer "
-          f"({args.trials} alternating process pairs, best of {args.rounds} rounds each):")
-    for name, side in (("sinklens", 0), ("plain HF", 1)):
-        seconds = statistics.median(pair[side]["seconds"] for pair in pairs)
-        peak = statistics.median(pair[side]["peak_bytes"] for pair in pairs)
-        print(f"  {name} median {seconds:.2f} s, peak +{peak / 2**20:.0f} MiB")
-    print(f"  time ratio median {statistics.median(time_ratios):.2f}x (range {min(time_ratios):.2f}-"
-          f"{max(time_ratios):.2f}; target <= 1.1x)")
-    print(f"  memory ratio median {statistics.median(memory_ratios):.2f}x (range {min(memory_ratios):.2f}-"
-          f"{max(memory_ratios):.2f}; target <= 1.2x)")
-    same = all(abs(o["checksum"] - p["checksum"]) <= 1e-4 * abs(p["checksum"]) for o, p in pairs)
-    print(f"  same norms: {same}")
+    run_worker(WORKER, "warm", 0, 0)  # make sure the default model is converted before timing anything
+    pairs = alternate(WORKER, ("sinklens", args.repeats, args.rounds), ("hf", args.repeats, args.rounds), args.trials)
+    print_pairs(f"norm curves, 5 words x {args.repeats} repeats, to the sink layer ({args.trials} alternating process "
+                f"pairs, best of {args.rounds} rounds each):", pairs, {"seconds": 1.1, "peak_bytes": 1.2})
     with tempfile.TemporaryDirectory() as empty_cache:
-        cold = measure("cold", 0, 0, env={"SINKLENS_CACHE": empty_cache})
-    warm = measure("warm", 0, 0)
+        cold = run_worker(WORKER, "cold", 0, 0, env={"SINKLENS_CACHE": empty_cache})
+    warm = run_worker(WORKER, "warm", 0, 0)
     print(f"default model load_model(): cold {cold['seconds']:.1f} s (fetch + dequantise), warm "
           f"{warm['seconds']:.1f} s (target < 5 s), ratio {cold['seconds'] / warm['seconds']:.1f}x; "
           f"import sinklens {warm['import_seconds']:.1f} s before it")

@@ -8,6 +8,7 @@ importable from here.
 """
 
 from sinklens.analyses import attention
+from sinklens.analyses.ablation import AblationStudy, ablation_study
 from sinklens.analyses.attention import (
     AttentionReceived,
     AttentionScoreMaps,
@@ -17,21 +18,29 @@ from sinklens.analyses.attention import (
     plot_attention_received,
     plot_attention_score_maps,
 )
-from sinklens.analyses.norms import NormBaseline, RepetitionCurves, norm_baseline, repetition_curves
+from sinklens.analyses.first_token import FirstTokenChoice, choose_first_token
+from sinklens.analyses.norms import (
+    NormBaseline, RepetitionCurves, norm_baseline, plot_repetition_curves, repetition_curves,
+)
 from sinklens.analyses.sink_layer import SinkLayerResult, find_sink_layer
+from sinklens.analyses.sink_neurons import SinkNeuronsResult, find_sink_neurons
+from sinklens.analyses.table import SinkTableRow, sink_table_row
 from sinklens.errors import SinklensError
 from sinklens.load import corpus
 from sinklens.load.models import ModelSource, load_model, resolve_model
 from sinklens.present.report import ReportConfig, run_report
 from sinklens.results import load_result, save_result
 from sinklens.run.cache import run_cache
+from sinklens.run.interventions import ablation_hooks, mean_activations
 from sinklens.run.tokens import Token, default_words, first_token, repeated_tokens, text_tokens, word_token
 
 __all__ = [
-    "AttentionReceived", "AttentionScoreMaps", "ModelSource", "NormBaseline", "RepetitionCurves",
-    "ReportConfig", "SinkLayerResult", "SinklensError", "Token", "attention", "attention_heads_view",
-    "attention_received", "attention_score_maps", "corpus", "default_words", "find_sink_layer", "first_token",
-    "load_model", "load_result", "norm_baseline", "plot_attention_received", "plot_attention_score_maps",
-    "repeated_tokens", "repetition_curves", "resolve_model", "run_cache", "run_report", "save_result",
+    "AblationStudy", "AttentionReceived", "AttentionScoreMaps", "FirstTokenChoice", "ModelSource", "NormBaseline",
+    "RepetitionCurves", "ReportConfig", "SinkLayerResult", "SinkNeuronsResult", "SinkTableRow", "SinklensError",
+    "Token", "ablation_hooks", "ablation_study", "attention", "attention_heads_view", "attention_received",
+    "attention_score_maps", "choose_first_token", "corpus", "default_words", "find_sink_layer",
+    "find_sink_neurons", "first_token", "load_model", "load_result", "mean_activations", "norm_baseline",
+    "plot_attention_received", "plot_attention_score_maps", "plot_repetition_curves", "repeated_tokens",
+    "repetition_curves", "resolve_model", "run_cache", "run_report", "save_result", "sink_table_row",
     "text_tokens", "word_token",
 ]

@@ -39,7 +39,15 @@ def build_tokenizer(bos: bool = True):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>")
 
 
-def build_hf_model(tokenizer, plant_sink: bool = True):
+SECOND_SINK_LAYER, SECOND_SINK_NEURON = 3, 9  # the second half of the sink planted over two layers
+GATE = 40.0
+
+
+def build_hf_model(tokenizer, plant_sink: bool = True, *, sink_token: str = "<s>", two_layers: bool = False):
+    """A tiny random Llama; with ``plant_sink``, only ``sink_token``'s embedding has a component on
+    residual dimension 0 and neuron ``SINK_NEURON`` of layer ``SINK_LAYER`` reads it and writes a
+    large vector. With ``two_layers`` the sink is split: that neuron writes one half, and neuron
+    ``SECOND_SINK_NEURON`` of the next layer, also reading dimension 0, writes the other."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -50,27 +58,52 @@ def build_hf_model(tokenizer, plant_sink: bool = True):
         pad_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config).eval()
-    if plant_sink:
-        with torch.no_grad():
-            bos = config.bos_token_id
-            model.model.embed_tokens.weight[:, 0] = 0.0
-            model.model.embed_tokens.weight[bos, 0] = 1.0
-            for layer in model.model.layers:
-                layer.self_attn.o_proj.weight[0, :] = 0.0
-                layer.mlp.down_proj.weight[0, :] = 0.0
-            mlp = model.model.layers[SINK_LAYER].mlp
-            mlp.gate_proj.weight[SINK_NEURON] = 0.0
-            mlp.up_proj.weight[SINK_NEURON] = 0.0
-            mlp.gate_proj.weight[SINK_NEURON, 0] = 40.0
-            mlp.up_proj.weight[SINK_NEURON, 0] = 40.0
-            mlp.down_proj.weight[1:, SINK_NEURON] = 1.0
+    if not plant_sink:
+        return model
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        embed[:, 0] = 0.0
+        embed[tokenizer.convert_tokens_to_ids(sink_token), 0] = 1.0
+        for layer in model.model.layers:  # nothing but the planted neurons writes to dimension 0
+            layer.self_attn.o_proj.weight[0, :] = 0.0
+            layer.mlp.down_proj.weight[0, :] = 0.0
+        if not two_layers:
+            _plant_neuron(model, SINK_LAYER, SINK_NEURON, GATE, 1.0)
+            return model
+        # Each half writes a norm of about 50 on its own dimensions (the text's norms are about 0.1).
+        _plant_neuron(model, SINK_LAYER, SINK_NEURON, GATE, 0.0)
+        post = _first_token_mlp_input(model, tokenizer, sink_token, SINK_LAYER)[0] * GATE
+        scale = 50.0 / (float(torch.nn.functional.silu(post) * post) * 4.0)
+        _plant_neuron(model, SINK_LAYER, SINK_NEURON, GATE, scale, dims=slice(1, 17))
+        x0 = _first_token_mlp_input(model, tokenizer, sink_token, SECOND_SINK_LAYER)[0]
+        _plant_neuron(model, SECOND_SINK_LAYER, SECOND_SINK_NEURON, GATE * float(post / GATE / x0), scale,
+                      dims=slice(17, 33))
     return model
 
 
-def save_tiny(path, *, bos: bool = True, plant_sink: bool = True):
+def _plant_neuron(model, layer: int, neuron: int, gate: float, write: float, dims=slice(1, None)) -> None:
+    mlp = model.model.layers[layer].mlp
+    mlp.gate_proj.weight[neuron] = 0.0
+    mlp.up_proj.weight[neuron] = 0.0
+    mlp.gate_proj.weight[neuron, 0] = gate
+    mlp.up_proj.weight[neuron, 0] = gate
+    mlp.down_proj.weight[:, neuron] = 0.0
+    mlp.down_proj.weight[dims, neuron] = write
+
+
+def _first_token_mlp_input(model, tokenizer, token: str, layer: int) -> torch.Tensor:
+    """The normalised input of ``layer``'s MLP at a lone ``token`` (what the planted neuron reads)."""
+    seen = []
+    handle = model.model.layers[layer].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0][0, 0]))
+    model(torch.tensor([[tokenizer.convert_tokens_to_ids(token)]]))
+    handle.remove()
+    return seen[0]
+
+
+def save_tiny(path, *, bos: bool = True, plant_sink: bool = True, **plant):
     """Write a tiny model and its tokenizer as a local Hugging Face directory."""
     tokenizer = build_tokenizer(bos=bos)
-    build_hf_model(tokenizer, plant_sink=plant_sink).save_pretrained(path)
+    build_hf_model(tokenizer, plant_sink=plant_sink, **plant).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

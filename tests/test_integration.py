@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from sinklens import ReportConfig, find_sink_layer, norm_baseline, repetition_curves, run_report, text_tokens
+from sinklens import (
+    ReportConfig, find_sink_layer, norm_baseline, repetition_curves, run_report, sink_table_row, text_tokens,
+)
 from sinklens.load.corpus import shakespeare
 from sinklens.present.report import PAPER_CORPUS_CHARS
 
@@ -63,17 +65,46 @@ def test_report_on_the_default_model(smollm2, tmp_path):
     assert (tmp_path / "report.html").stat().st_size > 1_000_000
 
 
-def test_report_runs_on_gemma3(tmp_path):
-    """Gemma-3-270M: another architecture (sliding-window layers, a sink tied to <bos>)."""
+def test_table_row_on_the_default_model(smollm2):
+    """The sink-neuron issue's acceptance test: few neurons, >90% of the norm removed, no sink left."""
+    row = sink_table_row(smollm2, shakespeare()[:PAPER_CORPUS_CHARS], n_repeats=1000)
+    s = row.summary()
+    assert s["case"] == "single layer" and s["sink_layer"] == row.sink.sink_layer
+    assert 1 <= len(s["sink_neurons"]) <= 9, s["sink_neurons"]
+    assert s["first_token_norm_ablated"] < 0.1 * s["first_token_norm"]
+    assert s["repeat_max_norm"] > row.curves.threshold  # intact, some word of the default list crosses into it
+    assert all(c is None for c in row.curves_ablated.first_crossings), s["words"]  # ablated, none does
+    # Both signatures agree: each sink neuron's largest W_out entry writes the first token's massive dimension.
+    neurons = row.neurons
+    assert all(dim == neurons.massive_dims[0] for dim in neurons.w_out_top_dims[: neurons.n_sink])
+
+
+@pytest.fixture(scope="module")
+def gemma():
     from sinklens import load_model
 
-    gemma = load_model("gemma-3-270m", device="cpu")
+    return load_model("gemma-3-270m", device="cpu")
+
+
+def test_table_row_on_gemma3(gemma):
+    """Gemma-3 builds the <bos> norm over several layers (docs/results.md): the row says so."""
+    row = sink_table_row(gemma, shakespeare()[:PAPER_CORPUS_CHARS], n_repeats=300)
+    s = row.summary()
+    assert s["first_token"]["text"] == "<bos>" and s["sink_found"]
+    assert s["case"] == "several layers" and len(s["sink_neurons_by_layer"]) >= 2
+    assert row.neurons.removed_shares[row.neurons.n_sink] >= 0.9
+    assert s["repeats_to_sink"] is None and s["first_crossing"] is None
+
+
+def test_report_runs_on_gemma3(gemma, tmp_path):
+    """Gemma-3-270M: another architecture (sliding-window layers, a sink tied to <bos>)."""
     results = run_report(ReportConfig(model="gemma-3-270m", n_repeats=300), tmp_path, model=gemma)
     assert results["model"]["name"] == "google/gemma-3-270m" and results["model"]["n_layers"] == 18
     assert results["first_token"]["text"] == "<bos>"
     assert results["first_token_norm"] > 5 * results["typical_norm"]
     # Recorded in docs/results.md: Gemma-3 builds its first-token norm over several layers, so no single
     # layer passes the paper's mean + 2 sigma rule, and no repeated word approaches the sink.
-    assert results["sink_layer_method"] != "mean + n_sigma * std"
+    assert results["sink_layer_detail"]["method"] != "mean + n_sigma * std"
+    assert results["sink_neurons"]["case"] == "several layers"
     assert all(w["repeats_to_sink"] is None for w in results["words"])
     assert (tmp_path / "report.html").is_file()

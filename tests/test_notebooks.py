@@ -9,7 +9,7 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "analyses").glob("*.ipynb"))
 
 
 def test_there_is_a_notebook_per_figure():
-    assert {p.name for p in NOTEBOOKS} >= {"fig1_attention_maps.ipynb", "fig2_norm_curves.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"fig1_attention_maps.ipynb", "fig2_norm_curves.ipynb", "fig3_sink_neurons.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -22,3 +22,5 @@ def test_notebook_runs(path, tiny_dir, corpus_file, monkeypatch):
     for cell in cells:
         exec(compile("".join(cell["source"]), f"{path.name}", "exec"), namespace)
     assert namespace["sink"].sink_layer == 2
+    if "neurons" in namespace:
+        assert namespace["neurons"].sink_neurons == [(2, 5)]

@@ -135,9 +135,10 @@ def choose_first_token(
     """Measure the candidates for position 0 on ``text`` and choose the first token.
 
     ``given`` (a first-token spec other than ``"auto"``) is measured too and always chosen, so
-    results can say whether the user's choice is a sink. ``text`` is cut to ``max_tokens``.
+    results can say whether the user's choice is a sink. ``text`` is cut to ``max_tokens`` (and to
+the model's context).
     """
-    text_ids = encode(model, text)[:max_tokens]
+    text_ids = encode(model, text)[: min(max_tokens, model.cfg.n_ctx)]
     if len(text_ids) < 2:
         raise SinklensError("the natural text has fewer than 2 tokens", "pass a longer text to compare the first token with")
     candidates = _candidates(model, text_ids, given)

@@ -220,6 +220,18 @@ class SinkNeuronsResult(Result):
         }
 
 
+def check_criterion(model: TransformerBridge, criterion: str) -> None:
+    """Raise one clear error for an unknown criterion, or the notebook's on a model without a gated MLP."""
+    if criterion not in CRITERIA:
+        raise SinklensError(f"unknown criterion {criterion!r}", f"pass one of {', '.join(CRITERIA)}")
+    if criterion == "notebook" and not getattr(model.cfg, "gated_mlp", False):
+        raise SinklensError(
+            f"the notebook criterion reads a gated MLP's gate pre-activation (hook_pre), and {model.cfg.model_name} "
+            "has a non-gated MLP",
+            "use criterion='paper' (CLI: --criterion paper), which works on every MLP type",
+        )
+
+
 def find_sink_neurons(
     model: TransformerBridge,
     reference: Int[torch.Tensor, "1 pos"],
@@ -241,18 +253,11 @@ def find_sink_neurons(
     its neurons pass the filter, else the run of layers where the first token's MLP outputs stand
     out (:attr:`SinkLayerResult.sink_range`). ``sink`` reuses a :func:`find_sink_layer` result.
     """
-    if criterion not in CRITERIA:
-        raise SinklensError(f"unknown criterion {criterion!r}", f"pass one of {', '.join(CRITERIA)}")
     if not 0 < share <= 1:
         raise SinklensError(f"share must be in (0, 1], got {share}", "pass the share of the excess norm to remove")
     if max_neurons < 1:
         raise SinklensError(f"max_neurons must be at least 1, got {max_neurons}", "pass a positive number")
-    if criterion == "notebook" and not getattr(model.cfg, "gated_mlp", False):
-        raise SinklensError(
-            f"the notebook criterion reads a gated MLP's gate pre-activation (hook_pre), and {model.cfg.model_name} "
-            "has a non-gated MLP",
-            "use criterion='paper' (CLI: --criterion paper), which works on every MLP type",
-        )
+    check_criterion(model, criterion)
     search = dict(reference=reference, criterion=criterion, share=share, max_neurons=max_neurons,
                   notebook_word=notebook_word, notebook_repeats=notebook_repeats)
     if layers is not None:
@@ -316,11 +321,12 @@ def _search(
 
     notebook_scores, notebook_input = None, ""
     if len(layers) == 1 and getattr(model.cfg, "gated_mlp", False):
-        repeat = repeated_tokens(model, notebook_word, notebook_repeats, first=first)
+        n_repeats = min(notebook_repeats, model.cfg.n_ctx - 1)  # a side measurement: fit it to the context
+        repeat = repeated_tokens(model, notebook_word, n_repeats, first=first)
         name = f"blocks.{end}.mlp.hook_pre"
         gate = run_cache(model, repeat, [name])[name][0, -1].float().cpu()
         notebook_scores = gate.abs() * model.blocks[end].mlp.W_out.detach().float().cpu().norm(dim=-1)
-        notebook_input = f"{token(model, first).text!r} + {token(model, int(repeat[0, -1])).text!r} x {notebook_repeats}"
+        notebook_input = f"{token(model, first).text!r} + {token(model, int(repeat[0, -1])).text!r} x {n_repeats}"
     case = SINGLE_LAYER if len(layers) == 1 else SEVERAL_LAYERS
     ranking = (notebook_scores[None] if criterion == "notebook" else paper_scores if case == SINGLE_LAYER
                else direct_contributions)

@@ -24,7 +24,9 @@ from transformer_lens.model_bridge import TransformerBridge
 from sinklens.analyses.first_token import AUTO, MIN_SINK_RATIO, FirstTokenChoice, choose_first_token
 from sinklens.analyses.norms import SINK_FRACTION, NormBaseline, RepetitionCurves, norm_baseline, repetition_curves
 from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA, SinkLayerResult, find_sink_layer
-from sinklens.analyses.sink_neurons import MAX_NEURONS, REMOVED_SHARE, SinkNeuronsResult, find_sink_neurons
+from sinklens.analyses.sink_neurons import (
+    MAX_NEURONS, REMOVED_SHARE, SinkNeuronsResult, check_criterion, find_sink_neurons,
+)
 from sinklens.errors import SinklensError
 from sinklens.load.registry import PAPER_TABLE_1, paper_record
 from sinklens.results import Result
@@ -145,7 +147,8 @@ def sink_table_row(
     if words is not None and not words:
         raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
     tokens = default_words(model) if words is None else words_to_tokens(model, words)
-    check_context(model, n_repeats + 1)  # a too-long run fails before any forward pass
+    check_context(model, n_repeats + 1)  # a too-long run or a bad setting fails before any forward pass
+    check_criterion(model, criterion)
     if layers is not None:
         requested = [layers] if isinstance(layers, int) else list(layers)
         for layer in requested:

@@ -117,7 +117,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed as one line
+        return int(exit_.code or 0)
     _show_sinklens_messages()
     try:
         COMMANDS[args.command](args)
@@ -129,14 +132,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _NoticeHandler(logging.StreamHandler):
+    """Writes ``sinklens: <message>`` to whatever ``sys.stderr`` is at the time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("sinklens: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _show_sinklens_messages() -> None:
     """Print the library's one-line notices (first download, first conversion) on stderr."""
     logger = logging.getLogger("sinklens")
-    if not any(getattr(h, "sinklens_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("sinklens: %(message)s"))
-        handler.sinklens_cli = True
-        logger.addHandler(handler)
+    if not any(isinstance(h, _NoticeHandler) for h in logger.handlers):
+        logger.addHandler(_NoticeHandler())
     logger.setLevel(logging.INFO)
 
 
@@ -192,11 +208,15 @@ def _table(args) -> None:
 
 def _neurons(args) -> None:
     from sinklens.analyses.first_token import choose_first_token
-    from sinklens.analyses.sink_neurons import find_sink_neurons
+    from sinklens.analyses.sink_neurons import check_criterion, find_sink_neurons
+    from sinklens.run.cache import check_layer
     from sinklens.run.tokens import text_tokens
 
     config = _config(args)
     model, text = _study_inputs(args, config)
+    check_criterion(model, config.criterion)
+    for layer in config.layers or []:
+        check_layer(model, layer)
     choice = choose_first_token(model, text, given=None if config.first_token == AUTO else config.first_token,
                                 max_layer=config.max_layer, min_ratio=config.min_ratio)
     result = find_sink_neurons(model, text_tokens(model, text, first=choice.token.id), layers=config.layers,

@@ -47,7 +47,7 @@ from sinklens.analyses.sink_neurons import MAX_NEURONS, REMOVED_SHARE, SEVERAL_L
 from sinklens.analyses.table import SinkTableRow, sink_table_row
 from sinklens.errors import SinklensError
 from sinklens.load.corpus import read_text, shakespeare
-from sinklens.load.models import load_model
+from sinklens.load.models import load_model, resolve_model
 from sinklens.load.registry import DEFAULT_MODEL, PAPER_TABLE_1
 from sinklens.results import Result, load_result, save_result
 from sinklens.run.cache import check_layer
@@ -82,6 +82,7 @@ class ReportConfig:
 
     def check(self) -> None:
         """Checks that need no model, so a bad setting fails before anything is loaded."""
+        resolve_model(self.model)
         if self.words is not None and not self.words:
             raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
         if self.n_repeats < 1:
@@ -238,7 +239,7 @@ def headline(row: SinkTableRow, curves) -> list[str]:
     neurons = row.neurons
     if neurons.sink_neurons:
         lines.append(
-            f"Sink ({neurons.case}, layers {neurons.layers[0]}-{neurons.sink_layer}): sink neurons "
+            f"Sink ({neurons.case}, {_layer_span(neurons.layers)}): sink neurons "
             f"{neurons.describe_neurons()}. Ablating them takes the first token's norm at layer {neurons.sink_layer} "
             f"from {neurons.first_token_norm:,.0f} to {neurons.first_token_norm_ablated:,.0f} (typical "
             f"{neurons.typical_norm:,.0f}), {float(neurons.removed_shares[neurons.n_sink]):.1%} of its excess.")
@@ -265,6 +266,10 @@ def headline(row: SinkTableRow, curves) -> list[str]:
                  f"{', '.join(map(str, llama2.sink_neurons))}, and a repeated token becomes a sink after about "
                  f"{llama2.repeats} repeats; the other models it studied use layer 1 or 2 and one or two neurons.")
     return lines
+
+
+def _layer_span(layers: list[int]) -> str:
+    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
 
 
 def _side_by_side(*results):
@@ -305,7 +310,7 @@ def _render_html(results, row: SinkTableRow, curves, study, received, maps) -> s
                  row.sink.plot(), frame=row.sink.to_frame()),
         _section("Sink neurons",
                  f"Candidates ranked by {'the notebook criterion' if neurons.criterion == 'notebook' else 'their contribution to the first token'}"
-                 f" ({neurons.case}, layers {neurons.layers}); the sink neurons are the shortest prefix whose "
+                 f" ({neurons.case}, {_layer_span(neurons.layers)}); the sink neurons are the shortest prefix whose "
                  f"zero-ablation removes {neurons.share:.0%} of the first token's excess norm. Found: "
                  f"<b>{html.escape(neurons.describe_neurons())}</b>. The notebook's rule (top 2 of the gate "
                  f"pre-activation at the last of {html.escape(neurons.notebook_input or 'a long repeat')}) gives "

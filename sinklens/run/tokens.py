@@ -1,8 +1,10 @@
 """Token-level inputs: the first token, words as single tokens, repeated-token sequences.
 
-Sequences are built from token ids, never by joining strings, so a repeated word is exactly one
-token id per repeat (digest D2). A word is taken as it appears mid-text (after a space), which is
-the form the paper's notebook repeats; pass ``leading_space=False`` for the bare form.
+Sequences are built from token ids, never by joining strings: ``" ".join([word] * n)`` can merge
+or split tokens with some BPE tokenizers (Llama-3's among them), and then the sequence is not a
+run of one token at all. Here a repeated word is exactly one token id per repeat. A word is taken
+as it appears mid-text (after a space), which is the form the paper's notebook repeats; pass
+``leading_space=False`` for the bare form.
 """
 
 from __future__ import annotations
