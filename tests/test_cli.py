@@ -91,16 +91,19 @@ def test_bad_study_arguments_fail_before_the_model_loads(command, bad, message, 
     assert message in _one_error_line(capsys)
 
 
-@pytest.mark.parametrize("command", ["report", "table", "neurons"])
-@pytest.mark.parametrize("bad, message", [
+NEED_THE_MODEL = [
     (["--layers", "6"], "layer 6 is out of range"),
     (["--words", "the", "dust"], "'dust' is"),
     (["--n-repeats", "5000"], "longer than the context"),
+]
+
+
+@pytest.mark.parametrize("command, bad, message", [
+    (command, bad, message) for command in ("report", "table", "neurons") for bad, message in NEED_THE_MODEL
+    if command != "neurons" or bad[0] == "--layers"  # neurons repeats no words
 ])
 def test_bad_arguments_that_need_the_model_fail_before_the_first_forward_pass(
         command, bad, message, study, tmp_path, capsys, monkeypatch):
-    if command == "neurons" and bad[0] != "--layers":
-        pytest.skip("neurons repeats no words")
     import sinklens.run.cache as cache
 
     monkeypatch.setattr(cache.TransformerBridge, "run_with_cache",
