@@ -64,27 +64,24 @@ def test_table_neurons_and_sink_layer_print_readable_text(study, capsys):
     assert "sink layer: 2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["report", "table", "neurons", "sink-layer"])
-@pytest.mark.parametrize("bad, message", [
+COMMON = [
     (["--model", "missing.gguf"], "does not exist"),
     (["--corpus", "no-such-corpus.txt"], "cannot read text file"),
     (["--max-layer", "0"], "--max-layer: 0 is not a positive number"),
-])
-def test_bad_common_arguments_fail_before_the_model_loads(command, bad, message, study, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("sinklens.load.models._load", lambda *a: pytest.fail("loaded the model"))
-    out = ["--out", str(tmp_path / "out")] if command == "report" else []
-    assert main([command, *study, *out, *bad]) == 2
-    assert message in _one_error_line(capsys)
-
-
-@pytest.mark.parametrize("command", ["report", "table"])
-@pytest.mark.parametrize("bad, message", [
+]
+STUDY = [
     (["--n-repeats", "0"], "--n-repeats: 0 is not a positive number"),
     (["--layers", "3-x"], "not a layer, a range like 3-8"),
     (["--share", "2"], "share must be in (0, 1]"),
     (["--criterion", "vibes"], "invalid choice: 'vibes'"),
+]
+
+
+@pytest.mark.parametrize("command, bad, message", [
+    *[(command, bad, message) for command in ("report", "table", "neurons", "sink-layer") for bad, message in COMMON],
+    *[(command, bad, message) for command in ("report", "table") for bad, message in STUDY],
 ])
-def test_bad_study_arguments_fail_before_the_model_loads(command, bad, message, study, tmp_path, capsys, monkeypatch):
+def test_bad_arguments_fail_before_the_model_loads(command, bad, message, study, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sinklens.load.models._load", lambda *a: pytest.fail("loaded the model"))
     out = ["--out", str(tmp_path / "out")] if command == "report" else []
     assert main([command, *study, *out, *bad]) == 2
