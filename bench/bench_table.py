@@ -7,14 +7,14 @@ neurons ablated) on a plain HF model with forward hooks, and does no analysis. B
 alternating subprocesses; the ratio of their times is the cost of sinklens' bridge, hooks and
 analysis on top of the forwards it cannot avoid. Target: within 1.2x.
 
-Usage: ``python bench/bench_table.py [--repeats N] [--trials N]``.
+Usage: ``python bench/bench_table.py [--repeats N] [--trials N] [--rounds N]``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from _harness import alternate, print_pairs, run_worker
+from _harness import alternate, print_pairs
 
 WORKER = r"""
 mode, n_repeats, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -73,9 +73,12 @@ def forward(ids, depth, resid=(), mlp_out=(), post=None, gate=None, ablate=None)
         handles.append(blocks[post].mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0])))
     if gate is not None:
         handles.append(blocks[gate].mlp.gate_proj.register_forward_hook(lambda m, i, o: seen.append(o)))
-    hf.model(ids, use_cache=False)
-    for h in handles:
-        h.remove()
+    try:
+        hf.model(ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        hf.model.layers = blocks
     return seen
 
 def run():

@@ -20,7 +20,11 @@ from sinklens.analyses.attention import (
 )
 from sinklens.analyses.first_token import FirstTokenChoice, choose_first_token
 from sinklens.analyses.norms import (
-    NormBaseline, RepetitionCurves, norm_baseline, plot_repetition_curves, repetition_curves,
+    NormBaseline,
+    RepetitionCurves,
+    norm_baseline,
+    plot_repetition_curves,
+    repetition_curves,
 )
 from sinklens.analyses.sink_layer import SinkLayerResult, find_sink_layer
 from sinklens.analyses.sink_neurons import SinkNeuronsResult, find_sink_neurons

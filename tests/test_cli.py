@@ -8,12 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SINK_LAYER, SINK_NEURON
 
-from sinklens.present import cli
 from sinklens.present import report as report_module
 from sinklens.present.cli import main
-
-from conftest import SINK_LAYER, SINK_NEURON
 
 
 @pytest.fixture
@@ -71,6 +69,9 @@ COMMON = [
 ]
 STUDY = [
     (["--n-repeats", "0"], "--n-repeats: 0 is not a positive number"),
+    (["--layers", "-1"], "negative layer"),
+    (["--max-layer", "1"], "fewer than 2 layers"),
+    (["--criterion", "notebook", "--layers", "3-5"], "ranks the neurons of one layer"),
     (["--layers", "3-x"], "not a layer, a range like 3-8"),
     (["--share", "2"], "share must be in (0, 1]"),
     (["--criterion", "vibes"], "invalid choice: 'vibes'"),

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from sinklens import (
-    ReportConfig, find_sink_layer, norm_baseline, repetition_curves, run_report, sink_table_row, text_tokens,
+    ReportConfig,
+    find_sink_layer,
+    norm_baseline,
+    repetition_curves,
+    run_report,
+    sink_table_row,
+    text_tokens,
 )
 from sinklens.load.corpus import shakespeare
 from sinklens.present.report import PAPER_CORPUS_CHARS

@@ -1,11 +1,10 @@
 import json
 
 import pytest
+from conftest import SINK_LAYER, SINK_NEURON
 
 from sinklens import ReportConfig, SinklensError, run_report
 from sinklens.present import report as report_module
-
-from conftest import SINK_LAYER, SINK_NEURON
 
 STABLE_KEYS = {"model", "versions", "first_token", "sink_layer", "typical_norm", "first_token_norm", "words",
                "sink_neurons"}

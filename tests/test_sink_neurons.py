@@ -5,6 +5,16 @@ import json
 
 import pytest
 import torch
+from conftest import (
+    CORPUS,
+    N_LAYERS,
+    SECOND_SINK_LAYER,
+    SECOND_SINK_NEURON,
+    SINK_LAYER,
+    SINK_NEURON,
+    build_tokenizer,
+    save_tiny,
+)
 
 from sinklens import SinklensError, load_model, run_cache, text_tokens
 from sinklens.analyses.ablation import ablation_study, paper_ablation_layers
@@ -15,10 +25,6 @@ from sinklens.present.cli import main
 from sinklens.results import load_result, save_result
 from sinklens.run.interventions import ablation_hooks, mean_activations
 from sinklens.run.tokens import repeated_tokens
-
-from conftest import (
-    CORPUS, N_LAYERS, SECOND_SINK_LAYER, SECOND_SINK_NEURON, SINK_LAYER, SINK_NEURON, build_tokenizer, save_tiny,
-)
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +193,11 @@ def test_table_row_with_the_neurons_ablated(tiny):
     (lambda m, r: ablation_hooks(m, [[(SINK_LAYER, 64)]]), "neuron 64 of layer 2 is out of range"),
     (lambda m, r: ablation_study(m, [(SINK_LAYER, 1)], {"t": r}, mode="mean"), "mean-ablation needs"),
     (lambda m, r: sink_table_row(m, CORPUS, words=[]), "word list is empty"),
+    (lambda m, r: find_sink_neurons(m, r, layers=[2, 3], criterion="notebook"), "ranks the neurons of one layer"),
+    (lambda m, r: find_sink_neurons(m, r[:, :1]), "no token after the first"),
+    (lambda m, r: ablation_hooks(m, [[(SINK_LAYER, 2.5)]]), "neuron 2.5 is not an integer"),
+    (lambda m, r: ablation_study(m, [(SINK_LAYER, 1)], {"t": r}, mode="mean", mean_values={0: torch.zeros(64)}),
+     r"no means for layer\(s\) \[2\]"),
 ])
 def test_bad_input_is_one_clear_error(tiny, reference, call, message):
     with pytest.raises(SinklensError, match=message) as info:
@@ -213,3 +224,19 @@ def test_the_notebook_criterion_needs_a_gated_mlp(tmp_path, corpus_file, capsys)
                  "--corpus", str(corpus_file)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("sinklens: error: the notebook criterion") and "\n" not in err
+
+
+def test_numpy_and_torch_integers_are_accepted_as_layers_and_neurons(tiny, reference):
+    import numpy as np
+
+    hooks = ablation_hooks(tiny, [[(np.int64(SINK_LAYER), torch.tensor(SINK_NEURON))]])
+    assert [name for name, _ in hooks] == [f"blocks.{SINK_LAYER}.mlp.hook_post"]
+    assert find_sink_neurons(tiny, reference, layers=np.int64(SINK_LAYER)).sink_neurons == [(SINK_LAYER, SINK_NEURON)]
+
+
+def test_a_first_token_that_is_not_a_sink_gets_no_sink_neurons(tiny, reference):
+    # Position 0 holds a text token, which the tiny model does not make a sink: no excess norm to remove.
+    text_first = text_tokens(tiny, CORPUS, first=int(reference[0, 1]))
+    result = find_sink_neurons(tiny, text_first, layers=SINK_LAYER)
+    assert result.case == NOT_FOUND and result.sink_neurons == []
+    assert torch.isfinite(result.removed_shares).all() and json.dumps(result.summary())

@@ -100,7 +100,7 @@ class AblationStudy(Result):
         fig = make_subplots(rows=len(self.labels), cols=1, subplot_titles=self.labels)
         for r, activations in enumerate(self.activations):
             for (layer, index), values in zip(self.neurons, activations):
-                fig.add_scatter(y=values.tolist(), mode="lines", name=f"L{layer}.{index}", legendgroup=str(index),
+                fig.add_scatter(y=values.tolist(), mode="lines", name=f"L{layer}.{index}", legendgroup=f"{layer}.{index}",
                                 showlegend=r == 0, row=r + 1, col=1)
         fig.update_xaxes(title_text="Position")
         fig.update_yaxes(title_text="hook_post")
@@ -164,6 +164,9 @@ def ablation_study(
     if mode == "mean" and mean_values is None:
         raise SinklensError("mean-ablation needs the neurons' mean activations",
                             "pass mean_values=sinklens.run.interventions.mean_activations(model, text, layers)")
+    if mode == "mean" and (missing := sorted({layer for layer, _ in neurons} - set(mean_values))):
+        raise SinklensError(f"mean_values has no means for layer(s) {missing}",
+                            "compute them for every ablated layer: mean_activations(model, text, layers)")
     sink_layer = max(layer for layer, _ in neurons)
     layers = paper_ablation_layers(model, sink_layer) if layers is None else sorted({check_layer(model, l) for l in layers})
     norm_names = [f"blocks.{layer}.hook_resid_post" for layer in layers]
@@ -175,7 +178,7 @@ def ablation_study(
         if name in pattern_names:
             return received_by_later_queries(activation)[:, 0].mean()
         if name in norm_names:
-            return activation[0].norm(dim=-1).float().cpu()
+            return activation[0].float().norm(dim=-1).cpu()
         return activation[0].float().cpu()
 
     norms, attention_rows, activations = [], [], []
@@ -185,6 +188,6 @@ def ablation_study(
         norms.append(torch.stack([torch.stack([run[name] for name in norm_names]) for run in runs]))
         if attention:
             attention_rows.append(torch.stack([torch.stack([run[name] for name in pattern_names]) for run in runs]))
-        activations.append(torch.stack([runs[0][neuron_hook_name(layer)][:, index] for layer, index in neurons]))
+        activations.append(torch.stack([runs[0][neuron_hook_name(layer)][:, index].clone() for layer, index in neurons]))
     first_attention = torch.stack(attention_rows, dim=1).float().cpu() if attention else None
     return AblationStudy(neurons, mode, list(inputs), layers, norms, first_attention, activations)

@@ -114,11 +114,12 @@ def _candidates(model: TransformerBridge, text_ids: list[int], given: FirstToken
     found: dict[int, list[str]] = {}
     if given is not None and given != AUTO:
         found[first_token(model, given).id] = ["given"]
+    vocab = tokenizer.get_vocab()
     ids = [(bos_token_id(model), "bos"), (tokenizer.eos_token_id, "eos")]
-    ids += [(tokenizer.convert_tokens_to_ids(t), "end of turn") for t in END_OF_TURN_TOKENS if t in tokenizer.get_vocab()]
+    ids += [(vocab[t], "end of turn") for t in END_OF_TURN_TOKENS if t in vocab]
     ids.append((text_ids[0], "text"))
-    for token_id, role in ids:
-        if token_id is not None and role not in found.setdefault(token_id, []):
+    for token_id, role in ids:  # special tokens past the model's embedding matrix cannot be candidates
+        if token_id is not None and token_id < model.cfg.d_vocab and role not in found.setdefault(token_id, []):
             found[token_id].append(role)
     return [(token(model, token_id), "/".join(roles)) for token_id, roles in found.items()]
 
@@ -136,7 +137,7 @@ def choose_first_token(
 
     ``given`` (a first-token spec other than ``"auto"``) is measured too and always chosen, so
     results can say whether the user's choice is a sink. ``text`` is cut to ``max_tokens`` (and to
-the model's context).
+    the model's context).
     """
     text_ids = encode(model, text)[: min(max_tokens, model.cfg.n_ctx)]
     if len(text_ids) < 2:
@@ -146,7 +147,7 @@ the model's context).
     tokens = torch.tensor([[c.id, *text_ids[1:]] for c, _ in candidates])
     names = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
     cache = run_cache(model, tokens, names)
-    norms = torch.stack([cache[name].norm(dim=-1).float().cpu() for name in names], dim=1)  # [cand, layer, pos]
+    norms = torch.stack([cache[name].float().norm(dim=-1).cpu() for name in names], dim=1)  # [cand, layer, pos]
     result = FirstTokenChoice(
         [c for c, _ in candidates], [role for _, role in candidates], norms[:, :, 0], norms[:, :, 1:].mean(dim=-1),
         min_ratio, 0, "",

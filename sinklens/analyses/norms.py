@@ -45,7 +45,7 @@ def resid_norms(
 ) -> Float[torch.Tensor, "batch pos"]:
     """L2 norm of ``blocks.{layer}.hook_resid_post`` at every position (under ``interventions``, if any)."""
     name = f"blocks.{check_layer(model, layer)}.hook_resid_post"
-    return run_cache(model, tokens, [name], interventions=interventions)[name].norm(dim=-1).float().cpu()
+    return run_cache(model, tokens, [name], interventions=interventions)[name].float().norm(dim=-1).cpu()
 
 
 @dataclass

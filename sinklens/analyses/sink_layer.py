@@ -131,7 +131,7 @@ def find_sink_layer(
         raise SinklensError("the reference tokens do not start with the first token", "build them with text_tokens()")
     names = [f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)]
     cache = run_cache(model, tokens, names)
-    norms = torch.stack([cache[n][0].norm(dim=-1) for n in names]).float().cpu()  # [layer, pos]
+    norms = torch.stack([cache[n][0].float().norm(dim=-1) for n in names]).cpu()  # [layer, pos]
     first_norms = norms[:, 0]
     threshold = sink_layer_threshold(first_norms, n_sigma)
     above = (first_norms > threshold).nonzero().flatten()

@@ -6,7 +6,9 @@ them removes the sink. This module ranks every neuron of the sink layer and keep
 set that is causally responsible:
 
 * **Ranking, the paper's criterion**: neuron j's contribution to the first token's residual
-  stream, ``|hook_post_j(first token)| * ||W_out[j]||`` (the norm of what the neuron writes).
+  stream, ``|hook_post_j(first token)| * ||W_out[j]||`` (the norm of what the neuron writes; with
+  a norm after the MLP, as Gemma's ``ln2_post``, ``W_out[j]`` is first scaled by that norm's
+  per-dimension factor at the first token, so the score is still what reaches the stream).
 * **Ranking, the authors' notebook's criterion** (``criterion="notebook"``):
   ``|hook_pre_j| * ||W_out[j]||`` at the last position of ``[first] + [' the'] * n``. It reads
   the gate pre-activation of a gated MLP, so it is refused on other MLP types. The notebook
@@ -36,6 +38,7 @@ last layer searched.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -125,11 +128,11 @@ class SinkNeuronsResult(Result):
     @property
     def removed_shares(self) -> Float[torch.Tensor, "k"]:
         """Share of the first token's excess norm removed by ablating the top k candidates."""
-        return (self.cumulative_norms[0] - self.cumulative_norms) / (self.cumulative_norms[0] - self.typical_norm)
+        return _removed_shares(self.cumulative_norms, self.cumulative_norms[0], self.typical_norm)
 
     @property
     def individual_shares(self) -> Float[torch.Tensor, "candidate"]:
-        return (self.cumulative_norms[0] - self.individual_norms) / (self.cumulative_norms[0] - self.typical_norm)
+        return _removed_shares(self.individual_norms, self.cumulative_norms[0], self.typical_norm)
 
     @property
     def notebook_neurons(self) -> list[int] | None:
@@ -153,8 +156,9 @@ class SinkNeuronsResult(Result):
         if self.notebook_scores is not None:
             frame["notebook_score"] = self.notebook_scores.tolist()
         order = {neuron: i for i, neuron in enumerate(self.candidates)}
-        ranking = self._ranking_scores().flatten()
-        frame["rank"] = (-ranking).argsort().argsort().add(1).tolist()
+        rank = torch.empty(frame.shape[0], dtype=torch.long)
+        rank[_ranked(self._ranking_scores())] = torch.arange(1, frame.shape[0] + 1)
+        frame["rank"] = rank.tolist()
         extra = {
             "ablated_share": self.individual_shares.tolist(),
             "w_out_top_dim": self.w_out_top_dims,
@@ -167,10 +171,13 @@ class SinkNeuronsResult(Result):
         frame["sink_neuron"] = [(l, n) in set(self.sink_neurons) for l, n in zip(frame["layer"], frame["neuron"])]
         return frame.sort_values("rank").reset_index(drop=True)
 
+    def candidate_frame(self) -> pd.DataFrame:
+        """The rows of :meth:`to_frame` for the candidates the filter tried, in its order."""
+        frame = self.to_frame().set_index(["layer", "neuron"])
+        return frame.loc[self.candidates].reset_index()
+
     def _ranking_scores(self) -> torch.Tensor:
-        if self.criterion == "notebook":
-            return self.notebook_scores[None]
-        return self.paper_scores if len(self.layers) == 1 else self.direct_contributions
+        return _ranking_scores(self.criterion, self.paper_scores, self.direct_contributions, self.notebook_scores)
 
     def plot(self) -> go.Figure:
         top = min(len(self.candidates), 20)
@@ -216,14 +223,54 @@ class SinkNeuronsResult(Result):
             "notebook_rule": None if self.notebook_scores is None else {
                 "input": self.notebook_input, "top": self.notebook_neurons},
             "massive_dims": [{"dim": d, "value": v} for d, v in zip(self.massive_dims, self.massive_values.tolist())],
-            "candidates": self.to_frame().head(len(self.candidates)).to_dict("records"),
+            "candidates": self.candidate_frame().to_dict("records"),
         }
 
 
-def check_criterion(model: TransformerBridge, criterion: str) -> None:
-    """Raise one clear error for an unknown criterion, or the notebook's on a model without a gated MLP."""
+def _layer_list(layers: int | Sequence[int]) -> list:
+    """One layer (any integer type) or several, as a list."""
+    try:
+        return [operator.index(layers)]
+    except TypeError:
+        return list(layers)
+
+
+def check_layers(model: TransformerBridge, layers: int | Sequence[int]) -> list[int]:
+    """The layers to search, sorted; one clear error for an empty range or a layer out of range."""
+    layers = _layer_list(layers)
+    if not layers:
+        raise SinklensError("the layer range is empty", "pass at least one layer, e.g. layers=[3, 4, 5]")
+    return sorted({check_layer(model, layer) for layer in layers})
+
+
+def _removed_shares(norms: torch.Tensor, intact: torch.Tensor | float, typical: float) -> torch.Tensor:
+    """Share of the excess norm (intact minus typical) that each ablated norm removes; 0 without an excess."""
+    excess = float(intact) - typical
+    return (intact - norms) / excess if excess > 0 else torch.zeros_like(norms)
+
+
+def _ranking_scores(criterion: str, paper: torch.Tensor, direct: torch.Tensor, notebook: torch.Tensor | None):
+    """The scores the ranking sorts: the notebook's, the paper's (one layer) or the direct contributions."""
+    if criterion == "notebook":
+        return notebook[None]
+    return paper if paper.shape[0] == 1 else direct
+
+
+def _ranked(scores: torch.Tensor) -> torch.Tensor:
+    """Flat indices of ``scores``, best first; ties keep index order."""
+    return scores.flatten().argsort(descending=True, stable=True)
+
+
+def check_criterion(model: TransformerBridge | None, criterion: str, layers: Sequence[int] | int | None = None) -> None:
+    """Raise one clear error for an unknown criterion, the notebook's over several layers, or the
+    notebook's on a model without a gated MLP (``model=None`` checks only what needs no model)."""
     if criterion not in CRITERIA:
         raise SinklensError(f"unknown criterion {criterion!r}", f"pass one of {', '.join(CRITERIA)}")
+    if criterion == "notebook" and layers is not None and len(_layer_list(layers)) > 1:
+        raise SinklensError("the notebook criterion ranks the neurons of one layer, but several layers were given",
+                            "pass one layer, or use criterion='paper' (CLI: --criterion paper) for a layer range")
+    if model is None:
+        return
     if criterion == "notebook" and not getattr(model.cfg, "gated_mlp", False):
         raise SinklensError(
             f"the notebook criterion reads a gated MLP's gate pre-activation (hook_pre), and {model.cfg.model_name} "
@@ -257,24 +304,27 @@ def find_sink_neurons(
         raise SinklensError(f"share must be in (0, 1], got {share}", "pass the share of the excess norm to remove")
     if max_neurons < 1:
         raise SinklensError(f"max_neurons must be at least 1, got {max_neurons}", "pass a positive number")
-    check_criterion(model, criterion)
+    check_criterion(model, criterion, layers)
+    if reference.shape[1] < 2:
+        raise SinklensError("the reference has no token after the first", "pass [first] + natural text (text_tokens)")
     search = dict(reference=reference, criterion=criterion, share=share, max_neurons=max_neurons,
                   notebook_word=notebook_word, notebook_repeats=notebook_repeats)
     if layers is not None:
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        if not layers:
-            raise SinklensError("the layer range is empty", "pass at least one layer, e.g. layers=[3, 4, 5]")
-        return _search(model, sorted({check_layer(model, layer) for layer in layers}), **search)
+        return _search(model, check_layers(model, layers), **search)
     if sink is None:
         sink = find_sink_layer(model, first=int(reference[0, 0]), max_layer=max_layer, n_sigma=n_sigma,
                                reference=reference)
-    single = _search(model, [sink.sink_layer], **search) if sink.method == SIGMA_RULE else None
-    if single is not None and (single.case != NOT_FOUND or criterion == "notebook"):
+    elif sink.first_token.id != int(reference[0, 0]):
+        raise SinklensError("the sink-layer result is for another first token than the reference",
+                            "run find_sink_layer with the reference's first token, or pass sink=None")
+    single = _search(model, [sink.sink_layer], **search)
+    if (sink.method == SIGMA_RULE and single.case != NOT_FOUND) or criterion == "notebook":
         return single
     span = sink.sink_range
-    if single is not None and span == [sink.sink_layer]:
-        return single
-    return _search(model, span if criterion == "paper" else span[-1:], **search)
+    spread = _search(model, span, **search) if span != [sink.sink_layer] else single
+    if spread.case != NOT_FOUND or single.case == NOT_FOUND and spread.removed_shares.max() >= single.removed_shares.max():
+        return spread  # several layers carry the sink, or neither search finds it and the span does better
+    return single
 
 
 def _write_scales(cache, layers: list[int], model: TransformerBridge) -> list[torch.Tensor]:
@@ -311,9 +361,10 @@ def _search(
     typical = float(resid[1:].norm(dim=-1).mean())
     direction = resid[0] / resid[0].norm()
     paper, direct, text = [], [], []
+    w_outs = {layer: model.blocks[layer].mlp.W_out.detach().float().cpu() for layer in layers}
     for layer, scale in zip(layers, _write_scales(cache, layers, model)):
         post = cache[neuron_hook_name(layer)][0].float().cpu()
-        w_out = model.blocks[layer].mlp.W_out.detach().float().cpu() * scale  # what each neuron writes, per unit
+        w_out = w_outs[layer] * scale  # what each neuron writes into the residual stream, per unit of activation
         paper.append(post[0].abs() * w_out.norm(dim=-1))
         direct.append(post[0] * (w_out @ direction))
         text.append(post[1:].abs().median(dim=0).values if post.shape[0] > 1 else torch.zeros_like(post[0]))
@@ -325,29 +376,28 @@ def _search(
         repeat = repeated_tokens(model, notebook_word, n_repeats, first=first)
         name = f"blocks.{end}.mlp.hook_pre"
         gate = run_cache(model, repeat, [name])[name][0, -1].float().cpu()
-        notebook_scores = gate.abs() * model.blocks[end].mlp.W_out.detach().float().cpu().norm(dim=-1)
+        notebook_scores = gate.abs() * w_outs[end].norm(dim=-1)
         notebook_input = f"{token(model, first).text!r} + {token(model, int(repeat[0, -1])).text!r} x {n_repeats}"
     case = SINGLE_LAYER if len(layers) == 1 else SEVERAL_LAYERS
-    ranking = (notebook_scores[None] if criterion == "notebook" else paper_scores if case == SINGLE_LAYER
-               else direct_contributions)
-    order = ranking.flatten().argsort(descending=True)[:max_neurons].tolist()
+    ranking = _ranking_scores(criterion, paper_scores, direct_contributions, notebook_scores)
+    order = _ranked(ranking)[:max_neurons].tolist()
     d_mlp = ranking.shape[1]
     candidates = [(layers[i // d_mlp], i % d_mlp) for i in order]
 
     rows = [candidates[:k] for k in range(len(candidates) + 1)] + [[c] for c in candidates]
     lone = torch.full((len(rows), 1), first, dtype=torch.long)
     name = f"blocks.{end}.hook_resid_post"
-    norms = run_cache(model, lone, [name], interventions=ablation_hooks(model, rows))[name][:, 0].norm(dim=-1)
+    norms = run_cache(model, lone, [name], interventions=ablation_hooks(model, rows))[name][:, 0].float().norm(dim=-1)
     norms = norms.float().cpu()
     cumulative, individual = norms[: len(candidates) + 1], norms[len(candidates) + 1 :]
-    removed = (cumulative[0] - cumulative) / (cumulative[0] - typical)
-    passing = (removed[1:] >= share).nonzero().flatten()
+    removed = _removed_shares(cumulative, cumulative[0], typical)
+    passing = (removed[1:] >= share).nonzero().flatten() if cumulative[0] > typical else torch.zeros(0)
     n_sink = int(passing[0]) + 1 if len(passing) else 0
 
     massive = resid[0].abs().topk(min(N_MASSIVE_DIMS, resid.shape[-1]))
     top_dims, top_values, top_ranks = [], [], []
     for layer, index in candidates:
-        w_out = model.blocks[layer].mlp.W_out.detach().float().cpu()
+        w_out = w_outs[layer]
         dim = int(w_out[index].abs().argmax())
         top_dims.append(dim)
         top_values.append(float(w_out[index, dim]))

@@ -25,16 +25,26 @@ from sinklens.analyses.first_token import AUTO, MIN_SINK_RATIO, FirstTokenChoice
 from sinklens.analyses.norms import SINK_FRACTION, NormBaseline, RepetitionCurves, norm_baseline, repetition_curves
 from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA, SinkLayerResult, find_sink_layer
 from sinklens.analyses.sink_neurons import (
-    MAX_NEURONS, REMOVED_SHARE, SinkNeuronsResult, check_criterion, find_sink_neurons,
+    MAX_NEURONS,
+    REMOVED_SHARE,
+    SINGLE_LAYER,
+    SinkNeuronsResult,
+    check_criterion,
+    check_layers,
+    find_sink_neurons,
 )
 from sinklens.errors import SinklensError
 from sinklens.load.registry import PAPER_TABLE_1, paper_record
 from sinklens.results import Result
-from sinklens.run.cache import check_layer
 from sinklens.run.interventions import ablation_hooks
-from sinklens.run.tokens import FirstToken, check_context, default_words, text_tokens, words_to_tokens
+from sinklens.run.tokens import FirstToken, check_context, default_words, encode, text_tokens, words_to_tokens
 
 ABLATED = "sink neurons ablated"
+NO_SINK = "no sink found"
+
+
+def layer_range(layers: list[int]) -> str:
+    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
 
 
 @dataclass
@@ -67,8 +77,8 @@ class SinkTableRow(Result):
         return pd.DataFrame([{
             "Model": self.model,
             "Repeats": s["repeats_to_sink"],
-            "Sink-Layer": s["sink_layer"] if self.sink_found else "no sink found",
-            "Sink-Neurons IDs": ", ".join(map(str, s["sink_neurons"])) if s["case"] == "single layer" else neurons,
+            "Sink-Layer": layer_range(s["sink_layers"]) if self.sink_found else NO_SINK,
+            "Sink-Neurons IDs": ", ".join(map(str, s["sink_neurons"])) if s["case"] == SINGLE_LAYER else neurons,
             "first token": s["first_token"]["text"],
             "case": s["case"],
             "typical norm": s["typical_norm"],
@@ -100,14 +110,14 @@ class SinkTableRow(Result):
             "first_token": {"id": self.choice.token.id, "text": self.choice.token.text,
                             "chosen_by": self.choice.reason},
             "sink_found": found,
-            "case": neurons.case if found else "no sink found",
+            "case": neurons.case if found else NO_SINK,
             "sink_layer": neurons.sink_layer if found else None,
             "sink_layers": neurons.layers if found else [],
             "sink_neurons": neurons.sink_neurons_by_layer.get(neurons.sink_layer, []) if found else [],
             "sink_neurons_by_layer": {str(k): v for k, v in neurons.sink_neurons_by_layer.items()} if found else {},
             "measured_at_layer": neurons.sink_layer,
             "first_token_norm": self.baseline.first_token_norm,
-            "first_token_norm_ablated": neurons.first_token_norm_ablated,
+            "first_token_norm_ablated": neurons.first_token_norm_ablated if neurons.sink_neurons else None,
             "typical_norm": self.baseline.typical_norm,
             "repeat_max_norm": max(curves.max_norms),
             "repeat_max_norm_ablated": max(self.curves_ablated.max_norms) if self.curves_ablated else None,
@@ -148,11 +158,10 @@ def sink_table_row(
         raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
     tokens = default_words(model) if words is None else words_to_tokens(model, words)
     check_context(model, n_repeats + 1)  # a too-long run or a bad setting fails before any forward pass
-    check_criterion(model, criterion)
+    check_context(model, len(encode(model, text)) + 1)
+    check_criterion(model, criterion, layers)
     if layers is not None:
-        requested = [layers] if isinstance(layers, int) else list(layers)
-        for layer in requested:
-            check_layer(model, layer)
+        check_layers(model, layers)
     source = getattr(model, "sinklens_source", None)
     name = source.name if source else model.cfg.model_name
     with tqdm(total=5, desc="sinklens table", disable=not progress) as steps:
@@ -172,7 +181,7 @@ def sink_table_row(
                                    sink_fraction=sink_fraction)
         steps.update()
         ablated = None
-        if neurons.sink_neurons:
+        if neurons.sink_neurons and choice.sink_found:
             ablated = repetition_curves(model, tokens, layer=layer, baseline=baseline, n_repeats=n_repeats,
                                         first=start, sink_fraction=sink_fraction, interventions=ablation_hooks(model, [neurons.sink_neurons]),
                                         condition=ABLATED)

@@ -49,6 +49,8 @@ def _layers(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{value!r} is not a layer, a range like 3-8 or a list like 3,4,5") from None
     if not layers:
         raise argparse.ArgumentTypeError(f"the layer range {value!r} is empty")
+    if min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} has a negative layer; layers are 0-based")
     return layers
 
 
@@ -109,9 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--sink-layer", type=int, help="measure the norm curves at this layer instead")
     sub.add_parser("table", parents=[common, words, neurons, as_json],
                    help="one row of the paper's Table 1: sink layer, sink neurons, repeats to the sink")
-    top = sub.add_parser("neurons", parents=[common, neurons, as_json],
-                         help="rank the sink layer's neurons and find the sink neurons by ablation")
-    top.add_argument("--top", type=_positive(int), default=10, help="rows of the ranking to print (default: %(default)s)")
+    ranked = sub.add_parser("neurons", parents=[common, neurons, as_json],
+                            help="rank the sink layer's neurons and find the sink neurons by ablation")
+    ranked.add_argument("--top", type=_positive(int), default=10, help="rows of the ranking to print (default: %(default)s)")
     sub.add_parser("sink-layer", parents=[common], help="print the first-token MLP norms and the sink layer")
     return parser
 
@@ -208,15 +210,14 @@ def _table(args) -> None:
 
 def _neurons(args) -> None:
     from sinklens.analyses.first_token import choose_first_token
-    from sinklens.analyses.sink_neurons import check_criterion, find_sink_neurons
-    from sinklens.run.cache import check_layer
+    from sinklens.analyses.sink_neurons import check_criterion, check_layers, find_sink_neurons
     from sinklens.run.tokens import text_tokens
 
     config = _config(args)
     model, text = _study_inputs(args, config)
-    check_criterion(model, config.criterion)
-    for layer in config.layers or []:
-        check_layer(model, layer)
+    check_criterion(model, config.criterion, config.layers)
+    if config.layers is not None:
+        check_layers(model, config.layers)
     choice = choose_first_token(model, text, given=None if config.first_token == AUTO else config.first_token,
                                 max_layer=config.max_layer, min_ratio=config.min_ratio)
     result = find_sink_neurons(model, text_tokens(model, text, first=choice.token.id), layers=config.layers,

@@ -43,8 +43,8 @@ from sinklens.analyses.attention import (
 from sinklens.analyses.first_token import AUTO, MIN_SINK_RATIO
 from sinklens.analyses.norms import SINK_FRACTION, norm_baseline, plot_repetition_curves, repetition_curves
 from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA
-from sinklens.analyses.sink_neurons import MAX_NEURONS, REMOVED_SHARE, SEVERAL_LAYERS
-from sinklens.analyses.table import SinkTableRow, sink_table_row
+from sinklens.analyses.sink_neurons import MAX_NEURONS, REMOVED_SHARE, SEVERAL_LAYERS, check_criterion
+from sinklens.analyses.table import SinkTableRow, layer_range, sink_table_row
 from sinklens.errors import SinklensError
 from sinklens.load.corpus import read_text, shakespeare
 from sinklens.load.models import load_model, resolve_model
@@ -77,8 +77,10 @@ class ReportConfig:
     max_neurons: int = MAX_NEURONS
     min_ratio: float = MIN_SINK_RATIO
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+    def fingerprint(self, model_name: str = "") -> str:
+        """Keys the checkpoints: the settings, the model and the sinklens version that computed them."""
+        key = {**dataclasses.asdict(self), "model_name": model_name, "sinklens": version("sinklens")}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def check(self) -> None:
         """Checks that need no model, so a bad setting fails before anything is loaded."""
@@ -88,9 +90,16 @@ class ReportConfig:
         if self.n_repeats < 1:
             raise SinklensError(f"n_repeats must be at least 1, got {self.n_repeats}", "pass a positive number")
         if self.corpus_chars < 2:
-            raise SinklensError(f"corpus_chars must be at least 2, got {self.corpus_chars}", "pass a positive number")
+            raise SinklensError(f"corpus_chars must be at least 2, got {self.corpus_chars}",
+                                "pass enough characters for a first token and a later one")
+        if self.max_layer < 2:
+            raise SinklensError(f"max_layer={self.max_layer} leaves fewer than 2 layers to compare", "pass max_layer >= 2")
         if self.layers is not None and not self.layers:
             raise SinklensError("the layer range is empty", "pass at least one layer, e.g. 3-8")
+        for layer in [*(self.layers or []), *([] if self.sink_layer is None else [self.sink_layer])]:
+            if layer < 0:
+                raise SinklensError(f"layer {layer} is negative", "pass 0-based layer indices")
+        check_criterion(None, self.criterion, self.layers)
         if not 0 < self.share <= 1:
             raise SinklensError(f"share must be in (0, 1], got {self.share}", "pass a share such as 0.9")
         if self.corpus:
@@ -125,7 +134,10 @@ class _Checkpoints:
     def get(self, name: str, compute: Callable[[], Result]) -> Result:
         path = self.dir / f"{name}.pt"
         if path.is_file():
-            return load_result(path)
+            try:
+                return load_result(path)
+            except Exception:  # written by an older sinklens, or damaged: compute it again
+                path.unlink()
         result = compute()
         save_result(result, path)
         return result
@@ -152,7 +164,7 @@ def run_report(
     check_context(model, config.n_repeats + 1)
     for layer in [*(config.layers or []), *([] if config.sink_layer is None else [config.sink_layer])]:
         check_layer(model, layer)
-    steps = _Checkpoints(out, config.fingerprint())
+    steps = _Checkpoints(out, config.fingerprint(model.cfg.model_name))
     with tqdm(total=7, desc="sinklens report", disable=not progress) as bar:
 
         def step(name: str, compute: Callable[[], Result]) -> Result:
@@ -193,10 +205,12 @@ def run_report(
     if config.sink_layer is not None:
         method = "given by the user"
     elif row.neurons.case == SEVERAL_LAYERS:
-        method = (f"the last of layers {row.neurons.layers[0]}-{row.neurons.sink_layer}, over which the first token's "
-                  "norm is built (see sink_neurons)")
-    else:
+        method = (f"the last of layers {layer_range(row.neurons.layers)}, over which the first token's norm is built "
+                  "(see sink_neurons)")
+    elif row.neurons.sink_layer == row.sink.sink_layer:
         method = row.sink.method
+    else:
+        method = f"the layer the sink-neuron search settled on ({row.neurons.case}; see sink_neurons)"
     results = {
         "model": {"spec": config.model, "name": row.model,
                   "n_layers": model.cfg.n_layers, "d_mlp": model.cfg.d_mlp, "n_ctx": model.cfg.n_ctx},
@@ -239,7 +253,7 @@ def headline(row: SinkTableRow, curves) -> list[str]:
     neurons = row.neurons
     if neurons.sink_neurons:
         lines.append(
-            f"Sink ({neurons.case}, {_layer_span(neurons.layers)}): sink neurons "
+            f"Sink ({neurons.case}, {_layers_text(neurons.layers)}): sink neurons "
             f"{neurons.describe_neurons()}. Ablating them takes the first token's norm at layer {neurons.sink_layer} "
             f"from {neurons.first_token_norm:,.0f} to {neurons.first_token_norm_ablated:,.0f} (typical "
             f"{neurons.typical_norm:,.0f}), {float(neurons.removed_shares[neurons.n_sink]):.1%} of its excess.")
@@ -268,8 +282,16 @@ def headline(row: SinkTableRow, curves) -> list[str]:
     return lines
 
 
-def _layer_span(layers: list[int]) -> str:
-    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+def _notebook_rule(neurons) -> str:
+    if neurons.notebook_neurons is None:
+        return ("The notebook's rule (top 2 of the gate pre-activation at the last repeat) is not available here: it "
+                "ranks one layer of a gated MLP.")
+    return (f"The notebook's rule (top 2 of the gate pre-activation at the last of "
+            f"{html.escape(neurons.notebook_input)}) gives {neurons.notebook_neurons}.")
+
+
+def _layers_text(layers: list[int]) -> str:
+    return f"layer{'s' if len(layers) > 1 else ''} {layer_range(layers)}"
 
 
 def _side_by_side(*results):
@@ -310,11 +332,10 @@ def _render_html(results, row: SinkTableRow, curves, study, received, maps) -> s
                  row.sink.plot(), frame=row.sink.to_frame()),
         _section("Sink neurons",
                  f"Candidates ranked by {'the notebook criterion' if neurons.criterion == 'notebook' else 'their contribution to the first token'}"
-                 f" ({neurons.case}, {_layer_span(neurons.layers)}); the sink neurons are the shortest prefix whose "
+                 f" ({neurons.case}, {_layers_text(neurons.layers)}); the sink neurons are the shortest prefix whose "
                  f"zero-ablation removes {neurons.share:.0%} of the first token's excess norm. Found: "
-                 f"<b>{html.escape(neurons.describe_neurons())}</b>. The notebook's rule (top 2 of the gate "
-                 f"pre-activation at the last of {html.escape(neurons.notebook_input or 'a long repeat')}) gives "
-                 f"{neurons.notebook_neurons}. Massive activation dimensions of the first token: "
+                 f"<b>{html.escape(neurons.describe_neurons())}</b>. {_notebook_rule(neurons)} Massive activation "
+                 f"dimensions of the first token: "
                  f"{neurons.massive_dims}; w_out_top_dim is each neuron's largest W_out entry (its super weight).",
                  neurons.plot(), frame=neurons.to_frame().head(TOP_NEURONS_SHOWN)),
     ]

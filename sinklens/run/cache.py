@@ -7,6 +7,7 @@ summary is needed (``reduce``), so the ``[batch, head, query, key]`` tensor is n
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Sequence
 
@@ -22,10 +23,19 @@ Hook = tuple[str, Callable]
 """A ``(hook name, hook function)`` pair, as ``model.hooks(fwd_hooks=...)`` takes them."""
 
 
+def as_index(value, what: str) -> int:
+    """``value`` as a Python int (numpy and torch integers welcome), or one clear error."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise SinklensError(f"{what} {value!r} is not an integer", f"pass the {what} as a whole number") from None
+
+
 def check_layer(model: TransformerBridge, layer: int) -> int:
     """Raise if ``layer`` is not a 0-based block index of ``model``."""
     n_layers = model.cfg.n_layers
-    if not isinstance(layer, int) or not 0 <= layer < n_layers:
+    layer = as_index(layer, "layer")
+    if not 0 <= layer < n_layers:
         raise SinklensError(
             f"layer {layer} is out of range: {model.cfg.model_name} has layers 0..{n_layers - 1}",
             "pass a 0-based layer index below n_layers",

@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens.errors import SinklensError
-from sinklens.run.cache import Hook, check_layer, run_cache
+from sinklens.run.cache import Hook, as_index, check_layer, run_cache
 
 Neuron = tuple[int, int]
 """A ``(layer, index)`` pair: MLP neuron ``index`` (into ``d_mlp``) of block ``layer``."""
@@ -30,8 +30,8 @@ def check_neurons(model: TransformerBridge, neurons: Sequence[Neuron]) -> list[N
     d_mlp = model.cfg.d_mlp
     checked = []
     for layer, index in neurons:
-        check_layer(model, layer)
-        if not isinstance(index, int) or not 0 <= index < d_mlp:
+        layer, index = check_layer(model, layer), as_index(index, "neuron")
+        if not 0 <= index < d_mlp:
             raise SinklensError(
                 f"neuron {index} of layer {layer} is out of range: {model.cfg.model_name} has d_mlp={d_mlp} "
                 f"(neurons 0..{d_mlp - 1})",

@@ -90,7 +90,7 @@ def word_token(model: TransformerBridge, word: str, *, leading_space: bool = Tru
     if len(ids) != 1:
         raise SinklensError(
             f"word {word!r} is {len(ids)} tokens for this tokenizer ({pieces})",
-            "pick a word that is one token, or repeat its whole token cycle (cycle=True, CLI: --cycle)",
+            "pick a word that is one token, or repeat its whole token cycle (repeated_tokens(..., cycle=True))",
         )
     unk = model.tokenizer.unk_token_id
     if unk is not None and ids[0] == unk:

@@ -1,0 +1,117 @@
+"""Activation patching: hooks that overwrite activations at chosen (row, position[, head]) entries.
+
+A patch is a :class:`Site` (a hook name, and a head index for per-head hooks such as
+``blocks.L.attn.hook_z``) plus, for each batch row, the position to overwrite and the value to
+write there. Many patches of different sites run as one forward pass, one site per batch row;
+:func:`patch_hooks` turns them into ``(name, function)`` pairs for :func:`run_cache`.
+
+:func:`activation_gradients` gives the gradient of a scalar metric with respect to named
+activations (for attribution patching, the linear approximation used to shortlist neurons
+before patching them for real).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from transformer_lens.model_bridge import TransformerBridge
+
+from sinklens.results import value_type
+from sinklens.run.cache import Hook, stop_layer
+
+
+@value_type
+@dataclass(frozen=True)
+class Site:
+    """A place to patch: a hook point, and a head for per-head hooks (``attn.hook_z``) or a neuron
+    for MLP hooks (``mlp.hook_post``); ``index=None`` patches the whole activation vector."""
+
+    name: str
+    index: int | None = None
+
+    @property
+    def label(self) -> str:
+        parts = self.name.split(".")
+        layer = parts[1] if parts[0] == "blocks" else ""
+        kind = {"hook_attn_out": "attn", "hook_mlp_out": "mlp", "hook_z": "head", "hook_post": "neuron",
+                "hook_resid_pre": "resid"}.get(parts[-1], parts[-1])
+        return f"L{layer} {kind}" + ("" if self.index is None else f" {self.index}")
+
+
+@dataclass
+class Patch:
+    """Write ``value`` at ``site`` in batch row ``row``, position ``position``."""
+
+    site: Site
+    row: int
+    position: int
+    value: torch.Tensor
+
+
+def patch_hooks(patches: Sequence[Patch]) -> list[Hook]:
+    """One hook per hook name, writing every patch of that name in place (on a copy)."""
+    by_name: dict[str, list[Patch]] = defaultdict(list)
+    for patch in patches:
+        by_name[patch.site.name].append(patch)
+
+    def make(group: list[Patch]):
+        def hook(activation: torch.Tensor, hook) -> torch.Tensor:
+            activation = activation.clone()
+            for p in group:
+                value = p.value.to(activation.device, activation.dtype)
+                if p.site.index is None:
+                    activation[p.row, p.position] = value
+                else:
+                    activation[p.row, p.position, p.site.index] = value
+            return activation
+
+        return hook
+
+    return [(name, make(group)) for name, group in by_name.items()]
+
+
+def read_site(cache, site: Site, row: int, position: int) -> torch.Tensor:
+    """The value at ``site`` in a cache, for one row and position."""
+    value = cache[site.name][row, position]
+    return value if site.index is None else value[site.index]
+
+
+def activation_gradients(
+    model: TransformerBridge,
+    tokens: Int[torch.Tensor, "batch pos"],
+    names: Sequence[str],
+    metric: Callable[[dict[str, torch.Tensor]], Float[torch.Tensor, ""]],
+    *,
+    metric_names: Sequence[str] = (),
+) -> dict[str, torch.Tensor]:
+    """Gradient of ``metric(activations)`` with respect to each activation in ``names``.
+
+    ``metric`` receives the activations of ``names`` and ``metric_names``. Each activation in
+    ``names`` gets a zero-valued leaf added to it, so the gradient is the total one (through
+    every later component), whatever the parameters' ``requires_grad``. The run stops after
+    the deepest block named.
+    """
+    store: dict[str, torch.Tensor] = {}
+    deltas: dict[str, torch.Tensor] = {}
+
+    def make(name: str, differentiate: bool):
+        def hook(activation: torch.Tensor, hook) -> torch.Tensor | None:
+            if differentiate:
+                deltas[name] = torch.zeros_like(activation, requires_grad=True)
+                activation = activation + deltas[name]
+            store[name] = activation
+            return activation if differentiate else None
+
+        return hook
+
+    hooks = [(n, make(n, True)) for n in names] + [(n, make(n, False)) for n in metric_names if n not in names]
+    all_names = [*names, *metric_names]
+    with torch.enable_grad():
+        model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=hooks, stop_at_layer=stop_layer(model, all_names))
+        value = metric(store)
+        grads = torch.autograd.grad(value, [deltas[n] for n in names])
+    return {n: g.detach() for n, g in zip(names, grads)}
