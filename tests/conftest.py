@@ -40,14 +40,24 @@ def build_tokenizer(bos: bool = True):
 
 
 SECOND_SINK_LAYER, SECOND_SINK_NEURON = 3, 9  # the second half of the sink planted over two layers
+MARK_HEAD = 3  # the layer-0 head that marks the first token in the "mark head" model
+DETECT_HEAD = 0  # a layer-0 head of that model whose queries score a token's own key low
 GATE = 40.0
 
 
-def build_hf_model(tokenizer, plant_sink: bool = True, *, sink_token: str = "<s>", two_layers: bool = False):
+def build_hf_model(tokenizer, plant_sink: bool = True, *, sink_token: str = "<s>", two_layers: bool = False,
+                   mark_head: bool = False):
     """A tiny random Llama; with ``plant_sink``, only ``sink_token``'s embedding has a component on
     residual dimension 0 and neuron ``SINK_NEURON`` of layer ``SINK_LAYER`` reads it and writes a
     large vector. With ``two_layers`` the sink is split: that neuron writes one half, and neuron
-    ``SECOND_SINK_NEURON`` of the next layer, also reading dimension 0, writes the other."""
+    ``SECOND_SINK_NEURON`` of the next layer, also reading dimension 0, writes the other.
+
+    With ``mark_head`` the first token is marked by attention instead of by its embedding: the
+    first token's embedding has dimension 1 (not 0), and head ``MARK_HEAD`` of layer 0, which
+    attends uniformly, copies dimension 1 into dimension 0. So dimension 0 is full only where the
+    first token sees nothing but itself; after other tokens it is diluted, and the sink neuron,
+    reading dimension 0, fires only on a lone first token. The embeddings' other dimensions are
+    scaled up so that the residual stream's norm does not drown the difference."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -67,6 +77,8 @@ def build_hf_model(tokenizer, plant_sink: bool = True, *, sink_token: str = "<s>
         for layer in model.model.layers:  # nothing but the planted neurons writes to dimension 0
             layer.self_attn.o_proj.weight[0, :] = 0.0
             layer.mlp.down_proj.weight[0, :] = 0.0
+        if mark_head:
+            _plant_mark_head(model, tokenizer.convert_tokens_to_ids(sink_token))
         if not two_layers:
             _plant_neuron(model, SINK_LAYER, SINK_NEURON, GATE, 1.0)
             return model
@@ -79,6 +91,23 @@ def build_hf_model(tokenizer, plant_sink: bool = True, *, sink_token: str = "<s>
         _plant_neuron(model, SECOND_SINK_LAYER, SECOND_SINK_NEURON, GATE * float(post / GATE / x0), scale,
                       dims=slice(17, 33))
     return model
+
+
+def _plant_mark_head(model, first: int) -> None:
+    embed = model.model.embed_tokens.weight
+    embed[:, 2:] *= 50.0  # typical residual norms of a few units
+    embed[:, :2] = 0.0
+    embed[first, 1] = float(embed[first, 2:].norm())  # as large as the rest of the first token's embedding
+    attn = model.model.layers[0].self_attn
+    d_head = model.config.hidden_size // model.config.num_attention_heads
+    group = MARK_HEAD // (model.config.num_attention_heads // model.config.num_key_value_heads)
+    attn.q_proj.weight[MARK_HEAD * d_head : (MARK_HEAD + 1) * d_head] = 0.0  # scores 0: uniform attention
+    attn.v_proj.weight[group * d_head] = 0.0
+    attn.v_proj.weight[group * d_head, 1] = 1.0  # the head's value copies dimension 1 ...
+    attn.o_proj.weight[0, MARK_HEAD * d_head] = float(model.model.layers[0].input_layernorm.weight[1] ** -1)  # ... into 0
+    detect_group = DETECT_HEAD // (model.config.num_attention_heads // model.config.num_key_value_heads)
+    keys = attn.k_proj.weight[detect_group * d_head : (detect_group + 1) * d_head]
+    attn.q_proj.weight[DETECT_HEAD * d_head : (DETECT_HEAD + 1) * d_head] = -100.0 * keys  # q . k(self) = -100 |k|^2: its own key scores lowest
 
 
 def _plant_neuron(model, layer: int, neuron: int, gate: float, write: float, dims=slice(1, None)) -> None:
@@ -126,6 +155,14 @@ def tiny(tiny_dir):
 def corpus_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(CORPUS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def long_corpus_file(tmp_path_factory):
+    """Enough natural text for the probe's and the first-detector's 3-word chunks."""
+    path = tmp_path_factory.mktemp("corpus") / "long-corpus.txt"
+    path.write_text(CORPUS * 4)
     return path
 
 

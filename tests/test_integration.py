@@ -114,3 +114,32 @@ def test_report_runs_on_gemma3(gemma, tmp_path):
     assert results["sink_neurons"]["case"] == "several layers"
     assert all(w["repeats_to_sink"] is None for w in results["words"])
     assert (tmp_path / "report.html").is_file()
+
+
+def test_circuit_on_the_default_model(smollm2):
+    """The circuit issue's acceptance test: named layer-0 heads beyond their placebo, a traced path, a probe
+    above 95% at or below the sink layer, and a convergence that decays."""
+    from sinklens.analyses.circuit import first_layer_circuit
+
+    circuit = first_layer_circuit(smollm2, shakespeare(), n_repeats=600)
+    s = circuit.summary()
+    assert s["detect_others_heads"], s["head_effects"][:9]
+    effects = {(h["layer"], h["head"]): h for h in s["head_effects"]}
+    for layer, head in s["detect_others_heads"]:
+        e = effects[(layer, head)]
+        assert max(e["necessity"] - e["necessity_placebo"], e["in_context"] - e["in_context_placebo"]) > 0.2, e
+    assert len(s["paths"]) >= 2 and any(p.startswith("L0 ") for p in s["paths"])
+    probe = {p["layer"]: p for p in s["probe"]}
+    assert max(p["balanced_accuracy"] for name, p in probe.items() if name != "embed") >= 0.95
+    assert probe["embed"]["balanced_accuracy"] < 0.8  # token identity alone does not tell the first position
+    assert all(w["slope"] < -0.5 for w in s["convergence"]), s["convergence"]
+
+
+def test_circuit_on_gemma3(gemma):
+    """Gemma-3 makes a sink of <bos> wherever it stands (docs/results.md): no first-token mark to trace."""
+    from sinklens.analyses.circuit import first_layer_circuit
+
+    s = first_layer_circuit(gemma, shakespeare(), n_repeats=300).summary()
+    assert s["first_token_dependence"]["mark_traced"] is False
+    assert s["first_token_dependence"]["share_removed_by_text"] < 0.1
+    assert s["detect_others_heads"] == [] and len(s["probe"]) == s["sink_layer"] + 2

@@ -11,8 +11,9 @@ STABLE_KEYS = {"model", "versions", "first_token", "sink_layer", "typical_norm",
 
 
 @pytest.fixture
-def config(tiny_dir, corpus_file):
-    return ReportConfig(model=str(tiny_dir), words=["the", "you"], n_repeats=30, corpus=str(corpus_file))
+def config(tiny_dir, long_corpus_file):
+    return ReportConfig(model=str(tiny_dir), words=["the", "you"], n_repeats=30, corpus=str(long_corpus_file),
+                        corpus_chars=600)
 
 
 def test_report_writes_results_and_a_self_contained_page(tiny, config, tmp_path):
@@ -32,10 +33,14 @@ def test_report_writes_results_and_a_self_contained_page(tiny, config, tmp_path)
     assert on_disk["ablation"]["neurons"] == [[SINK_LAYER, SINK_NEURON]]
     assert any("sink neurons layer 2: 5" in line for line in on_disk["summary"])
     assert any("Llama-2-7B" in line for line in on_disk["summary"])
+    # The tiny model's sink neuron reads the first token's embedding: a sink wherever the token stands.
+    assert on_disk["circuit"]["first_token_dependence"]["mark_traced"] is False
+    assert any(line.startswith("No first-token mark") for line in on_disk["summary"])
     page = (tmp_path / "report.html").read_text()
     assert "<script src=" not in page  # plotly.js is inlined, so the page opens offline
     assert page.count("Plotly.newPlot") >= 9
-    for title in ("Summary", "Table 1, this model beside the paper", "Sink neurons", "Ablating the sink neurons"):
+    for title in ("Summary", "Table 1, this model beside the paper", "Sink neurons", "Ablating the sink neurons",
+                  "How the model marks the first token"):
         assert f"<h2>{title}" in page
     assert page.index("<h2>Summary</h2>") < page.index("<h2>Sink layer</h2>")
 
@@ -46,7 +51,8 @@ def test_report_resumes_from_checkpoints(tiny, config, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("recomputed a checkpointed step")
 
-    for name in ("sink_table_row", "ablation_study", "attention_received", "attention_score_maps"):
+    for name in ("sink_table_row", "ablation_study", "attention_received", "attention_score_maps",
+                 "first_layer_circuit"):
         monkeypatch.setattr(report_module, name, fail)
     assert run_report(config, tmp_path, model=tiny)["sink_layer"] == SINK_LAYER
     changed = ReportConfig(**{**config.__dict__, "n_repeats": 31})
@@ -72,3 +78,10 @@ def test_report_uses_a_sink_layer_given_by_the_user(tiny, config, tmp_path):
     assert results["sink_layer"] == 4 and results["sink_layer_method"] == "given by the user"
     assert results["sink_layer_detail"]["sink_layer"] == SINK_LAYER  # the detection is still reported
     assert results["norm_baseline"]["layer"] == 4
+
+
+def test_report_notes_a_circuit_it_cannot_compute(tiny, config, corpus_file, tmp_path):
+    short = ReportConfig(**{**config.__dict__, "corpus": str(corpus_file), "corpus_chars": 1000})
+    results = run_report(short, tmp_path, model=tiny)
+    assert "too few to" in results["circuit"]["skipped"]
+    assert "Skipped: " in (tmp_path / "report.html").read_text()

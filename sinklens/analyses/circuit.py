@@ -1,37 +1,28 @@
-"""The first-token mark: which components tell the sink neurons that a token is first.
+"""The explanation half of the paper on one model: how it knows which token is first, and why a long
+run of one token fools it.
 
-Paper claim (Yona et al. 2025, Sec. 4.3): the first attention layer marks the first token with a
-"detect other tokens" mechanism. A token that sees only itself must be first, so its first-layer
-output is distinctive; the sink neurons read that mark. A long run of one token has no "others"
-that differ from it and gets marked too.
+:func:`first_layer_circuit` chains the pieces, each its own analysis with its own result:
 
-This module tests it causally, on any model and at any depth of the sink layer. The *clean* run
-is the first token alone (it sees only itself and becomes a sink); the *corrupted* runs put the
-same token after some natural text (it sees others and is not a sink). The metric is the sink
-neurons' activation at the sink layer (``blocks.L.mlp.hook_post``, summed with the signs they
-have on the first token), as a share of the clean-minus-corrupted gap. For every component
-before the sink neurons (each layer's attention output ``hook_attn_out``, each head's output
-``attn.hook_z``, each MLP's output ``hook_mlp_out``) three interventions, each with a placebo:
+1. the first token the model makes a sink, its sink layer and sink neurons
+   (:mod:`~sinklens.analyses.first_token`, :mod:`~sinklens.analyses.sink_neurons`);
+2. how the first attention layer's heads treat a token's own key (:mod:`~sinklens.analyses.heads`);
+3. which attention layers, heads and MLPs the sink neurons depend on to know a token is first, and
+   whether the repeats of a sink-inducing word are marked by the same ones
+   (:mod:`~sinklens.analyses.mark`);
+4. the first-detector neurons before the sink layer (:mod:`~sinklens.analyses.first_detector`,
+   paper Fig. 4);
+5. a linear probe for "first" per layer and its verdict on repeats (:mod:`~sinklens.analyses.probe`);
+6. the convergence of the first layer's output on a long run to its output on the lone token
+   (:mod:`~sinklens.analyses.convergence`, paper Fig. 5 and Theorem 4.1).
 
-* **necessity**: in the clean run the component takes its corrupted value; the share of the sink
-  lost. The "reverse" patch: the first token's component made to look as it does later.
-* **sufficiency**: in a corrupted run only the component takes its clean value; the share of the
-  sink restored. The lone first token's output patched into a later position.
-* **necessity in context**: in a corrupted run every attention head takes its clean value (which
-  restores the sink fully) except this component, which keeps its corrupted value; the share lost.
-  Where the mark is spread over several components, this isolates what each contributes.
+The *detect-others heads* are the heads of the first attention layer that carry the mark (their
+necessity, alone or in context, beats its placebo): the heads whose output tells the sink neurons
+whether a token sees others. Whether they do it the paper's way, by scoring their own key low, is
+in the head-behaviour numbers beside them.
 
-The **placebo** of each intervention moves the component's value by a random vector as long as
-the clean-to-corrupted difference, instead of towards the other run. A component *carries the
-mark* when its effect exceeds its placebo's (the 95% interval of the paired difference over the
-corrupted runs lies above 0) and is at least a tenth of the sink (``min_effect``, our choice: a
-smaller share is real but does not explain the sink).
-
-Neurons are too many to patch one by one: their necessity is first estimated by attribution (the
-gradient of the metric in the clean run times the clean-to-corrupted difference), and the
-top-ranked are then patched for real. At repeated positions (a word that becomes a sink when
-repeated) the layers and the mark-carrying heads are patched with the value the word has in
-natural text, to show whether the repeats are marked by the same components.
+Some models make a sink of a token wherever it stands (Gemma-3 of its ``<bos>``): then the sink
+neurons fire as strongly on the token after text as on the lone token, there is no first-token
+mark, and the result says so with those numbers instead of patching.
 """
 
 from __future__ import annotations
@@ -39,340 +30,157 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
-from plotly.subplots import make_subplots
-from scipy import stats
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from sinklens.analyses.convergence import Convergence, convergence
+from sinklens.analyses.first_detector import FirstDetectorNeurons, first_detector_neurons
+from sinklens.analyses.first_token import AUTO, MIN_SINK_RATIO, FirstTokenChoice, choose_first_token
+from sinklens.analyses.heads import HeadBehaviour, head_behaviour
+from sinklens.analyses.mark import MIN_EFFECT, MarkPatching, first_token_dependence, mark_patching
+from sinklens.analyses.norms import norm_baseline, repetition_curves
+from sinklens.analyses.probe import FirstTokenProbe, train_first_token_probe
+from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA, find_sink_layer
+from sinklens.analyses.sink_neurons import SinkNeuronsResult, find_sink_neurons
 from sinklens.errors import SinklensError
 from sinklens.results import Result
-from sinklens.run.cache import run_cache
-from sinklens.run.interventions import Neuron, check_neurons, neuron_hook_name
-from sinklens.run.patching import Patch, Site, activation_gradients, patch_hooks, read_site
-from sinklens.run.tokens import Token, encode, token
+from sinklens.run.tokens import FirstToken, Token, check_context, default_words, encode, repeated_tokens, text_tokens
+from sinklens.run.tokens import words_to_tokens
 
-MIN_EFFECT = 0.1
-N_CONTEXTS = 8
-TOP_NEURONS = 10
-TOKENS_PER_BATCH = 8192
-EXPERIMENTS = ("necessity", "sufficiency", "in_context")
-
-
-def circuit_sites(model: TransformerBridge, sink_layer: int) -> list[Site]:
-    """Every attention layer, head and MLP before the sink neurons (attention of the sink layer included)."""
-    sites = []
-    for layer in range(sink_layer + 1):
-        sites.append(Site(f"blocks.{layer}.hook_attn_out"))
-        sites += [Site(f"blocks.{layer}.attn.hook_z", h) for h in range(model.cfg.n_heads)]
-        if layer < sink_layer:
-            sites.append(Site(f"blocks.{layer}.hook_mlp_out"))
-    return sites
+TYPICAL_CHARS = 1000  # the paper's typical-norm text: the first 1000 characters
 
 
 @dataclass
-class MarkPatching(Result):
-    """Effects (share of the sink) of each component per corrupted run, for each experiment."""
+class FirstLayerCircuit(Result):
+    """Every piece of the explanation on one model (see the module docstring)."""
 
-    first_token: Token
-    sink_neurons: list[Neuron]
-    sites: list[Site]
-    contexts: list[int]  # tokens of natural text before the token in each corrupted run
-    clean_metric: float
-    corrupted_metric: Float[torch.Tensor, "context"]
-    effects: Float[torch.Tensor, "experiment site context"]
-    placebo: Float[torch.Tensor, "experiment site context"]
-    min_effect: float
-    neurons: list[Neuron]  # the top neurons by attribution
-    neuron_attribution: Float[torch.Tensor, "neuron"]  # estimated necessity (share of the sink)
-    neuron_necessity: Float[torch.Tensor, "neuron context"]  # patched for real
-    repeat_word: Token | None
-    repeat_sites: list[Site]
-    repeat_effects: Float[torch.Tensor, "site position"] | None  # necessity at repeated positions
-    repeat_placebo: Float[torch.Tensor, "site position"] | None
-
-    def __post_init__(self) -> None:
-        self.neurons = [tuple(n) for n in self.neurons]
-        self.sink_neurons = [tuple(n) for n in self.sink_neurons]
-
-    @staticmethod
-    def _interval(values: torch.Tensor) -> tuple[float, float, float]:
-        """Mean and 95% t-interval over the last axis."""
-        x = values.double().numpy()
-        mean = float(x.mean())
-        if x.size < 2 or np.allclose(x, x[0]):
-            return mean, mean, mean
-        low, high = stats.t.interval(0.95, x.size - 1, loc=mean, scale=stats.sem(x))
-        return mean, float(low), float(high)
-
-    def carries_mark(self, experiment: str, index: int) -> bool:
-        e = EXPERIMENTS.index(experiment)
-        mean = float(self.effects[e, index].mean())
-        low = self._interval(self.effects[e, index] - self.placebo[e, index])[1]
-        return mean >= self.min_effect and low > 0
+    model: str
+    choice: FirstTokenChoice
+    neurons: SinkNeuronsResult
+    repeat_word: Token
+    heads: HeadBehaviour
+    lone_metric: float  # the sink neurons' signed activation on the lone first token ...
+    later_metric: Float[torch.Tensor, "context"]  # ... and on it after 1 to 32 tokens of text
+    mark: MarkPatching | None  # None: the sink does not depend on the token being first
+    detectors: FirstDetectorNeurons
+    probe: FirstTokenProbe
+    convergence: Convergence
 
     @property
-    def mark_sites(self) -> list[Site]:
-        """Components whose necessity (alone or in context) passes the test, in layer order."""
-        return [s for i, s in enumerate(self.sites)
-                if self.carries_mark("necessity", i) or self.carries_mark("in_context", i)]
+    def detect_others_heads(self) -> list[tuple[int, int]]:
+        return [] if self.mark is None else self.mark.mark_heads(layer=0)
 
-    def mark_heads(self, layer: int | None = None) -> list[tuple[int, int]]:
-        heads = [(int(s.name.split(".")[1]), s.index) for s in self.mark_sites if s.name.endswith("hook_z")]
-        return [h for h in heads if layer is None or h[0] == layer]
+    @property
+    def position_dependence(self) -> float:
+        """Share of the lone first token's sink-neuron activation that text before it takes away."""
+        return 1 - float(self.later_metric.mean()) / self.lone_metric
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per component: each experiment's mean effect, placebo and 95% interval of the difference."""
-        rows = []
-        for i, site in enumerate(self.sites):
-            row = {"component": site.label, "hook": site.name, "index": site.index}
-            for e, name in enumerate(EXPERIMENTS):
-                mean, _, _ = self._interval(self.effects[e, i])
-                _, low, high = self._interval(self.effects[e, i] - self.placebo[e, i])
-                row.update({name: mean, f"{name}_placebo": float(self.placebo[e, i].mean()),
-                            f"{name}_minus_placebo_ci": (low, high)})
-            row["carries_mark"] = site in self.mark_sites
-            rows.append(row)
-        return pd.DataFrame(rows)
+        """The first attention layer's heads: behaviour beside their effect on the sink neurons."""
+        behaviour = self.heads.to_frame()
+        behaviour = behaviour[behaviour["input"] == self.heads.labels[0]].drop(columns="input")
+        if self.mark is None:
+            return behaviour
+        effects = self.mark.to_frame()
+        effects = effects[effects["hook"] == "blocks.0.attn.hook_z"]
+        effects = effects.assign(head=effects["index"].astype(int)).drop(columns=["hook", "index", "component"])
+        frame = behaviour.merge(effects, on="head")
+        frame["detect_others"] = [(0, h) in self.detect_others_heads for h in frame["head"]]
+        return frame
 
     def plot(self) -> go.Figure:
-        """Per layer and head, necessity in context and necessity, with the placebo's."""
-        frame = self.to_frame()
-        heads = frame[frame["hook"].str.endswith("hook_z")]
-        layers = sorted({int(h.split(".")[1]) for h in heads["hook"]})
-        fig = make_subplots(rows=1, cols=2, subplot_titles=["Necessity in context, per head",
-                                                            "Per layer: attention and MLP outputs"])
-        grid = np.full((len(layers), int(heads["index"].max()) + 1), np.nan)
-        for _, r in heads.iterrows():
-            grid[layers.index(int(r["hook"].split(".")[1])), int(r["index"])] = r["in_context"]
-        fig.add_heatmap(z=grid, x=list(range(grid.shape[1])), y=layers, colorscale="RdBu_r", zmid=0, row=1, col=1,
-                        colorbar=dict(title="share of the sink lost", x=0.45))
-        whole = frame[~frame["hook"].str.endswith("hook_z")]
-        for name, color in (("necessity", "firebrick"), ("in_context", "steelblue"), ("sufficiency", "seagreen")):
-            fig.add_bar(x=whole["component"], y=whole[name], name=name, marker_color=color, row=1, col=2)
-            fig.add_scatter(x=whole["component"], y=whole[f"{name}_placebo"], mode="markers", name=f"{name} placebo",
-                            marker=dict(color=color, symbol="x"), row=1, col=2)
-        fig.update_yaxes(title_text="Layer", autorange="reversed", row=1, col=1)
-        fig.update_xaxes(title_text="Head", row=1, col=1)
-        fig.update_yaxes(title_text="Share of the sink", row=1, col=2)
-        fig.update_layout(title=f"What marks {self.first_token.text!r} as first for the sink neurons", height=520)
-        return fig
+        return self.heads.plot() if self.mark is None else self.mark.plot()
 
     def summary(self) -> dict:
-        frame = self.to_frame()
-        head_rows = frame[frame["hook"].str.endswith("hook_z")]
-        heads = [
-            {"layer": int(r["hook"].split(".")[1]), "head": int(r["index"]),
-             **{k: r[k] for k in ("necessity", "necessity_placebo", "sufficiency", "sufficiency_placebo", "in_context",
-                                  "in_context_placebo")},
-             "carries_mark": bool(r["carries_mark"])}
-            for _, r in head_rows.iterrows()
-        ]
-        neuron_real = self.neuron_necessity.mean(dim=-1)
-        repeat = None
-        if self.repeat_effects is not None:
-            repeat = {"word": self.repeat_word.text, "components": [
-                {"component": s.label, "necessity": float(self.repeat_effects[i].mean()),
-                 "placebo": float(self.repeat_placebo[i].mean())} for i, s in enumerate(self.repeat_sites)]}
+        """The ``sinklens circuit --json`` object."""
+        mark = self.mark.summary() if self.mark is not None else {
+            "path": [], "heads": [], "layers": [], "neurons": [], "repeated_positions": None}
         return {
-            "first_token": self.first_token.text,
-            "sink_neurons": [list(n) for n in self.sink_neurons],
-            "contexts": self.contexts,
-            "path": [s.label for s in self.mark_sites],
-            "heads": heads,
-            "layers": frame[~frame["hook"].str.endswith("hook_z")].drop(columns=["hook", "index"]).to_dict("records"),
-            "neurons": [{"neuron": list(n), "attribution": float(a), "necessity": float(r)}
-                        for n, a, r in zip(self.neurons, self.neuron_attribution, neuron_real)],
-            "repeated_positions": repeat,
+            "model": self.model,
+            "first_token": {"id": self.choice.token.id, "text": self.choice.token.text, "chosen_by": self.choice.reason},
+            "sink_layer": self.neurons.sink_layer,
+            "sink_neurons": [list(n) for n in self.neurons.sink_neurons],
+            "first_token_dependence": {"lone": self.lone_metric, "after_text": self.later_metric.tolist(),
+                                       "share_removed_by_text": self.position_dependence,
+                                       "mark_traced": self.mark is not None},
+            "detect_others_heads": [list(h) for h in self.detect_others_heads],
+            "mark_heads": [] if self.mark is None else [list(h) for h in self.mark.mark_heads()],
+            "paths": mark["path"],
+            "head_effects": mark["heads"],
+            "layer_effects": mark["layers"],
+            "path_neurons": mark["neurons"],
+            "repeated_positions": mark["repeated_positions"],
+            "head_behaviour": self.heads.summary(),
+            "first_detector_neurons": self.detectors.summary()["neurons"],
+            "first_detector_layers": self.detectors.best_per_layer(),
+            "probe": self.probe.summary()["per_layer"],
+            "probe_by_repeats": self.probe.first_share_on_repeats(),
+            "convergence": self.convergence.summary()["words"],
+            "repeat_word": self.repeat_word.text,
         }
 
 
-def _metric(cache, name: str, neurons: list[int], signs: torch.Tensor, rows, positions) -> torch.Tensor:
-    values = cache[name][rows, positions][:, neurons].float().cpu()
-    return (values * signs).sum(-1)
-
-
-def _batches(n_rows: int, length: int):
-    size = max(1, TOKENS_PER_BATCH // max(length, 1))
-    return [range(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
-
-
-def _run_rows(model, tokens, row_patches: list[list[Patch]], position: int, metric_name, neurons, signs):
-    """Run ``tokens`` once per entry of ``row_patches`` (batched), each with its patches; the metric at ``position``."""
-    out = []
-    for rows in _batches(len(row_patches), tokens.shape[1]):
-        batch = [Patch(p.site, i, p.position, p.value) for i, r in enumerate(rows) for p in row_patches[r]]
-        cache = run_cache(model, tokens.expand(len(rows), -1), [metric_name], interventions=patch_hooks(batch))
-        out.append(_metric(cache, metric_name, neurons, signs, list(range(len(rows))), [position] * len(rows)))
-    return torch.cat(out)
-
-
-def _placebo(clean: torch.Tensor, other: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``clean`` moved by a random vector as long as ``other - clean``."""
-    direction = torch.randn(clean.shape, generator=generator)
-    return clean + direction / direction.norm() * (other - clean).float().cpu().norm()
-
-
-def mark_patching(
+def first_layer_circuit(
     model: TransformerBridge,
-    first: int,
     text: str,
-    sink_neurons: Sequence[Neuron],
     *,
-    n_contexts: int = N_CONTEXTS,
-    repeat_word: str | int | None = None,
-    n_repeats: int = 256,
-    top_neurons: int = TOP_NEURONS,
-    min_effect: float = MIN_EFFECT,
+    words: Sequence[str | int] | None = None,
+    n_repeats: int = 1000,
+    first: FirstToken = AUTO,
+    max_layer: int | None = PAPER_MAX_LAYER,
+    n_sigma: float = PAPER_N_SIGMA,
+    min_ratio: float = MIN_SINK_RATIO,
+    typical_chars: int = TYPICAL_CHARS,
+    n_contexts: int | None = None,
     seed: int = 0,
     progress: bool = False,
-) -> MarkPatching:
-    """Patch every component before the sink neurons between the lone first token ``first`` and
-    the same token after ``n_contexts`` stretches of ``text`` (up to 64 tokens)."""
-    sink_neurons = check_neurons(model, sink_neurons)
-    if not sink_neurons:
-        raise SinklensError("no sink neurons to trace the mark to", "find them first (find_sink_neurons)")
-    layer = max(l for l, _ in sink_neurons)
-    neurons = [n for l, n in sink_neurons if l == layer]
-    metric_name = neuron_hook_name(layer)
-    text_ids = encode(model, text)
-    if len(text_ids) < n_contexts + 1 or n_contexts < 2:
-        raise SinklensError(f"the text has {len(text_ids)} tokens, too few for {n_contexts} contexts",
-                            "pass a longer natural text (a few hundred characters) and n_contexts >= 2")
-    contexts = sorted({int(k) for k in np.linspace(1, min(64, len(text_ids)), n_contexts)})
-    sites = circuit_sites(model, layer)
-    names = sorted({s.name for s in sites})
-    generator = torch.Generator().manual_seed(seed)
-    lone = torch.tensor([[first]])
-    clean = run_cache(model, lone, names + [metric_name])
-    signs = torch.sign(clean[metric_name][0, 0, neurons].float().cpu())
-    clean_metric = float(_metric(clean, metric_name, neurons, signs, [0], [0])[0])
-    runs = [torch.tensor([[first, *text_ids[:k], first]]) for k in contexts]
-    corrupted = [run_cache(model, r, names + [metric_name]) for r in runs]
-    corrupted_metric = torch.stack([_metric(c, metric_name, neurons, signs, [0], [-1])[0] for c in corrupted])
-    if clean_metric - float(corrupted_metric.max()) <= 0:
-        raise SinklensError(
-            f"the sink neurons are no more active on the lone first token ({clean_metric:.3g}) than after text "
-            f"(up to {float(corrupted_metric.max()):.3g}), so there is no mark to trace",
-            "check the first token and the sink neurons (sinklens table)")
-    gap = clean_metric - corrupted_metric
-    clean_at = {s: read_site(clean, s, 0, 0) for s in sites}
-    corrupt_at = [{s: read_site(c, s, 0, r.shape[1] - 1) for s in sites} for c, r in zip(corrupted, runs)]
-    heads = [s for s in sites if s.name.endswith("hook_z")]
-
-    def in_context(position: int, keep: Site, value: torch.Tensor) -> list[Patch]:
-        """Every head clean at ``position`` except ``keep`` (or ``keep``'s heads), which is set to ``value``."""
-        layer_of = lambda site: site.name.split(".")[1]  # noqa: E731
-        skipped = {h for h in heads if h == keep or (keep.name.endswith("hook_attn_out") and layer_of(h) == layer_of(keep))}
-        return [Patch(h, 0, position, clean_at[h]) for h in heads if h not in skipped] + [Patch(keep, 0, position, value)]
-
-    effects = torch.zeros(3, len(sites), len(contexts))
-    placebo = torch.zeros_like(effects)
-    bar = tqdm(total=2 * len(contexts) + 1, desc="mark patching", disable=not progress)
-    # Necessity: the lone first token, one site set to its corrupted (or placebo) value per row.
-    rows, index = [], []
-    for c, corrupt in enumerate(corrupt_at):
-        for i, s in enumerate(sites):
-            rows.append([Patch(s, 0, 0, corrupt[s])])
-            rows.append([Patch(s, 0, 0, _placebo(clean_at[s], corrupt[s], generator))])
-            index.append((i, c))
-    values = _run_rows(model, lone, rows, 0, metric_name, neurons, signs).view(-1, 2)
-    for (i, c), (real, fake) in zip(index, values):
-        effects[0, i, c] = (clean_metric - real) / gap[c]
-        placebo[0, i, c] = (clean_metric - fake) / gap[c]
-    bar.update()
-    for c, (run, corrupt) in enumerate(zip(runs, corrupt_at)):
-        target = run.shape[1] - 1
-        suff, ctx = [], []
-        for s in sites:
-            suff.append([Patch(s, 0, target, clean_at[s])])
-            suff.append([Patch(s, 0, target, _placebo(corrupt[s], clean_at[s], generator))])
-            ctx.append(in_context(target, s, corrupt[s]))
-            ctx.append(in_context(target, s, _placebo(clean_at[s], corrupt[s], generator)))
-        values = _run_rows(model, run, suff, target, metric_name, neurons, signs).view(-1, 2)
-        effects[1, :, c] = (values[:, 0] - corrupted_metric[c]) / gap[c]
-        placebo[1, :, c] = (values[:, 1] - corrupted_metric[c]) / gap[c]
+) -> FirstLayerCircuit:
+    """Run the whole explanation on ``model``. ``text`` is natural text: its first ``typical_chars``
+    characters give the typical norm and the corrupted runs, all of it the probe's and the
+    first-detector's chunks. The repeated word is the one of ``words`` (default: the tokens of
+    "Another one bites the dust") with the largest norm at the sink layer after ``n_repeats`` repeats."""
+    tokens = default_words(model) if words is None else words_to_tokens(model, words)
+    if not tokens:
+        raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
+    check_context(model, n_repeats + 1)
+    typical_text = text[:typical_chars]
+    check_context(model, len(encode(model, typical_text)) + 1)
+    name = getattr(getattr(model, "sinklens_source", None), "name", model.cfg.model_name)
+    with tqdm(total=7, desc="sinklens circuit", disable=not progress) as bar:
+        choice = choose_first_token(model, typical_text, given=None if first == AUTO else first, max_layer=max_layer,
+                                    min_ratio=min_ratio)
+        start = choice.token.id
+        reference = text_tokens(model, typical_text, first=start)
+        sink = find_sink_layer(model, first=start, max_layer=max_layer, n_sigma=n_sigma, reference=reference)
+        neurons = find_sink_neurons(model, reference, sink=sink, notebook_repeats=n_repeats)
+        if not neurons.sink_neurons:
+            raise SinklensError(f"no sink neurons found on {name} ({neurons.case}; first token: {choice.reason})",
+                                "there is no sink to explain; see sinklens table for the numbers")
         bar.update()
-        values = _run_rows(model, run, ctx, target, metric_name, neurons, signs).view(-1, 2)
-        effects[2, :, c] = (clean_metric - values[:, 0]) / gap[c]
-        placebo[2, :, c] = (clean_metric - values[:, 1]) / gap[c]
+        layer = neurons.sink_layer
+        curves = repetition_curves(model, tokens, layer=layer, baseline=norm_baseline(model, layer, reference),
+                                   n_repeats=n_repeats, first=start)
+        word = curves.words[max(range(len(tokens)), key=lambda i: curves.max_norms[i])]
+        repeat = repeated_tokens(model, word.id, n_repeats, first=start)
+        label = f"{word.text!r} x {n_repeats}"
         bar.update()
-    bar.close()
-    result = MarkPatching(token(model, first), sink_neurons, sites, contexts, clean_metric, corrupted_metric, effects,
-                          placebo, min_effect, [], torch.zeros(0), torch.zeros(0, len(contexts)), None, [], None, None)
-    _trace_neurons(model, result, lone, runs, metric_name, neurons, signs, top_neurons, layer)
-    if repeat_word is not None:
-        _repeat_positions(model, result, first, text_ids, repeat_word, n_repeats, metric_name, neurons, signs,
-                          generator)
-    return result
-
-
-def _trace_neurons(model, result: MarkPatching, lone, runs, metric_name, neurons, signs, top, layer):
-    """Attribution for every MLP neuron before the sink layer, then real necessity for the top ones."""
-    if layer == 0 or top < 1:
-        return
-    names = [neuron_hook_name(l) for l in range(layer)]
-
-    def metric(activations):
-        values = activations[metric_name][0, 0, neurons].float()
-        return (values * signs.to(values.device)).sum()
-
-    grads = activation_gradients(model, lone, names, metric, metric_names=[metric_name])
-    clean = run_cache(model, lone, names)
-    later = [run_cache(model, r, names) for r in runs]
-    gap = result.clean_metric - result.corrupted_metric
-    attribution = torch.zeros(layer, model.cfg.d_mlp)
-    for c, cache in enumerate(later):
-        for l, name in enumerate(names):
-            difference = cache[name][0, -1] - clean[name][0, 0]
-            attribution[l] += (grads[name][0, 0] * difference).float().cpu() / float(gap[c])
-    attribution /= len(runs)
-    order = attribution.abs().flatten().argsort(descending=True)[:top].tolist()
-    chosen = [(i // model.cfg.d_mlp, i % model.cfg.d_mlp) for i in order]
-    rows = [[Patch(Site(neuron_hook_name(l), n), 0, 0, cache[neuron_hook_name(l)][0, -1, n])]
-            for cache in later for l, n in chosen]
-    values = _run_rows(model, lone, rows, 0, metric_name, neurons, signs).view(len(runs), len(chosen)).T
-    result.neurons = chosen
-    result.neuron_attribution = attribution.flatten()[order]
-    result.neuron_necessity = (result.clean_metric - values) / gap[None]
-
-
-def _repeat_positions(model, result: MarkPatching, first, text_ids, word, n_repeats, metric_name, neurons, signs,
-                      generator):
-    """Necessity of each layer and mark-carrying head at the last repeats of ``word``."""
-    from sinklens.run.tokens import repeated_tokens
-
-    repeat = repeated_tokens(model, word, n_repeats, first=first)
-    word_id = int(repeat[0, -1])
-    natural = torch.tensor([[first, *text_ids[:64], word_id]])
-    sites = [s for s in result.sites if not s.name.endswith("hook_z")] + [
-        Site(f"blocks.{l}.attn.hook_z", h) for l, h in result.mark_heads()]
-    names = sorted({s.name for s in sites})
-    base = run_cache(model, repeat, names + [metric_name])
-    donor = run_cache(model, natural, names + [metric_name])
-    m_natural = float(_metric(donor, metric_name, neurons, signs, [0], [-1])[0])
-    positions = [repeat.shape[1] - 2, repeat.shape[1] - 1]
-    m_repeat = _metric(base, metric_name, neurons, signs, [0, 0], positions)
-    if float(m_repeat.mean()) - m_natural <= 0.1 * (result.clean_metric - m_natural):
-        return  # the word's repeats do not drive the sink neurons: nothing to trace at repeated positions
-    rows = []
-    for q in positions:
-        for s in sites:
-            value = read_site(donor, s, 0, natural.shape[1] - 1)
-            rows.append([Patch(s, 0, q, value)])
-            rows.append([Patch(s, 0, q, _placebo(read_site(base, s, 0, q), value, generator))])
-    effects = torch.zeros(len(sites), len(positions))
-    fake = torch.zeros_like(effects)
-    for j, q in enumerate(positions):
-        chunk = rows[j * 2 * len(sites):(j + 1) * 2 * len(sites)]
-        values = _run_rows(model, repeat, chunk, q, metric_name, neurons, signs).view(-1, 2)
-        effects[:, j] = (m_repeat[j] - values[:, 0]) / (m_repeat[j] - m_natural)
-        fake[:, j] = (m_repeat[j] - values[:, 1]) / (m_repeat[j] - m_natural)
-    result.repeat_word = token(model, word_id)
-    result.repeat_sites = sites
-    result.repeat_effects = effects
-    result.repeat_placebo = fake
+        heads = head_behaviour(model, {"natural text": reference, label: repeat})
+        bar.update()
+        contexts = {} if n_contexts is None else {"n_contexts": n_contexts}
+        lone, later = first_token_dependence(model, start, typical_text, neurons.sink_neurons, **contexts)
+        mark = None
+        if lone - float(later.max()) > MIN_EFFECT * abs(lone):  # else the sink does not need the token to be first
+            mark = mark_patching(model, start, typical_text, neurons.sink_neurons, repeat_word=word.id,
+                                 n_repeats=n_repeats, seed=seed, **contexts)
+        bar.update()
+        detectors = first_detector_neurons(model, text, repeat, sink_layer=layer, repeat_label=label)
+        bar.update()
+        probe = train_first_token_probe(model, text, repeat, max_layer=layer, seed=seed, repeat_label=label)
+        bar.update()
+        converged = convergence(model, first=start)
+        bar.update()
+    return FirstLayerCircuit(name, choice, neurons, word, heads, lone, later, mark, detectors, probe, converged)

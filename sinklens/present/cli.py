@@ -115,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
                             help="rank the sink layer's neurons and find the sink neurons by ablation")
     ranked.add_argument("--top", type=_positive(int), default=10, help="rows of the ranking to print (default: %(default)s)")
     sub.add_parser("sink-layer", parents=[common], help="print the first-token MLP norms and the sink layer")
+    circuit = sub.add_parser("circuit", parents=[common, words, as_json],
+                             help="how the model marks the first token: heads, path to the sink neurons, probe, "
+                                  "first-detector neurons, convergence")
+    circuit.add_argument("--contexts", type=_positive(int), default=None,
+                         help="corrupted runs per patching experiment (default: 8)")
+    circuit.add_argument("--seed", type=int, default=0, help="seed of the probe's split and the placebos (default: 0)")
     return parser
 
 
@@ -172,12 +178,10 @@ def _config(args) -> ReportConfig:
 
 def _study_inputs(args, config: ReportConfig):
     """Load the model and the natural text once the model-free checks have passed."""
-    from sinklens.load.corpus import read_text, shakespeare
     from sinklens.load.models import load_model
 
     model = load_model(config.model, verbose=args.verbose)
-    text = (read_text(config.corpus) if config.corpus else shakespeare())[: config.corpus_chars]
-    return model, text
+    return model, _corpus(config)[: config.corpus_chars]
 
 
 def _report(args) -> None:
@@ -252,7 +256,55 @@ def _sink_layer(args) -> None:
     print(f"sink layer: {result.sink_layer} ({result.method})")
 
 
-COMMANDS = {"report": _report, "table": _table, "neurons": _neurons, "sink-layer": _sink_layer}
+def _circuit(args) -> None:
+    from sinklens.analyses.circuit import first_layer_circuit
+
+    config = _config(args)
+    if args.contexts is not None and args.contexts < 2:
+        raise SinklensError(f"--contexts {args.contexts} is too few", "pass at least 2 corrupted runs")
+    from sinklens.load.models import load_model
+
+    model = load_model(config.model, verbose=args.verbose)
+    corpus = _corpus(config)
+    result = first_layer_circuit(model, corpus, words=config.words, n_repeats=config.n_repeats,
+                                 first=config.first_token, max_layer=config.max_layer, n_sigma=config.n_sigma,
+                                 typical_chars=config.corpus_chars, n_contexts=args.contexts, seed=args.seed,
+                                 progress=not args.json)
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"first token: {summary['first_token']['chosen_by']}")
+    print(f"sink neurons: {summary['sink_neurons']} (sink layer {summary['sink_layer']})")
+    dependence = summary["first_token_dependence"]
+    if not dependence["mark_traced"]:
+        print(f"no first-token mark to trace: the sink neurons fire as much on the first token after text "
+              f"(text removes {dependence['share_removed_by_text']:.1%} of their activation): the model makes a "
+              "sink of the token wherever it stands")
+    print(f"detect-others heads (layer 0 heads the sink neurons need): {summary['detect_others_heads'] or 'none'}")
+    heads = result.to_frame()
+    columns = [c for c in ("head", "self_attention", "uniform_self", "self_score_gap", "necessity", "necessity_placebo",
+                           "in_context", "in_context_placebo", "detect_others") if c in heads]
+    print(heads[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"path of the first-token mark to the sink neurons: {' -> '.join(summary['paths']) or 'none found'}")
+    probe = ", ".join(f"{p['layer']}: {p['balanced_accuracy']:.3f} / {p['first_share_on_repeats']:.2f}"
+                      for p in summary["probe"])
+    print(f"probe per layer (held-out balanced accuracy / share of {summary['repeat_word']!r} repeats called "
+          f"first): {probe}")
+    detectors = ", ".join(f"L{n['layer']}.{n['neuron']} ({n['separation']:.3f})"
+                          for n in summary["first_detector_neurons"][:5])
+    print(f"first-detector neurons (separation of position 0 from 1-2): {detectors}")
+    slopes = ", ".join(f"{w['word']!r} {w['slope']:.2f}" for w in summary["convergence"])
+    print(f"convergence to the lone token, log-log slope (softmax leakage predicts -1): {slopes}")
+
+
+def _corpus(config: ReportConfig) -> str:
+    from sinklens.load.corpus import read_text, shakespeare
+
+    return read_text(config.corpus) if config.corpus else shakespeare()
+
+
+COMMANDS = {"report": _report, "table": _table, "neurons": _neurons, "sink-layer": _sink_layer, "circuit": _circuit}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,6 +40,7 @@ from sinklens.analyses.attention import (
     plot_attention_received,
     plot_attention_score_maps,
 )
+from sinklens.analyses.circuit import FirstLayerCircuit, first_layer_circuit
 from sinklens.analyses.first_token import AUTO, MIN_SINK_RATIO
 from sinklens.analyses.norms import SINK_FRACTION, norm_baseline, plot_repetition_curves, repetition_curves
 from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA
@@ -165,7 +166,7 @@ def run_report(
     for layer in [*(config.layers or []), *([] if config.sink_layer is None else [config.sink_layer])]:
         check_layer(model, layer)
     steps = _Checkpoints(out, config.fingerprint(model.cfg.model_name))
-    with tqdm(total=7, desc="sinklens report", disable=not progress) as bar:
+    with tqdm(total=8, desc="sinklens report", disable=not progress) as bar:
 
         def step(name: str, compute: Callable[[], Result]) -> Result:
             bar.set_postfix_str(name)
@@ -200,6 +201,14 @@ def run_report(
                                                                         label="regular text"))
         repeat_maps = step("scores_repeat", lambda: attention_score_maps(
             model, short_repeat, fig1_layers, label=f"{sinkiest.text!r} repeated"))
+        circuit, circuit_skipped = None, "no sink neurons were found, so there is no circuit to explain"
+        if row.neurons.sink_neurons:
+            try:
+                circuit = step("circuit", lambda: first_layer_circuit(
+                    model, corpus, words=config.words, n_repeats=config.n_repeats, first=start,
+                    max_layer=config.max_layer, n_sigma=config.n_sigma, typical_chars=config.corpus_chars))
+            except SinklensError as exc:  # e.g. a corpus too short for the probe: the rest of the report stands
+                circuit_skipped = str(exc)
 
     table = row.summary()
     if config.sink_layer is not None:
@@ -215,7 +224,7 @@ def run_report(
         "model": {"spec": config.model, "name": row.model,
                   "n_layers": model.cfg.n_layers, "d_mlp": model.cfg.d_mlp, "n_ctx": model.cfg.n_ctx},
         "versions": _versions(),
-        "summary": headline(row, curves),
+        "summary": headline(row, curves) + _circuit_headline(circuit),
         "first_token": table["first_token"],
         "sink_found": row.sink_found,
         "sink_layer": curves.layer,
@@ -232,12 +241,14 @@ def run_report(
         "repetition": {k: v for k, v in curves.summary().items() if k != "words"},
         "repetition_ablated": None if row.curves_ablated is None else row.curves_ablated.summary(),
         "ablation": None if study is None else study.summary(),
+        "circuit": {"skipped": circuit_skipped} if circuit is None else circuit.summary(),
         "attention": [received_text.summary(), received_repeat.summary()],
         "attention_scores": [regular_maps.summary(), repeat_maps.summary()],
         "paper_table_1": [dataclasses.asdict(r) for r in PAPER_TABLE_1.values()],
     }
     write_json(out / "results.json", results)
-    page = _render_html(results, row, curves, study, (received_text, received_repeat), (regular_maps, repeat_maps))
+    page = _render_html(results, row, curves, study, circuit, (received_text, received_repeat),
+                        (regular_maps, repeat_maps))
     write_text(out / "report.html", page)
     return results
 
@@ -282,6 +293,49 @@ def headline(row: SinkTableRow, curves) -> list[str]:
     return lines
 
 
+def _circuit_headline(circuit: FirstLayerCircuit | None) -> list[str]:
+    """The summary's sentences about how the model marks the first token."""
+    if circuit is None:
+        return []
+    s = circuit.summary()
+    if circuit.mark is None:
+        lines = [f"No first-token mark: the sink neurons are as active on {s['first_token']['text']!r} after text as "
+                 f"alone (text removes {circuit.position_dependence:.1%}); the model makes a sink of the token, not of "
+                 "the first position, so a long run of another token cannot imitate it."]
+    else:
+        heads = ", ".join(f"L{l}.{h}" for l, h in s["mark_heads"]) or "none"
+        lines = [f"First-token mark: the sink neurons need these heads to see only the token itself: {heads} "
+                 f"(first attention layer: {', '.join(f'head {h}' for _, h in s['detect_others_heads']) or 'none'}); "
+                 f"path to the sink neurons: {' -> '.join(s['paths']) or 'none found'}."]
+    best = max(s["probe"], key=lambda p: p["balanced_accuracy"])
+    lines.append(f"A linear probe tells the first token from later ones with {best['balanced_accuracy']:.1%} held-out "
+                 f"balanced accuracy at layer {best['layer']}; on {s['repeat_word']!r} repeats it calls "
+                 + ", ".join(f"{p['first_share_on_repeats']:.0%} at layer {p['layer']}" for p in s["probe"]) + " first.")
+    slopes = ", ".join(f"{w['word']!r} {w['slope']:.2f}" for w in s["convergence"])
+    lines.append(f"The first attention layer's output on a long run converges to its output on the lone token with a "
+                 f"log-log slope of {slopes} (softmax leakage predicts -1).")
+    return lines
+
+
+def _circuit_section(circuit: FirstLayerCircuit) -> str:
+    s = circuit.summary()
+    figures = [circuit.heads.plot()] + ([circuit.mark.plot()] if circuit.mark is not None else [])
+    figures += [circuit.detectors.plot(), circuit.probe.plot(), circuit.convergence.plot()]
+    marked = (f"Patching each attention layer, head and MLP before the sink neurons between the lone first token and "
+              f"the same token after 1-32 tokens of text (necessity, sufficiency, necessity with every other head "
+              f"set to its first-token value; each with a norm-matched random placebo). Components that carry the "
+              f"mark: {html.escape(', '.join(s['paths']) or 'none')}." if circuit.mark is not None else
+              f"The sink neurons are as active on the first token after text as alone (text removes "
+              f"{circuit.position_dependence:.1%} of their activation): there is no first-token mark to patch.")
+    return _section(
+        "How the model marks the first token (paper Sec. 4.3, Fig. 4, Fig. 5)",
+        f"{marked} First attention layer, per head: attention to itself against a uniform head, and its own key's "
+        f"score against the others'. Then the first-detector neurons (Fig. 4) on {circuit.detectors.n_chunks} "
+        f"three-word chunks, the linear probe per layer and its verdict on {html.escape(repr(circuit.repeat_word.text))} "
+        "repeats, and the convergence of the first layer's output on a long run to the lone token's (Fig. 5).",
+        *figures, frame=circuit.to_frame())
+
+
 def _notebook_rule(neurons) -> str:
     if neurons.notebook_neurons is None:
         return ("The notebook's rule (top 2 of the gate pre-activation at the last repeat) is not available here: it "
@@ -308,7 +362,7 @@ def _section(title: str, text: str, *figures, frame=None) -> str:
     return "\n".join(parts)
 
 
-def _render_html(results, row: SinkTableRow, curves, study, received, maps) -> str:
+def _render_html(results, row: SinkTableRow, curves, study, circuit, received, maps) -> str:
     model = results["model"]
     neurons = row.neurons
     first = results["first_token"]
@@ -345,6 +399,9 @@ def _render_html(results, row: SinkTableRow, curves, study, received, maps) -> s
             f"Residual norms per position at layers {study.layers}, intact and with the sink neurons set to 0 at every "
             "position; the attention later queries pay to the first token; the sink neurons' activation along "
             "each input.", study.plot(), study.plot_attention(), study.plot_activations()))
+    sections.append(_circuit_section(circuit) if circuit is not None else _section(
+        "How the model marks the first token (paper Sec. 4.3, Fig. 4, Fig. 5)",
+        f"Skipped: {html.escape(results['circuit']['skipped'])}"))
     sections += [
         _section("Hidden-state norm vs repetitions (paper Fig. 2/6)",
                  f"Norm of <code>blocks.{curves.layer}.hook_resid_post</code> for [first token] + [word] x "

@@ -53,25 +53,31 @@ class Patch:
 
 
 def patch_hooks(patches: Sequence[Patch]) -> list[Hook]:
-    """One hook per hook name, writing every patch of that name in place (on a copy)."""
-    by_name: dict[str, list[Patch]] = defaultdict(list)
+    """One hook per hook name, writing all of that name's patches at once (into a copy)."""
+    groups: dict[tuple[str, bool], list[Patch]] = defaultdict(list)
     for patch in patches:
-        by_name[patch.site.name].append(patch)
+        groups[(patch.site.name, patch.site.index is None)].append(patch)
+    by_name: dict[str, list] = defaultdict(list)
+    for (name, whole), group in groups.items():
+        rows = torch.tensor([p.row for p in group])
+        positions = torch.tensor([p.position for p in group])
+        indices = None if whole else torch.tensor([p.site.index for p in group])
+        by_name[name].append((rows, positions, indices, torch.stack([p.value.detach().cpu() for p in group])))
 
-    def make(group: list[Patch]):
+    def make(writes):
         def hook(activation: torch.Tensor, hook) -> torch.Tensor:
             activation = activation.clone()
-            for p in group:
-                value = p.value.to(activation.device, activation.dtype)
-                if p.site.index is None:
-                    activation[p.row, p.position] = value
+            for rows, positions, indices, values in writes:
+                values = values.to(activation.device, activation.dtype)
+                if indices is None:
+                    activation[rows, positions] = values
                 else:
-                    activation[p.row, p.position, p.site.index] = value
+                    activation[rows, positions, indices] = values
             return activation
 
         return hook
 
-    return [(name, make(group)) for name, group in by_name.items()]
+    return [(name, make(writes)) for name, writes in by_name.items()]
 
 
 def read_site(cache, site: Site, row: int, position: int) -> torch.Tensor:
