@@ -126,7 +126,23 @@ def _libraries_quiet(quiet: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-def _load(spec: str, dtype: torch.dtype, device: str | torch.device | None, n_ctx: int | None) -> TransformerBridge:
+def load_hf_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    verbose: bool = False,
+):
+    """The model of :func:`load_model` as a plain Hugging Face causal LM and its tokenizer, without
+    TransformerLens: for ``generate``, lm-evaluation-harness or a server, with a
+    :class:`~sinklens.run.patch.SinkPatch` installed as forward hooks. Same specs, same cache."""
+    with _libraries_quiet(not verbose):
+        hf_model, tokenizer, source = _hf_pair(spec, dtype, device)
+    hf_model.sinklens_source = source
+    return hf_model, tokenizer
+
+
+def _hf_pair(spec: str, dtype: torch.dtype, device: str | torch.device | None):
     source = resolve_model(spec)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if source.kind == "alias":
@@ -138,7 +154,12 @@ def _load(spec: str, dtype: torch.dtype, device: str | torch.device | None, n_ct
         location = source.name
     hf_model, tokenizer = _load_hf(location, source, dtype)
     source = dataclasses.replace(source, bos_token_id=tokenizer.bos_token_id)
-    hf_model.to(device)
+    return hf_model.to(device), tokenizer, source
+
+
+def _load(spec: str, dtype: torch.dtype, device: str | torch.device | None, n_ctx: int | None) -> TransformerBridge:
+    hf_model, tokenizer, source = _hf_pair(spec, dtype, device)
+    device = hf_model.device
     try:
         bridge = TransformerBridge.boot_transformers(
             source.name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx
