@@ -13,6 +13,7 @@ from sinklens.run.patch import SinkPatch, patch_for
 from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_tiny
 
 NEURONS = [SINK_NEURON, 7, 11]
+PAIRS = [(SINK_LAYER, n) for n in NEURONS]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def hf(tiny_dir):
 
 @pytest.fixture(params=["up", "gate", "post"])
 def patch(request, tiny):
-    return patch_for(tiny, SINK_LAYER, NEURONS, hook=request.param)
+    return patch_for(tiny, PAIRS, hook=request.param)
 
 
 def _tokens(tiny, n=24):
@@ -32,9 +33,9 @@ def _tokens(tiny, n=24):
 
 def test_every_later_position_takes_the_first_after_start_value_and_the_first_is_untouched(tiny, patch):
     tokens = _tokens(tiny)
-    intact = run_cache(tiny, tokens, [patch.hook_name])[patch.hook_name][0][:, NEURONS]
+    intact = run_cache(tiny, tokens, [patch.hook_name(SINK_LAYER)])[patch.hook_name(SINK_LAYER)][0][:, NEURONS]
     with patch.installed(tiny):
-        clamped = run_cache(tiny, tokens, [patch.hook_name])[patch.hook_name][0][:, NEURONS]
+        clamped = run_cache(tiny, tokens, [patch.hook_name(SINK_LAYER)])[patch.hook_name(SINK_LAYER)][0][:, NEURONS]
     assert torch.equal(clamped[0], intact[0])  # the first position is never touched
     assert torch.equal(clamped[1:], intact[1].expand_as(clamped[1:]))
     assert not torch.equal(intact[1:], intact[1].expand_as(intact[1:]))  # the clamp did change something
@@ -43,12 +44,12 @@ def test_every_later_position_takes_the_first_after_start_value_and_the_first_is
 def test_removing_restores_the_model_bit_for_bit_and_installing_twice_does_not_stack(tiny, patch):
     tokens = _tokens(tiny)
     before = tiny(tokens)
-    point = tiny.hook_dict[patch.hook_name]
+    point = tiny.hook_dict[patch.hook_name(SINK_LAYER)]
     hooks_before = len(point._forward_hooks)
     first = patch.install(tiny)
     assert patch.install(tiny) is first and len(point._forward_hooks) == hooks_before + 1
     patched = tiny(tokens)
-    other = dataclasses.replace(patch, neurons=(SINK_NEURON,))
+    other = dataclasses.replace(patch, neurons=((SINK_LAYER, SINK_NEURON),))
     second = other.install(tiny)  # another patch replaces the first
     assert len(point._forward_hooks) == hooks_before + 1 and first.handles == []
     second.remove()
@@ -84,7 +85,7 @@ def test_prefill_then_decode_with_a_kv_cache_equals_recomputing(hf, patch):
 
 def test_a_one_token_prompt_takes_its_value_from_the_first_generated_token(hf):
     model, _ = hf
-    patch = patch_for(model, SINK_LAYER, NEURONS, hook="post")
+    patch = patch_for(model, PAIRS, hook="post")
     prompt = torch.tensor([[0]])
     with patch.installed(model):
         cached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=1)
@@ -106,10 +107,10 @@ def test_left_padded_rows_are_clamped_from_their_own_first_token(hf, patch):
 
 def test_a_calibrated_patch_writes_its_values(tiny):
     values = [0.5, -1.0, 2.0]
-    patch = patch_for(tiny, SINK_LAYER, NEURONS, hook="post", value="calibrated", values=values)
+    patch = patch_for(tiny, PAIRS, hook="post", value="calibrated", values=values)
     tokens = _tokens(tiny)
     with patch.installed(tiny):
-        clamped = run_cache(tiny, tokens, [patch.hook_name])[patch.hook_name][0][:, NEURONS]
+        clamped = run_cache(tiny, tokens, [patch.hook_name(SINK_LAYER)])[patch.hook_name(SINK_LAYER)][0][:, NEURONS]
     assert torch.equal(clamped[1:], torch.tensor(values).expand(tokens.shape[1] - 1, -1))
 
 
@@ -141,9 +142,22 @@ def test_a_bad_patch_file_is_one_clear_error(tmp_path, content, message):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"neurons": (64,)}, "out of range"), ({"layer": 6}, "out of range"), ({"hook": "down"}, "unknown patch hook"),
+    ({"neurons": ((SINK_LAYER, 64),)}, "out of range"), ({"neurons": ((6, 1),)}, "out of range"),
+    ({"hook": "down"}, "unknown patch hook"),
     ({"value": "calibrated"}, "one value per neuron"), ({"neurons": ()}, "clamps no neuron"),
 ])
 def test_a_bad_patch_is_one_clear_error(tiny, change, message):
     with pytest.raises(SinklensError, match=message):
-        dataclasses.replace(patch_for(tiny, SINK_LAYER, NEURONS), **change)
+        dataclasses.replace(patch_for(tiny, PAIRS), **change)
+
+
+def test_a_patch_over_two_layers_clamps_each(tiny):
+    patch = patch_for(tiny, [(1, 3), (SINK_LAYER, SINK_NEURON)], hook="post")
+    tokens = _tokens(tiny)
+    names = [patch.hook_name(1), patch.hook_name(SINK_LAYER)]
+    with patch.installed(tiny):
+        cache = run_cache(tiny, tokens, names)
+    for name, neuron in zip(names, (3, SINK_NEURON)):
+        values = cache[name][0, :, neuron]
+        assert torch.equal(values[1:], values[1].expand_as(values[1:]))
+    assert "layer 1: [3]; layer 2: [5]" in patch.describe()

@@ -3,7 +3,8 @@
 Paper (Yona et al. 2025, Listing 1): at the sink layer's up-projection output, every position after
 the first takes the value the first token after the start had; the first position is never
 touched, so the genuine sink survives, and a repeated token can no longer drive the neurons up. A
-:class:`SinkPatch` names the layer, the neurons, the hook point (``"up"``: the up-projection output,
+:class:`SinkPatch` names the neurons (``(layer, index)`` pairs, so a sink built over several layers
+is patched in each), the hook point (``"up"``: the up-projection output,
 TransformerLens ``mlp.hook_pre_linear``, the paper's; ``"gate"``: the gate pre-activation
 ``mlp.hook_pre``; ``"post"``: the neuron's activation after the gate ``mlp.hook_post``) and the
 value (``"first_after_start"``, the paper's; or ``"calibrated"``: a fixed value per neuron, its mean
@@ -33,6 +34,7 @@ on a model of another shape.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -53,13 +55,12 @@ FORMAT = "sinklens-patch/1"
 
 @dataclass(frozen=True)
 class SinkPatch:
-    """Clamp ``neurons`` of ``layer`` at ``hook`` on every position after each row's first real token."""
+    """Clamp ``neurons`` (``(layer, index)`` pairs) at ``hook`` on every position after each row's first real token."""
 
     model: str
     n_layers: int
     d_mlp: int
-    layer: int
-    neurons: tuple[int, ...]
+    neurons: tuple[tuple[int, int], ...]
     hook: str = "up"
     value: str = "first_after_start"
     values: tuple[float, ...] | None = None  # per neuron, for value="calibrated"
@@ -72,26 +73,30 @@ class SinkPatch:
             raise SinklensError(f"unknown patch value {self.value!r}", f"use one of {', '.join(VALUES)}")
         if not self.neurons:
             raise SinklensError("the patch clamps no neuron", "give at least one sink neuron")
-        if not 0 <= self.layer < self.n_layers or any(not 0 <= n < self.d_mlp for n in self.neurons):
+        if any(not 0 <= layer < self.n_layers or not 0 <= n < self.d_mlp for layer, n in self.neurons):
             raise SinklensError(
-                f"the patch's layer {self.layer} or neurons {list(self.neurons)} are out of range for a model with "
-                f"{self.n_layers} layers and d_mlp={self.d_mlp}", "use a layer below n_layers and neurons below d_mlp")
+                f"the patch's neurons {[list(n) for n in self.neurons]} are out of range for a model with "
+                f"{self.n_layers} layers and d_mlp={self.d_mlp}", "use layers below n_layers and neurons below d_mlp")
         if (self.value == "calibrated") != (self.values is not None) or (
                 self.values is not None and len(self.values) != len(self.neurons)):
             raise SinklensError("a calibrated patch needs one value per neuron, and only a calibrated one has values",
                                 "build it with calibrated values, or value='first_after_start' without values")
 
     @property
-    def hook_name(self) -> str:
-        """The TransformerLens hook point the patch edits."""
-        return f"blocks.{self.layer}.mlp.{HOOKS[self.hook]}"
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.neurons})
+
+    def hook_name(self, layer: int) -> str:
+        """The TransformerLens hook point the patch edits in ``layer``."""
+        return f"blocks.{layer}.mlp.{HOOKS[self.hook]}"
 
     def describe(self) -> str:
         what = {"up": "up-projection output", "gate": "gate pre-activation", "post": "activation after the gate"}
         value = "the value of the first token after the start" if self.value == "first_after_start" else \
             "their mean over natural text"
-        return (f"layer {self.layer}, neurons {list(self.neurons)}: {what[self.hook]} ({self.hook_name}) clamped to "
-                f"{value} on every position after the first")
+        where = "; ".join(f"layer {layer}: {[n for l, n in self.neurons if l == layer]}" for layer in self.layers)
+        return (f"{where}: {what[self.hook]} (mlp.{HOOKS[self.hook]}) clamped to {value} on every position after "
+                "the first")
 
     def check(self, n_layers: int, d_mlp: int, name: str = "") -> None:
         """Refuse a model of another shape."""
@@ -103,7 +108,7 @@ class SinkPatch:
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
-        data["neurons"] = list(self.neurons)
+        data["neurons"] = [list(n) for n in self.neurons]
         data["values"] = None if self.values is None else list(self.values)
         return {"format": FORMAT, **data}
 
@@ -128,7 +133,7 @@ class SinkPatch:
         fields = {f.name for f in dataclasses.fields(cls)}
         try:
             kwargs = {k: v for k, v in data.items() if k in fields}
-            kwargs["neurons"] = tuple(int(n) for n in kwargs["neurons"])
+            kwargs["neurons"] = tuple((int(layer), int(n)) for layer, n in kwargs["neurons"])
             if kwargs.get("values") is not None:
                 kwargs["values"] = tuple(float(v) for v in kwargs["values"])
             return cls(**kwargs)
@@ -166,14 +171,14 @@ def _decoder(model: nn.Module) -> nn.Module:
                             "install the patch on a Hugging Face causal LM or a TransformerBridge") from None
 
 
-def _hf_module(model: nn.Module, patch: SinkPatch) -> tuple[nn.Module, bool]:
+def _hf_module(model: nn.Module, patch: SinkPatch, layer: int) -> tuple[nn.Module, bool]:
     """The module whose output (``False``) or input (``True``) is the patched activation, on plain HF."""
     layers = getattr(_decoder(model), "layers", None)
-    mlp = getattr(layers[patch.layer], "mlp", None) if layers is not None else None
+    mlp = getattr(layers[layer], "mlp", None) if layers is not None else None
     name = {"up": "up_proj", "gate": "gate_proj", "post": "down_proj"}[patch.hook]
     module = getattr(mlp, name, None)
     if module is None:
-        raise SinklensError(f"{type(model).__name__} has no mlp.{name} in layer {patch.layer}",
+        raise SinklensError(f"{type(model).__name__} has no mlp.{name} in layer {layer}",
                             "the Hugging Face path knows gated MLPs named gate_proj/up_proj/down_proj (Llama, Gemma, "
                             "Mistral, Qwen); use the TransformerBridge path for other models")
     return module, patch.hook == "post"
@@ -186,19 +191,21 @@ class InstalledPatch:
         self.patch, self.model = patch, model
         n_layers, d_mlp = _shape(model)
         patch.check(n_layers, d_mlp, getattr(getattr(model, "cfg", None), "model_name", type(model).__name__))
-        self.neurons = torch.tensor(patch.neurons)
-        self.stored: torch.Tensor | None = None  # [batch, neuron]: the first-after-start values per row
+        self.stored: dict[int, torch.Tensor] = {}  # layer -> [batch, neuron]: the first-after-start values per row
         self.positions: torch.Tensor | None = None  # [batch, pos] of the forward in progress; -1: padding
         self.handles = [_decoder(model).register_forward_pre_hook(self._track, with_kwargs=True)]
-        if hasattr(model, "hook_dict"):  # a TransformerBridge: the TransformerLens hook point
-            point = model.hook_dict[patch.hook_name]
-            self.handles.append(point.register_forward_hook(lambda module, args, out: self._clamp(out)))
-        else:
-            module, is_input = _hf_module(model, patch)
+        for layer in patch.layers:
+            clamp = functools.partial(self._clamp, layer)
+            if hasattr(model, "hook_dict"):  # a TransformerBridge: the TransformerLens hook point
+                point = model.hook_dict[patch.hook_name(layer)]
+                self.handles.append(point.register_forward_hook(lambda module, args, out, c=clamp: c(out)))
+                continue
+            module, is_input = _hf_module(model, patch, layer)
             if is_input:
-                self.handles.append(module.register_forward_pre_hook(lambda m, args: (self._clamp(args[0]), *args[1:])))
+                self.handles.append(module.register_forward_pre_hook(
+                    lambda m, args, c=clamp: (c(args[0]), *args[1:])))
             else:
-                self.handles.append(module.register_forward_hook(lambda m, args, out: self._clamp(out)))
+                self.handles.append(module.register_forward_hook(lambda m, args, out, c=clamp: c(out)))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -223,29 +230,30 @@ class InstalledPatch:
         else:
             positions = torch.arange(past, past + length, device=device).expand(batch, -1)
         if past == 0:
-            self.stored = None  # a new sequence: forget the last one's values
+            self.stored = {}  # a new sequence: forget the last one's values
         self.positions = positions
 
-    def _clamp(self, activation: torch.Tensor) -> torch.Tensor:
+    def _clamp(self, layer: int, activation: torch.Tensor) -> torch.Tensor:
         positions = self.positions
         if positions is None or positions.shape != activation.shape[:2]:
             raise SinklensError("the patch saw an activation it cannot place (positions unknown)",
                                 "run the model through its normal forward; the patch follows the decoder's inputs")
         positions = positions.to(activation.device)
-        neurons = self.neurons.to(activation.device)
+        chosen = [i for i, (l, _) in enumerate(self.patch.neurons) if l == layer]
+        neurons = torch.tensor([self.patch.neurons[i][1] for i in chosen], device=activation.device)
         values = activation[:, :, neurons]  # [batch, pos, neuron]
         if self.patch.value == "calibrated":
-            target = torch.tensor(self.patch.values, device=activation.device, dtype=activation.dtype)
-            target = target.expand(activation.shape[0], -1)
+            target = torch.tensor([self.patch.values[i] for i in chosen], device=activation.device,
+                                  dtype=activation.dtype).expand(activation.shape[0], -1)
         else:
-            if self.stored is None:
-                self.stored = torch.full((activation.shape[0], len(neurons)), float("nan"), device=activation.device,
-                                         dtype=activation.dtype)
+            if layer not in self.stored:
+                self.stored[layer] = torch.full((activation.shape[0], len(chosen)), float("nan"),
+                                                device=activation.device, dtype=activation.dtype)
             at_one = positions == 1  # the first token after the start, where this forward holds it
             rows = at_one.any(-1)
             if rows.any():
-                self.stored[rows] = values[rows][at_one[rows]].view(-1, len(neurons))
-            target = self.stored
+                self.stored[layer][rows] = values[rows][at_one[rows]].view(-1, len(chosen))
+            target = self.stored[layer]
         clamp = (positions >= 1)[..., None] & ~torch.isnan(target)[:, None, :]
         activation = activation.clone()
         activation[:, :, neurons] = torch.where(clamp, target[:, None, :].expand_as(values), values)
@@ -260,11 +268,12 @@ def _shape(model: nn.Module) -> tuple[int, int]:
     return config.num_hidden_layers, config.intermediate_size
 
 
-def patch_for(model, layer: int, neurons: Sequence[int], *, hook: str = "up", value: str = "first_after_start",
+def patch_for(model, neurons: Sequence[tuple[int, int]], *, hook: str = "up", value: str = "first_after_start",
               values: Sequence[float] | None = None, selection: dict | None = None) -> SinkPatch:
-    """A patch for ``model`` (a bridge or a Hugging Face model), recording its name and shape."""
+    """A patch of ``neurons`` (``(layer, index)`` pairs) for ``model`` (a bridge or a Hugging Face model),
+    recording its name and shape."""
     n_layers, d_mlp = _shape(model)
     source = getattr(model, "sinklens_source", None)
     name = source.name if source else getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
-    return SinkPatch(name, n_layers, d_mlp, int(layer), tuple(int(n) for n in neurons), hook, value,
+    return SinkPatch(name, n_layers, d_mlp, tuple((int(l), int(n)) for l, n in neurons), hook, value,
                      None if values is None else tuple(float(v) for v in values), selection or {})
