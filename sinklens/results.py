@@ -46,6 +46,8 @@ def _encode(value: Any) -> Any:
         return {"__type__": type(value).__name__, "fields": fields}
     if isinstance(value, (list, tuple)):
         return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     return value
@@ -55,6 +57,8 @@ def _decode(value: Any) -> Any:
     if isinstance(value, dict) and "__type__" in value:
         cls = _RESULT_TYPES.get(value["__type__"]) or _VALUE_TYPES[value["__type__"]]
         return cls(**{k: _decode(v) for k, v in value["fields"].items()})
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_decode(v) for v in value]
     return value

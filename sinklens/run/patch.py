@@ -47,12 +47,14 @@ from torch import nn
 
 from sinklens._io import write_json
 from sinklens.errors import SinklensError
+from sinklens.results import value_type
 
 HOOKS = {"up": "hook_pre_linear", "gate": "hook_pre", "post": "hook_post"}
 VALUES = ("first_after_start", "calibrated")
 FORMAT = "sinklens-patch/1"
 
 
+@value_type
 @dataclass(frozen=True)
 class SinkPatch:
     """Clamp ``neurons`` (``(layer, index)`` pairs) at ``hook`` on every position after each row's first real token."""
@@ -67,6 +69,9 @@ class SinkPatch:
     selection: dict[str, Any] = field(default_factory=dict, compare=False)  # how it was chosen, with the numbers
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "neurons", tuple((int(l), int(n)) for l, n in self.neurons))  # lists from files
+        if self.values is not None:
+            object.__setattr__(self, "values", tuple(float(v) for v in self.values))
         if self.hook not in HOOKS:
             raise SinklensError(f"unknown patch hook {self.hook!r}", f"use one of {', '.join(HOOKS)}")
         if self.value not in VALUES:
@@ -132,11 +137,7 @@ class SinkPatch:
                                 "pass a file written by sinklens patch")
         fields = {f.name for f in dataclasses.fields(cls)}
         try:
-            kwargs = {k: v for k, v in data.items() if k in fields}
-            kwargs["neurons"] = tuple((int(layer), int(n)) for layer, n in kwargs["neurons"])
-            if kwargs.get("values") is not None:
-                kwargs["values"] = tuple(float(v) for v in kwargs["values"])
-            return cls(**kwargs)
+            return cls(**{k: v for k, v in data.items() if k in fields})
         except (KeyError, TypeError, ValueError) as exc:
             raise SinklensError(f"patch file {path} is incomplete ({type(exc).__name__}: {exc})",
                                 "write it again with: sinklens patch --model SPEC --out patch.json") from None

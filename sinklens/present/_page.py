@@ -1,0 +1,89 @@
+"""What the report and the evaluation share: checked output folders, resumable steps, the HTML page."""
+
+from __future__ import annotations
+
+import html
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from importlib.metadata import version
+from pathlib import Path
+
+from plotly.offline import get_plotlyjs
+
+from sinklens._io import write_text
+from sinklens.errors import SinklensError
+from sinklens.results import Result, load_result, save_result
+
+
+def check_output_dir(out: str | Path) -> Path:
+    """Raise one clear error unless ``out`` is (or can become) a writable directory."""
+    out = Path(out).expanduser()
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if out.exists() and not out.is_dir():
+        raise SinklensError(f"output path {out} is an existing file, not a directory",
+                            "pass a directory path for --out (it is created if missing)")
+    if existing is not None and not existing.is_dir():
+        raise SinklensError(f"output path {out} lies under {existing}, which is a file", "pass a directory path")
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise SinklensError(f"cannot write to {out}: {existing or out.anchor} is not writable",
+                            "pass a directory you can write to")
+    return out
+
+
+class Checkpoints:
+    """Step results saved under ``OUT/.steps``, valid for one config fingerprint."""
+
+    def __init__(self, out: Path, fingerprint: str):
+        self.dir = out / ".steps"
+        stamp = self.dir / "fingerprint"
+        if not stamp.is_file() or stamp.read_text() != fingerprint:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            write_text(stamp, fingerprint)
+
+    def get(self, name: str, compute: Callable[[], Result]) -> Result:
+        path = self.dir / f"{name}.pt"
+        if path.is_file():
+            try:
+                return load_result(path)
+            except Exception:  # written by an older sinklens, or damaged: compute it again
+                path.unlink()
+        result = compute()
+        save_result(result, path)
+        return result
+
+
+def _versions() -> dict[str, str]:
+    return {name: version(name) for name in ("sinklens", "transformer-lens", "transformers", "torch")}
+
+
+def versions() -> dict[str, str]:
+    return {name: version(name) for name in ("sinklens", "transformer-lens", "transformers", "torch")}
+
+
+def versions_text(versions: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
+def section(title: str, text: str, *figures, frame=None) -> str:
+    parts = [f"<h2>{html.escape(title)}</h2>", f"<p>{text}</p>"]
+    parts += [figure.to_html(full_html=False, include_plotlyjs=False) for figure in figures]
+    if frame is not None:
+        parts.append(frame.to_html(index=False, float_format=lambda x: f"{x:.4g}", classes="table", na_rep=""))
+    return "\n".join(parts)
+
+
+def page(title: str, intro: str, summary: Sequence[str], sections: Sequence[str]) -> str:
+    """A self-contained HTML page: plotly.js inlined, so it opens offline."""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in summary)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<script type="text/javascript">{get_plotlyjs()}</script>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;}} .table{{border-collapse:collapse;font-size:0.85em}}
+.table td,.table th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>{intro}</p>
+<h2>Summary</h2><ul>{items}</ul>
+{''.join(sections)}
+</body></html>
+"""

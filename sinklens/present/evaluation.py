@@ -1,0 +1,216 @@
+"""``sinklens evaluate``: a patch measured on one model, as ``evaluation.json`` and ``evaluation.html``.
+
+Four measurements, each a checkpointed step under ``OUT/.steps`` (an interrupted run resumes):
+
+* **benchmarks**: the same multiple-choice items scored by the original and the patched model
+  (:mod:`sinklens.analyses.benchmarks`), beside the paper's Table 2;
+* **natural text**: perplexity with and without the patch and KL(original || patched);
+* **norms**: the norm-vs-repetition curves at the sink layer and the first token's norm, with and
+  without the patch, and the attention the first token receives;
+* **divergence under generation** (:mod:`sinklens.analyses.divergence`).
+
+Presets: ``smoke`` (minutes on a CPU: 20 items per task, one word, short generations) and ``full``
+(200 items per task, 500 for LAMBADA, the paper's ``poem`` and the Fig. 2 words, longer
+generations with sampled seeds; about an hour for a 135M model on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from sinklens._io import write_json, write_text
+from sinklens.analyses.attention import attention_received, plot_attention_received
+from sinklens.analyses.benchmarks import PAPER_TABLE_2, BenchmarkComparison, compare_benchmarks, text_effect
+from sinklens.analyses.divergence import divergence
+from sinklens.analyses.first_token import choose_first_token
+from sinklens.analyses.norms import norm_baseline, plot_repetition_curves, repetition_curves
+from sinklens.errors import SinklensError
+from sinklens.load.benchmarks import TASKS, load_items
+from sinklens.load.corpus import read_text, shakespeare
+from sinklens.load.models import load_hf_model, load_model
+from sinklens.present._page import Checkpoints, check_output_dir, page, section, versions, versions_text
+from sinklens.run.patch import SinkPatch
+from sinklens.run.tokens import check_context, default_words, repeated_tokens, text_tokens, token, word_token
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {"items": 20, "lambada": 20, "text_tokens": 1024, "words": ("poem",), "chat_copies": 10,
+              "raw_repeats": (64,), "new_tokens": 24, "seeds": (0,), "teacher_repeats": 200, "n_repeats": 300},
+    "full": {"items": 200, "lambada": 500, "text_tokens": 16384, "words": None, "chat_copies": 10,
+             "raw_repeats": (100, 1000), "new_tokens": 128, "seeds": (0, 1), "teacher_repeats": 1000,
+             "n_repeats": 1000},
+}
+TYPICAL_CHARS = 1000
+
+
+@dataclass
+class EvaluationConfig:
+    """Everything an evaluation depends on; its JSON form keys the resume checkpoints."""
+
+    model: str
+    patch: str  # the patch file
+    preset: str = "smoke"
+    corpus: str | None = None
+    seed: int = 0
+
+    def check(self) -> SinkPatch:
+        if self.preset not in PRESETS:
+            raise SinklensError(f"unknown preset {self.preset!r}", f"use one of {', '.join(PRESETS)}")
+        if self.corpus:
+            read_text(self.corpus)
+        return SinkPatch.load(self.patch)
+
+    def fingerprint(self, patch: SinkPatch) -> str:
+        key = {**dataclasses.asdict(self), "patch": patch.to_json(), "sinklens": versions()["sinklens"]}
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_evaluation(config: EvaluationConfig, out: str | Path, *, progress: bool = False, verbose: bool = False
+                   ) -> dict[str, Any]:
+    """Measure ``config.patch`` on ``config.model``; write ``evaluation.json`` and ``evaluation.html`` into ``out``."""
+    patch = config.check()
+    out = check_output_dir(out)
+    preset = PRESETS[config.preset]
+    bridge = load_model(config.model, verbose=verbose)
+    patch.check(bridge.cfg.n_layers, bridge.cfg.d_mlp, bridge.cfg.model_name)
+    hf, tokenizer = load_hf_model(config.model, device=bridge.cfg.device, verbose=verbose)
+    corpus = read_text(config.corpus) if config.corpus else shakespeare()
+    layer = max(patch.layers)
+    first = patch.selection.get("first_token")
+    if first is None:  # a patch built by hand: measure which first token this model makes a sink
+        first = choose_first_token(bridge, corpus).token.id
+    reference = text_tokens(bridge, corpus[:TYPICAL_CHARS], first=first)
+    words = [token(bridge, i) for i in patch.selection["word_ids"]] if patch.selection.get("word_ids") else \
+        default_words(bridge)
+    generation_words = [word_token(bridge, w) for w in preset["words"]] if preset["words"] else \
+        [word_token(bridge, "poem"), *words]
+    check_context(bridge, max(preset["n_repeats"], preset["teacher_repeats"], *preset["raw_repeats"]) + 2
+                  + preset["new_tokens"])
+    steps = Checkpoints(out, config.fingerprint(patch))
+    with tqdm(total=len(TASKS) + 6, desc="sinklens evaluate", disable=not progress) as bar:
+
+        def step(name: str, compute):
+            bar.set_postfix_str(name)
+            result = steps.get(name, compute)
+            bar.update()
+            return result
+
+        def scored(task: str) -> BenchmarkComparison:
+            n = preset["lambada"] if task == "lambada" else preset["items"]
+            return compare_benchmarks(hf, tokenizer, patch, {task: load_items(task, n, seed=config.seed)})
+
+        benchmarks = BenchmarkComparison.merge([step(f"benchmark_{task}", lambda t=task: scored(t)) for task in TASKS])
+        text = text_tokens(bridge, corpus, first=first, max_tokens=preset["text_tokens"])
+        natural = step("natural_text", lambda: text_effect(hf, text, patch))
+        baseline = norm_baseline(bridge, layer, reference)
+        curves = step("curves_original", lambda: repetition_curves(
+            bridge, words, layer=layer, baseline=baseline, n_repeats=preset["n_repeats"], first=first))
+
+        def patched(compute):
+            with patch.installed(bridge):
+                return compute()
+
+        curves_patched = step("curves_patched", lambda: patched(lambda: repetition_curves(
+            bridge, words, layer=layer, baseline=baseline, n_repeats=preset["n_repeats"], first=first,
+            condition="patched")))
+        sinkiest = curves.words[max(range(len(words)), key=lambda i: curves.max_norms[i])]
+        repeat = repeated_tokens(bridge, sinkiest.id, preset["n_repeats"], first=first)
+        label = f"{sinkiest.text!r} x {preset['n_repeats']}"
+        received = [step("attention_original", lambda: attention_received(bridge, repeat, label=f"{label}, original")),
+                    step("attention_patched", lambda: patched(lambda: attention_received(
+                        bridge, repeat, label=f"{label}, patched")))]
+        generated = step("divergence", lambda: divergence(
+            hf, tokenizer, bridge, patch, generation_words, first=first, sink_layer=layer,
+            typical_norm=baseline.typical_norm, chat_copies=preset["chat_copies"], raw_repeats=preset["raw_repeats"],
+            new_tokens=preset["new_tokens"], seeds=preset["seeds"], teacher_repeats=preset["teacher_repeats"]))
+    first_patched = patched(lambda: norm_baseline(bridge, layer, reference)).first_token_norm
+    results = {
+        "model": {"spec": config.model, "name": patch.model or config.model, "n_layers": bridge.cfg.n_layers,
+                  "d_mlp": bridge.cfg.d_mlp},
+        "versions": versions(),
+        "patch": patch.to_json(),
+        "preset": config.preset,
+        "summary": [],
+        "benchmarks": benchmarks.summary(),
+        "kl_natural_text": natural.summary()["kl_natural_text"],
+        "natural_text": natural.summary(),
+        "norms": {"layer": layer, "first_token": first, "typical_norm": baseline.typical_norm,
+                  "repeat_max_norm_original": max(curves.max_norms),
+                  "repeat_max_norm_patched": max(curves_patched.max_norms),
+                  "first_token_norm_original": baseline.first_token_norm, "first_token_norm_patched": first_patched,
+                  "words": [{"word": w.text, "original": a, "patched": b}
+                            for w, a, b in zip(curves.words, curves.max_norms, curves_patched.max_norms)]},
+        "attention": [r.summary() for r in received],
+        "divergence": generated.summary(),
+        "paper_table_2": PAPER_TABLE_2,
+        "settings": dataclasses.asdict(config),
+    }
+    results["summary"] = _headline(results, generated)
+    write_json(out / "evaluation.json", results)
+    write_text(out / "evaluation.html", _render(results, patch, benchmarks, curves, curves_patched, received, generated))
+    return results
+
+
+def _headline(results: dict, generated) -> list[str]:
+    norms, bench = results["norms"], results["benchmarks"]
+    typical = norms["typical_norm"]
+    worst = max(bench.items(), key=lambda kv: abs(kv[1]["delta"]))
+    inside = sum(r["ci_low"] <= 0 <= r["ci_high"] for r in bench.values())
+    frame = generated.to_frame()
+    lines = [
+        f"Patch: {results['patch']['hook']} / {results['patch']['value']} on {results['patch']['neurons']}.",
+        f"Repeated tokens at the sink layer: largest norm {norms['repeat_max_norm_original']:,.1f} "
+        f"({norms['repeat_max_norm_original'] / typical:.1f}x typical) without the patch, "
+        f"{norms['repeat_max_norm_patched']:,.1f} ({norms['repeat_max_norm_patched'] / typical:.1f}x) with it; the first "
+        f"token's norm {norms['first_token_norm_original']:,.0f} -> {norms['first_token_norm_patched']:,.0f}.",
+        f"Natural text: perplexity {results['natural_text']['perplexity_original']:.3f} -> "
+        f"{results['natural_text']['perplexity_patched']:.3f}, KL(original || patched) "
+        f"{results['kl_natural_text']:.2e} nats per token.",
+        f"Benchmarks ({results['preset']} preset): the accuracy change lies within its 95% paired interval of 0 on "
+        f"{inside} of {len(bench)} tasks; the largest change is {100 * worst[1]['delta']:+.1f} points on {worst[0]} "
+        f"(n={worst[1]['n']}).",
+    ]
+    for condition in ("original", "patched"):
+        part = frame[frame["condition"] == condition]
+        lines.append(f"Generation, {condition}: {int((part['repeats_before_divergence'] < part['new_tokens']).sum())} of "
+                     f"{len(part)} runs diverged within their {int(part['new_tokens'].max())} new tokens; median "
+                     f"repeats before diverging {float(part['repeats_before_divergence'].median()):.0f}.")
+    return lines
+
+
+def _render(results, patch, benchmarks, curves, curves_patched, received, generated) -> str:
+    table2 = []
+    for model, rows in PAPER_TABLE_2.items():
+        for bench, (before, after) in rows.items():
+            table2.append({"model": model, "benchmark": bench, "original": before, "patched": after,
+                           "delta": round(after - before, 2)})
+    ours = benchmarks.to_frame()[["task", "n", "acc_original", "acc_patched", "acc_delta", "acc_ci_low", "acc_ci_high",
+                                  "acc_norm_delta", "logprob_change", "answers_changed"]]
+    sections = [
+        section("Benchmarks, original vs patched (paper Table 2)",
+                "0-shot multiple choice in lm-evaluation-harness's formats, the same items for both models; the "
+                "difference with a 95% interval of the per-item paired differences. The paper's Table 2 below it.",
+                benchmarks.plot(), frame=ours),
+        section("The paper's Table 2", "Yona et al. (2025), accuracy in %, original -> patched.",
+                frame=pd.DataFrame(table2)),
+        section("Norms with the patch",
+                f"Hidden-state norm at the sink layer along each repeated word, without and with the patch "
+                f"({html.escape(patch.describe())}); and the attention later queries pay to the first token.",
+                plot_repetition_curves(curves, curves_patched), plot_attention_received(*received)),
+        section("Divergence under generation",
+                "Greedy and sampled continuations of the chat-template prompt (assistant turn started with copies of "
+                "the word) and of the raw repeated sequence; the teacher-forced probability of repeating the word "
+                "again.", generated.plot(), frame=generated.to_frame()),
+    ]
+    return page(f"sinklens evaluation: {results['model']['name']}",
+                f"Patch file <code>{html.escape(results['settings']['patch'])}</code>, preset "
+                f"<code>{results['preset']}</code>. {html.escape(versions_text(results['versions']))}. Every number "
+                "here is in <code>evaluation.json</code>.", results["summary"], sections)

@@ -1,0 +1,226 @@
+"""The patch's evaluation on the tiny model: benchmark scoring against a plain per-choice forward,
+paired comparisons, natural-text KL, divergence under generation, and `sinklens evaluate` end to end.
+
+Benchmark items are built here (the real data is exercised by the integration tests)."""
+
+import json
+
+import pytest
+import torch
+
+from sinklens.analyses.benchmarks import BenchmarkComparison, ItemScores, accuracy, compare_benchmarks, score_items, text_effect
+from sinklens.analyses.divergence import Generation, divergence
+from sinklens.analyses.patch_choice import kl_divergence
+from sinklens.load.benchmarks import Item
+from sinklens.load.models import load_hf_model
+from sinklens.present import evaluation as evaluation_module
+from sinklens.present.cli import main
+from sinklens.run.patch import SinkPatch, patch_for
+from sinklens.analyses.norms import resid_norms
+from sinklens.run.tokens import repeated_tokens, text_tokens, word_token
+
+from conftest import CORPUS, SINK_LAYER, SINK_NEURON
+
+ITEMS = [
+    Item("toy", "0", ("First Citizen:",) * 3, (" Before we proceed", " speak", " resolved, resolved."), 0),
+    Item("toy", "1", ("All:",) * 2, (" Speak, speak.", " We know't"), 0),
+    Item("toy", "2", ("Let us kill him, and",) * 2, (" we'll have corn", " the patricians good"), 0),
+    Item("letters", "3", ("You are all resolved rather to die than to",) * 4, (" A", " B", " C", " D"), 1),
+    Item("winogrande", "4", ("We are accounted poor", "We are accounted rich"), (" citizens, the patricians good.",) * 2, 0),
+]
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_dir):
+    return load_hf_model(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def patch(tiny):
+    return patch_for(tiny, [(SINK_LAYER, SINK_NEURON), (SINK_LAYER, 7)], hook="post")
+
+
+def _plain_logprob(model, tokenizer, context: str, continuation: str) -> float:
+    """One choice scored alone, with no batching, padding or shared rows."""
+    spaces = len(context) - len(context.rstrip())
+    context, continuation = context[: len(context) - spaces], context[len(context) - spaces:] + continuation
+    prefix = tokenizer(context, add_special_tokens=False).input_ids
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    ids = torch.tensor([([tokenizer.bos_token_id] if tokenizer("a").input_ids[0] == tokenizer.bos_token_id else [])
+                        + whole])
+    start = ids.shape[1] - (len(whole) - len(prefix))
+    with torch.inference_mode():
+        logprobs = model(input_ids=ids).logits[0].log_softmax(-1)
+    return float(sum(logprobs[p - 1, ids[0, p]] for p in range(start, ids.shape[1])))
+
+
+def test_batched_scores_equal_each_choice_scored_alone(hf, monkeypatch):
+    model, tokenizer = hf
+    import sinklens.analyses.benchmarks as benchmarks
+
+    monkeypatch.setattr(benchmarks, "TOKENS_PER_BATCH", 40)  # several batches, padded rows of different lengths
+    scores = score_items(model, tokenizer, ITEMS)
+    for item, score in zip(ITEMS, scores):
+        expected = [_plain_logprob(model, tokenizer, c, k) for c, k in zip(item.contexts, item.continuations)]
+        assert score.logprob == pytest.approx(expected, abs=1e-4)
+        assert all(n >= 1 for n in score.n_tokens)
+
+
+def test_accuracy_takes_the_best_choice_and_normalises_by_characters():
+    item = Item("toy", "0", ("q",) * 2, (" a", " much longer"), 1)
+    scores = [ItemScores([-1.0, -3.0], [1, 2], [True, False])]
+    assert accuracy([item], scores).tolist() == [0.0]  # raw log-likelihood prefers the short choice
+    assert accuracy([item], scores, normalised=True).tolist() == [1.0]  # -1/2 < -3/12
+    lambada = Item("lambada", "1", ("text",), (" word",), 0)
+    assert accuracy([lambada], [ItemScores([-9.0], [1], [True])]).tolist() == [1.0]  # greedy decoding decides
+
+
+def test_comparison_is_paired_and_zero_for_the_same_model(hf, patch):
+    model, tokenizer = hf
+    items = {"toy": ITEMS}
+    scores = score_items(model, tokenizer, ITEMS)
+    same = BenchmarkComparison(["toy"], items, {"toy": scores}, {"toy": scores}).summary()["toy"]
+    assert same["delta"] == same["ci_low"] == same["ci_high"] == 0.0 and same["logprob_change"] == 0.0
+    compared = compare_benchmarks(model, tokenizer, patch, items)
+    assert not hasattr(model, "_sinklens_patch")  # removed afterwards
+    with patch.installed(model):
+        patched = score_items(model, tokenizer, ITEMS)
+    assert [s.logprob for s in compared.patched["toy"]] == [s.logprob for s in patched]
+    row = compared.summary()["toy"]
+    changes = torch.tensor([b - a for s, t in zip(scores, patched) for a, b in zip(s.logprob, t.logprob)])
+    assert row["logprob_change"] == pytest.approx(float(changes.mean()))
+    assert row["logprob_change_abs"] > 0  # the patch does move the tiny model's scores
+    assert row["ci_low"] <= row["delta"] <= row["ci_high"]
+    merged = BenchmarkComparison.merge([compared, BenchmarkComparison(["other"], {"other": ITEMS[:2]},
+                                                                      {"other": scores[:2]}, {"other": scores[:2]})])
+    assert merged.tasks == ["toy", "other"] and merged.summary()["toy"] == row
+
+
+def test_natural_text_effect_is_the_kl_of_the_two_models(tiny, hf, patch):
+    model, _ = hf
+    tokens = text_tokens(tiny, CORPUS)
+    effect = text_effect(model, tokens, patch, window=32)
+    assert effect.kl.shape == effect.nll_original.shape == (tokens.shape[1] - 1 - (tokens.shape[1] - 1) // 32,)
+    with torch.inference_mode():
+        original = model(input_ids=tokens[:, :32]).logits
+        with patch.installed(model):
+            patched = model(input_ids=tokens[:, :32]).logits
+    assert effect.kl[:31] == pytest.approx(kl_divergence(original, patched)[0, :31], abs=1e-6)
+    assert float(effect.kl[0]) == pytest.approx(0.0, abs=1e-7)  # position 0 of a window is never patched
+    summary = effect.summary()
+    assert summary["kl_natural_text"] > 0 and summary["perplexity_original"] > 1
+
+
+def test_divergence_counts_repeats_before_the_first_other_token():
+    generation = Generation("w", "raw", 3, "original", "greedy", 4, torch.tensor([1, 7, 7, 7, 7, 7, 9, 7]), 7, "",
+                            torch.ones(8))
+    assert generation.repeats_before_divergence == 2 and generation.non_target_share == pytest.approx(1 / 4)
+    never = Generation("w", "raw", 3, "original", "greedy", 4, torch.tensor([1, 7, 7, 7, 7, 7]), 7, "", torch.ones(6))
+    assert never.repeats_before_divergence == 2 and never.non_target_share == 0
+
+
+def test_divergence_generates_with_and_without_the_patch(tiny, hf, patch):
+    model, tokenizer = hf
+    word = word_token(tiny, "speak")
+    result = divergence(model, tokenizer, tiny, patch, [word], first=tokenizer.bos_token_id, sink_layer=SINK_LAYER,
+                        typical_norm=1.0, raw_repeats=(8,), new_tokens=6, seeds=(0,), teacher_repeats=12)
+    frame = result.to_frame()
+    assert len(frame) == 2 * 2  # original/patched x greedy/sampled; no chat template on the tiny tokenizer
+    greedy = result.generations[0]
+    expected = model.generate(torch.tensor([greedy.tokens[: greedy.prompt_length].tolist()]), max_new_tokens=6,
+                              do_sample=False, pad_token_id=tokenizer.eos_token_id)[0]
+    assert torch.equal(greedy.tokens, expected)
+    assert result.continue_probability.shape == (2, 1, 12)
+    assert ((result.continue_probability >= 0) & (result.continue_probability <= 1)).all()
+    assert greedy.sink_norms.shape == greedy.tokens.shape
+    json.dumps(result.summary())
+
+
+def test_chat_prompt_starts_the_assistant_turn_with_copies_of_the_word(tiny, hf):
+    import copy
+
+    from sinklens.analyses.divergence import _chat_prompt
+
+    _, tokenizer = hf
+    assert _chat_prompt(tokenizer, word_token(tiny, "speak"), 3) is None  # no chat template: raw form only
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    word = word_token(tiny, "speak")
+    prompt = _chat_prompt(chat, word, 3)
+    assert prompt[-2:] == [word.id, word.id] and chat.decode(prompt).endswith("<s>assistant:speak speak speak")
+    assert chat.decode(prompt).startswith('<s>user: Repeat the word "speak" forever.')
+
+
+SMALL = {"items": 3, "lambada": 3, "text_tokens": 64, "words": ("speak",), "chat_copies": 3, "raw_repeats": (8,),
+         "new_tokens": 4, "seeds": (), "teacher_repeats": 10, "n_repeats": 40}
+
+
+@pytest.fixture
+def evaluation_inputs(tiny, tmp_path, monkeypatch):
+    """A patch file for the tiny model, a small preset and items built here instead of the real data."""
+    monkeypatch.setitem(evaluation_module.PRESETS, "smoke", SMALL)
+    calls = []
+
+    def toy_items(task, n, seed=0):
+        calls.append(task)
+        return [Item(task, f"{task}-{i}", item.contexts, item.continuations, item.gold) for i, item in enumerate(ITEMS[:n])]
+
+    monkeypatch.setattr(evaluation_module, "load_items", toy_items)
+    path = tmp_path / "patch.json"
+    patch_for(tiny, [(SINK_LAYER, SINK_NEURON)], hook="post",
+              selection={"first_token": tiny.tokenizer.bos_token_id, "word_ids": [word_token(tiny, "speak").id, word_token(tiny, "we").id]}).save(path)
+    return path, calls
+
+
+def test_evaluate_writes_the_evaluation_and_resumes(tiny, tiny_dir, corpus_file, evaluation_inputs, tmp_path, capsys):
+    path, calls = evaluation_inputs
+    out = tmp_path / "evaluation"
+    args = ["evaluate", "--model", str(tiny_dir), "--patch", str(path), "--corpus", str(corpus_file), "--out", str(out)]
+    assert main(args) == 0
+    assert "Repeated tokens at the sink layer" in capsys.readouterr().out
+    results = json.loads((out / "evaluation.json").read_text())
+    assert set(results["benchmarks"]) == set(evaluation_module.TASKS)
+    for row in results["benchmarks"].values():
+        assert {"n", "acc_original", "acc_patched", "delta", "ci_low", "ci_high"} <= set(row) and row["n"] == 3
+    norms = results["norms"]
+    assert norms["first_token_norm_patched"] == pytest.approx(norms["first_token_norm_original"], rel=1e-6)
+    patch = SinkPatch.load(path)
+    runs = [repeated_tokens(tiny, i, SMALL["n_repeats"], first=tiny.tokenizer.bos_token_id)
+            for i in patch.selection["word_ids"]]
+    with patch.installed(tiny):
+        patched = max(float(resid_norms(tiny, r, SINK_LAYER)[0, 1:].max()) for r in runs)
+    assert norms["repeat_max_norm_patched"] == pytest.approx(patched, rel=1e-5)
+    assert results["kl_natural_text"] >= 0
+    assert {g["condition"] for g in results["divergence"]["generations"]} == {"original", "patched"}
+    html = (out / "evaluation.html").read_text()
+    assert "LLaMa-2-7B-HF" in html and "Divergence under generation" in html
+    calls.clear()
+    assert main(args) == 0  # every step resumes from its checkpoint
+    assert calls == [] and json.loads((out / "evaluation.json").read_text())["benchmarks"] == results["benchmarks"]
+
+
+def test_evaluate_bad_input_is_one_line(tiny_dir, evaluation_inputs, tmp_path, capsys, monkeypatch):
+    path, _ = evaluation_inputs
+    monkeypatch.setattr("sinklens.load.models._load", lambda *a: pytest.fail("loaded the model"))
+    base = ["evaluate", "--model", str(tiny_dir), "--out", str(tmp_path / "out")]
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text("{not json")
+    cases = [
+        (["--patch", str(path), "--preset", "huge"], "invalid choice: 'huge'"),
+        (["--patch", str(tmp_path / "missing.json")], "missing.json"),
+        (["--patch", str(corrupt)], "corrupt.json"),
+        (["--patch", str(path), "--out", str(path)], "is an existing file"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("sinklens: error:") and message in err[0], err
+
+
+def test_evaluate_refuses_a_patch_for_another_model(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "other.json"
+    SinkPatch("other-model", 30, 8192, ((SINK_LAYER, 5000),), hook="post").save(path)
+    assert main(["evaluate", "--model", str(tiny_dir), "--patch", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "was found on other-model" in err[0] and "d_mlp=8192" in err[0], err
