@@ -224,3 +224,61 @@ def test_evaluate_refuses_a_patch_for_another_model(tiny_dir, tmp_path, capsys):
     assert main(["evaluate", "--model", str(tiny_dir), "--patch", str(path), "--out", str(tmp_path / "o")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "was found on other-model" in err[0] and "d_mlp=8192" in err[0], err
+
+
+def _choice(tiny, repeat_ratios, kls, first_changes=None):
+    """A patch choice with planted measurements (typical norm 1): one candidate per hook x value."""
+    from sinklens.analyses.patch_choice import PatchChoice, _choose
+    from sinklens.run.patch import HOOKS, VALUES
+
+    candidates = [patch_for(tiny, [(SINK_LAYER, SINK_NEURON)], hook=h, value=v, values=[0.0] if v == "calibrated" else None)
+                  for h in HOOKS for v in VALUES]
+    firsts = torch.tensor([100.0 * (1 + c) for c in (first_changes or [0.0] * len(candidates))])
+    result = PatchChoice(candidates, SINK_LAYER, [], 1, 8, 1.0, 100.0, 80.0, torch.tensor(repeat_ratios),
+                         firsts, torch.tensor(kls), 3.0, 0, "")
+    result.chosen, result.reason = _choose(result)
+    return result
+
+
+def test_the_paper_clamp_is_chosen_when_it_meets_the_target(tiny):
+    result = _choice(tiny, [2.0, 1.0, 1.0, 1.0, 1.0, 1.0], [0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
+    assert (result.patch.hook, result.patch.value) == ("up", "first_after_start") and "paper's clamp" in result.reason
+    assert result.patch.selection["chosen"] == {"hook": "up", "value": "first_after_start"}
+
+
+def test_otherwise_the_passing_candidate_with_the_smallest_kl_and_the_reason_says_why(tiny):
+    result = _choice(tiny, [70.0, 2.0, 2.5, 2.9, 9.0, 1.0], [0.1, 0.3, 0.2, 0.4, 0.1, 0.9],
+                     first_changes=[0, 0, 0, 0, 0, 0.5])  # the last one breaks the first token
+    assert result.meets_target() == [False, True, True, True, False, False]
+    assert (result.patch.hook, result.patch.value) == ("gate", "first_after_start")
+    assert "70.00x typical" in result.reason and "smallest KL" in result.reason
+
+
+def test_when_nothing_meets_the_target_the_closest_is_chosen_and_called_short(tiny):
+    result = _choice(tiny, [72.0, 3.4, 3.41, 3.39, 3.43, 3.44], [0.1] * 6)
+    assert (result.patch.hook, result.patch.value) == ("gate", "calibrated")
+    assert "no candidate keeps repeats within 3x" in result.reason and "3.39x" in result.reason
+
+
+def test_patch_command_writes_a_patch_that_loads_and_fits(tiny_dir, corpus_file, tmp_path, capsys):
+    out = tmp_path / "patch.json"
+    study = ["--model", str(tiny_dir), "--corpus", str(corpus_file), "--n-repeats", "30"]
+    assert main(["patch", *study, "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    patch = SinkPatch.load(out)
+    assert printed["neurons"] == [[SINK_LAYER, SINK_NEURON]] and patch.neurons == ((SINK_LAYER, SINK_NEURON),)
+    assert len(patch.selection["candidates"]) == 6 and patch.selection["reason"]
+    assert patch.selection["first_token"] == 0  # the tiny tokenizer's <s>
+    assert main(["patch", *study, "--out", str(out), "--hook", "post", "--value", "calibrated"]) == 0
+    text = capsys.readouterr().out
+    assert "chosen:" in text and "why: the only candidate asked for (post / calibrated)" in text
+    assert SinkPatch.load(out).values is not None
+
+
+def test_patch_command_bad_input_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sinklens.load.models._load", lambda *a: pytest.fail("loaded the model"))
+    for extra, message in [(["--out", str(tmp_path)], "is a directory"), (["--hook", "down"], "invalid choice: 'down'"),
+                           (["--out", str(tmp_path / "no" / "dir" / "p.json"), "--n-repeats", "0"], "not a positive")]:
+        assert main(["patch", "--model", str(tiny_dir), *extra]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("sinklens: error:") and message in err[0], err

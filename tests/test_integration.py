@@ -12,10 +12,12 @@ from sinklens import (
     ReportConfig,
     find_sink_layer,
     norm_baseline,
+    repeated_tokens,
     repetition_curves,
     run_report,
     sink_table_row,
     text_tokens,
+    word_token,
 )
 from sinklens.load.corpus import shakespeare
 from sinklens.present.report import PAPER_CORPUS_CHARS
@@ -143,3 +145,56 @@ def test_circuit_on_gemma3(gemma):
     assert s["first_token_dependence"]["mark_traced"] is False
     assert s["first_token_dependence"]["share_removed_by_text"] < 0.1
     assert s["detect_others_heads"] == [] and len(s["probe"]) == s["sink_layer"] + 2
+
+
+@pytest.fixture(scope="module")
+def smollm2_patch(tmp_path_factory):
+    """The patch `sinklens patch` finds on the default model (docs/results.md has the table it prints)."""
+    from sinklens.present.cli import main
+    from sinklens.run.patch import SinkPatch
+
+    path = tmp_path_factory.mktemp("patch") / "patch.json"
+    assert main(["patch", "--out", str(path), "--json"]) == 0
+    return SinkPatch.load(path)
+
+
+def test_patch_choice_on_the_default_model(smollm2_patch):
+    """The paper's up-projection clamp leaves the gate free and repeats far above 3x typical; the chosen clamp
+    brings them down to the level repeats have without any sink neuron, leaving the first token alone."""
+    selection = smollm2_patch.selection
+    rows = {(c["hook"], c["value"]): c for c in selection["candidates"]}
+    paper = rows[("up", "first_after_start")]
+    chosen = rows[(smollm2_patch.hook, smollm2_patch.value)]
+    assert paper["repeat_max_over_typical"] > 10 and chosen["repeat_max_over_typical"] < 5
+    assert all(abs(c["first_token_norm_change"]) <= 0.01 for c in rows.values())
+    assert chosen["kl_natural_text"] < 1e-3
+    assert selection["repeat_max_norm_unpatched"] / selection["typical_norm"] > 30
+
+
+def test_patched_hugging_face_and_bridge_give_the_same_logits(smollm2, smollm2_patch, reference):
+    from sinklens.load.models import load_hf_model
+
+    hf, _ = load_hf_model(device="cpu")
+    tokens = torch.cat([reference, repeated_tokens(smollm2, word_token(smollm2, "dust").id, 300, first=int(reference[0, 0]))[:, 1:]], 1)
+    with smollm2_patch.installed(smollm2), smollm2_patch.installed(hf), torch.inference_mode():
+        bridge_logits, hf_logits = smollm2(tokens), hf(input_ids=tokens).logits
+    assert torch.allclose(bridge_logits, hf_logits, atol=1e-3, rtol=0), (bridge_logits - hf_logits).abs().max()
+    with torch.inference_mode():
+        assert not torch.allclose(smollm2(tokens), bridge_logits, atol=1e-3)  # the patch does change the repeats
+
+
+def test_evaluate_smoke_on_the_default_model(smollm2_patch, tmp_path):
+    """The patch issue's acceptance numbers at the smoke preset (the full preset's are in docs/results.md)."""
+    from sinklens.present.evaluation import EvaluationConfig, run_evaluation
+
+    path = tmp_path / "patch.json"
+    smollm2_patch.save(path)
+    results = run_evaluation(EvaluationConfig("smollm2-135m-instruct", str(path), "smoke"), tmp_path / "out")
+    norms = results["norms"]
+    assert norms["repeat_max_norm_patched"] < norms["repeat_max_norm_original"] / 10
+    assert abs(norms["first_token_norm_patched"] / norms["first_token_norm_original"] - 1) <= 0.01
+    assert results["kl_natural_text"] < 1e-3
+    for task, row in results["benchmarks"].items():
+        assert row["n"] == 20 and row["ci_low"] <= 0 <= row["ci_high"], (task, row)
+    assert {g["condition"] for g in results["divergence"]["generations"]} == {"original", "patched"}
+    assert json.loads((tmp_path / "out" / "evaluation.json").read_text())["summary"] == results["summary"]

@@ -18,12 +18,15 @@ from typing import NoReturn
 
 from tqdm.std import tqdm
 
+from sinklens._io import write_json, write_text
+from sinklens.analyses.attack import CLUSTERINGS
 from sinklens.analyses.first_token import AUTO, MIN_SINK_RATIO
+from sinklens.analyses.scan import SCAN_BATCH
 from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA
 from sinklens.analyses.sink_neurons import CRITERIA, MAX_NEURONS, REMOVED_SHARE
 from sinklens.errors import SinklensError
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
-from sinklens.present._page import check_output_dir
+from sinklens.present._page import check_output_dir, page, section
 from sinklens.present.evaluation import PRESETS as EVALUATION_PRESETS
 from sinklens.present.report import PAPER_CORPUS_CHARS, ReportConfig, run_report
 from sinklens.run.patch import HOOKS as PATCH_HOOKS
@@ -67,6 +70,31 @@ def _positive(kind: type) -> Callable[[str], int | float]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _token_count(value: str) -> int | None:
+    """``all`` (None) or a positive count."""
+    return None if value == "all" else _positive(int)(value)
+
+
+def _shard(value: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a shard like 0/4") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"shard {value}: the index must be in 0..{count - 1}")
+    return index, count
+
+
+def _lengths(value: str) -> tuple[int, ...]:
+    try:
+        lengths = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a list of lengths like 100,300") from None
+    if not lengths or min(lengths) < 2:
+        raise argparse.ArgumentTypeError(f"{value!r}: every length must be at least 2")
+    return lengths
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,6 +163,37 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--corpus", help="natural-text file for perplexity and KL (default: Tiny Shakespeare)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the benchmark item sample (default: %(default)s)")
     evaluate.add_argument("--verbose", action="store_true", help="show other libraries' progress bars and notices")
+    scan = sub.add_parser("scan", parents=[common, as_json],
+                          help="repeat every token (or a stratified sample) and measure which reach the sink")
+    scan.add_argument("--out", default="sinklens-scan", help="output directory, shared by shards (default: %(default)s)")
+    scan.add_argument("--tokens", type=_token_count, default=2000,
+                      help="N tokens in a seeded sample stratified by token id, or all (default: %(default)s)")
+    scan.add_argument("--n-repeats", type=_positive(int), default=1000, help="repeats per token (default: %(default)s)")
+    scan.add_argument("--shard", type=_shard, default=(0, 1),
+                      help="i/n: scan every n-th token from the i-th, as one of n independent jobs; a run without "
+                           "--shard scans what is missing and merges (default: 0/1)")
+    scan.add_argument("--batch-size", type=_positive(int), default=SCAN_BATCH, help="tokens per forward pass "
+                                                                                   "(default: %(default)s)")
+    scan.add_argument("--prefix", default="", help="text between the first token and the repeats (default: none)")
+    scan.add_argument("--seed", type=int, default=0, help="seed of the token sample (default: %(default)s)")
+    attack = sub.add_parser("attack", parents=[common, as_json],
+                            help="the cluster attack: non-repeating sequences from one first-layer cluster, with "
+                                 "controls")
+    attack.add_argument("--scan", help="a scan directory to take tokens and the sink regime from (default: scan "
+                                       "--tokens now, in memory)")
+    attack.add_argument("--tokens", type=_token_count, default=400,
+                        help="tokens to scan when no --scan is given (default: %(default)s)")
+    attack.add_argument("--n-repeats", type=_positive(int), default=1000,
+                        help="repeats per token of that scan (default: %(default)s)")
+    attack.add_argument("--clustering", choices=tuple(CLUSTERINGS), default="keys",
+                        help="keys: k-means on layer-0 keys; sink_tokens: the tokens that reach the sink alone "
+                             "(default: %(default)s)")
+    attack.add_argument("--lengths", type=_lengths, default=(100, 300, 1000),
+                        help="sequence lengths, comma-separated (default: 100,300,1000)")
+    attack.add_argument("--sequences", type=_positive(int), default=40,
+                        help="sequences per condition and length (default: %(default)s)")
+    attack.add_argument("--patch", help="a patch file: measure the cluster sequences with it installed too")
+    attack.add_argument("--seed", type=int, default=0, help="seed of the sequences and the clustering")
     circuit = sub.add_parser("circuit", parents=[common, words, as_json],
                              help="how the model marks the first token: heads, path to the sink neurons, probe, "
                                   "first-detector neurons, convergence")
@@ -363,6 +422,84 @@ def _evaluate(args) -> None:
     print(f"wrote {out / 'evaluation.html'} and {out / 'evaluation.json'}")
 
 
+def _scan(args) -> None:
+    from sinklens.analyses.scan import merge_scan, run_scan, scan_setup, select_tokens
+    from sinklens.load.models import load_model
+    from sinklens.run.tokens import check_context, encode
+
+    config = _config(args)
+    out = check_output_dir(args.out)
+    text = _corpus(config)
+    model = load_model(config.model, verbose=args.verbose)
+    check_context(model, 1 + args.n_repeats + len(encode(model, args.prefix) if args.prefix else []))
+    setup = scan_setup(model, text, n_repeats=args.n_repeats, prefix=args.prefix,
+                       first=None if config.first_token == AUTO else config.first_token)
+    tokens = select_tokens(model, args.tokens, seed=args.seed)
+    written = run_scan(model, setup, tokens, out, shard=args.shard, batch_size=args.batch_size, progress=True)
+    if args.shard[1] > 1:
+        line = {"shard": list(args.shard), "rows_written": written}
+        print(json.dumps(line) if args.json else f"shard {args.shard[0]}/{args.shard[1]}: {written} rows written to "
+                                                 f"{out}; run without --shard to scan what is missing and merge")
+        return
+    scan = merge_scan(out, tokens)
+    summary = scan.summary()
+    write_json(out / "summary.json", summary)
+    write_text(out / "scan.html", page(f"sinklens scan: {config.model}", f"{summary['definition']}.",
+                                       _scan_lines(summary), [section("Distribution", "", scan.plot(),
+                                                                      frame=scan.to_frame().head(0))]))
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "setup"}))
+        return
+    for line in _scan_lines(summary):
+        print(line)
+    print(f"wrote {out / 'scan.parquet'}, {out / 'summary.json'} and {out / 'scan.html'}")
+
+
+def _scan_lines(summary: dict) -> list[str]:
+    top = ", ".join(f"{t['text']!r} {t['peak_ratio']:.0f}x" for t in summary["top_tokens"][:10])
+    lines = [f"{summary['n_reached_sink']} of {summary['n_tokens']} tokens reach the sink regime at "
+             f"{summary['n_repeats']} repeats: {summary['share_reached_sink']:.2%} (95% CI {summary['ci_low']:.2%}-"
+             f"{summary['ci_high']:.2%}); {summary['n_first_crossing']} cross it at least once",
+             f"top tokens by peak norm over typical: {top}"]
+    lines += [f"Spearman({c['feature']}, peak ratio) = {c['spearman_with_peak_ratio']:+.3f} "
+              f"(95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, n={c['n']})" for c in summary["correlations"]]
+    return lines
+
+
+def _attack(args) -> None:
+    from sinklens.analyses.attack import cluster_attack
+    from sinklens.analyses.scan import ScanSetup, merge_scan, scan_setup, scan_tokens, select_tokens
+    from sinklens.load.models import load_model
+    from sinklens.run.patch import SinkPatch
+    from sinklens.run.tokens import check_context
+
+    config = _config(args)
+    patch = SinkPatch.load(args.patch) if args.patch else None
+    if args.scan and not (Path(args.scan) / "scan.json").is_file():
+        raise SinklensError(f"{args.scan} holds no scan", "run: sinklens scan --out DIR, then pass --scan DIR")
+    model = load_model(config.model, verbose=args.verbose)
+    if patch is not None:
+        patch.check(model.cfg.n_layers, model.cfg.d_mlp, model.cfg.model_name)
+    check_context(model, 1 + max(args.lengths))
+    if args.scan:
+        scan = merge_scan(args.scan)
+        setup = ScanSetup.from_json(scan.setup)
+    else:
+        setup = scan_setup(model, _corpus(config), n_repeats=args.n_repeats,
+                           first=None if config.first_token == AUTO else config.first_token)
+        scan = scan_tokens(model, setup, select_tokens(model, args.tokens, seed=args.seed), progress=not args.json)
+    result = cluster_attack(model, setup, scan, clustering=args.clustering, lengths=args.lengths,
+                            n_sequences=args.sequences, patch=patch, seed=args.seed, progress=not args.json)
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"cluster ({args.clustering}): {summary['cluster_size']} tokens, {summary['cluster_sink_share']:.0%} of them "
+          f"reach the sink when repeated alone: {', '.join(repr(t) for t in summary['cluster_tokens'][:15])}")
+    print(summary["definition"])
+    print(result.rates().to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+
+
 def _corpus(config: ReportConfig) -> str:
     from sinklens.load.corpus import read_text, shakespeare
 
@@ -370,7 +507,7 @@ def _corpus(config: ReportConfig) -> str:
 
 
 COMMANDS = {"report": _report, "table": _table, "neurons": _neurons, "sink-layer": _sink_layer, "circuit": _circuit,
-            "patch": _patch, "evaluate": _evaluate}
+            "patch": _patch, "evaluate": _evaluate, "scan": _scan, "attack": _attack}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,355 @@
+"""Which tokens open the sink: a vocabulary scan at the sink layer.
+
+The paper shows a handful of words whose long repetition reaches the first token's norm and asks
+why some tokens do and others never do. The scan measures every token of a vocabulary (or a
+seeded sample stratified by token id, the tokenizer's merge order and so a proxy for frequency
+rank): ``[first] + prefix + [token] * n`` is run up to the sink layer only, and per token it records
+
+* the peak and the final hidden-state norm at the sink layer over the typical norm of natural text;
+* whether and after how many repeats the norm enters the sink regime (the same threshold as the norm
+  curves: 0.9 of the way, in log space, from typical to the first token's norm) to stay, and where
+  it first crosses it;
+* the sink neurons' largest activation over the repeats, relative to the first token's;
+* three candidate explanations: the embedding norm, how "first-like" the top first-detector neuron
+  finds the last repeat (0: like a later token, 1: like the first token), and how close layer 0's
+  output at the last repeat is to that of the token standing alone (cosine).
+
+Rows are appended to a JSON-lines file per shard as each batch finishes, so a killed scan resumes
+where it stopped; ``shard=(i, n)`` takes every n-th token from the i-th, so independent jobs can
+fill one directory, and :func:`merge_scan` reads every shard's rows into one table (tokens scanned
+twice are kept once). :func:`scan_setup` fixes what the rows depend on and is stored beside them,
+so a resumed or sharded run refuses other settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Int
+from plotly.subplots import make_subplots
+from scipy import stats
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from sinklens._io import write_json
+from sinklens.analyses._stats import proportion_interval
+from sinklens.analyses.norms import first_crossing, repeats_to_stay, resid_norms, sink_threshold
+from sinklens.errors import SinklensError
+from sinklens.results import Result
+from sinklens.run.cache import run_cache
+from sinklens.run.tokens import check_context, encode
+
+N_STRATA = 10
+SCAN_BATCH = 8  # tokens per forward pass; bench/bench_scan.py measures the choice
+SETUP_FILE = "scan.json"
+TABLE_FILE = "scan.parquet"
+FEATURES = ("token_id", "embedding_norm", "first_detector_score", "layer0_lone_cosine")
+
+
+@dataclass(frozen=True)
+class ScanSetup:
+    """What every row of a scan depends on (stored as ``scan.json`` beside the rows)."""
+
+    model: str
+    first_token: int
+    prefix: tuple[int, ...]
+    n_repeats: int
+    layer: int  # where norms are read: the (last) sink layer
+    sink_neurons: tuple[tuple[int, int], ...]
+    typical_norm: float
+    first_token_norm: float
+    sink_neuron_first: tuple[float, ...]  # each sink neuron's activation on the first token
+    detector: tuple[int, int]  # the top first-detector neuron (layer, index), read at hook_pre
+    detector_first: float  # its mean value at position 0 / position 1 of natural-text chunks
+    detector_later: float
+
+    @property
+    def threshold(self) -> float:
+        return sink_threshold(self.first_token_norm, self.typical_norm)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["prefix"], data["sink_neurons"] = list(self.prefix), [list(n) for n in self.sink_neurons]
+        data["detector"], data["sink_neuron_first"] = list(self.detector), list(self.sink_neuron_first)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> ScanSetup:
+        return cls(**{**data, "prefix": tuple(data["prefix"]), "detector": tuple(data["detector"]),
+                      "sink_neurons": tuple(tuple(n) for n in data["sink_neurons"]),
+                      "sink_neuron_first": tuple(data["sink_neuron_first"])})
+
+
+def scan_setup(model: TransformerBridge, text: str, *, n_repeats: int = 1000, prefix: str = "",
+               first: str | int | None = None) -> ScanSetup:
+    """Measure what the scan needs once: the first token the model makes a sink, the sink neurons and
+    their layer, the typical and first-token norms there, and the top first-detector neuron."""
+    from sinklens.analyses.first_detector import first_detector_neurons
+    from sinklens.analyses.first_token import choose_first_token
+    from sinklens.analyses.sink_neurons import find_sink_neurons
+    from sinklens.run.tokens import repeated_tokens, text_tokens
+
+    choice = choose_first_token(model, text, given=first)
+    reference = text_tokens(model, text[:1000], first=choice.token.id, max_tokens=model.cfg.n_ctx)
+    neurons = find_sink_neurons(model, reference, notebook_repeats=min(n_repeats, 1000))
+    if not neurons.sink_neurons:
+        raise SinklensError(f"{model.cfg.model_name} has no sink neurons to scan for",
+                            "check `sinklens neurons`: the scan needs a sink")
+    prefix_ids = tuple(encode(model, prefix)) if prefix else ()
+    check_context(model, 1 + len(prefix_ids) + n_repeats)
+    layer = max(l for l, _ in neurons.sink_neurons)
+    norms = resid_norms(model, reference, layer)[0]
+    names = sorted({f"blocks.{l}.mlp.hook_post" for l, _ in neurons.sink_neurons})
+    cache = run_cache(model, reference[:, :1], names)
+    sink_first = tuple(float(cache[f"blocks.{l}.mlp.hook_post"][0, 0, n]) for l, n in neurons.sink_neurons)
+    detectors = first_detector_neurons(model, text, repeated_tokens(model, reference[0, 1].item(), 8,
+                                                                    first=choice.token.id), sink_layer=layer, top=1)
+    (d_layer, d_neuron), = detectors.top
+    index = detectors.layers.index(d_layer)
+    return ScanSetup(
+        model.cfg.model_name, choice.token.id, prefix_ids, n_repeats, layer,
+        tuple((int(l), int(n)) for l, n in neurons.sink_neurons), float(norms[1:].mean()), float(norms[0]), sink_first,
+        (int(d_layer), int(d_neuron)), float(detectors.means[0, index, d_neuron]),
+        float(detectors.means[1, index, d_neuron]))
+
+
+def select_tokens(model: TransformerBridge, n: int | None = None, *, seed: int = 0) -> list[int]:
+    """Token ids to scan: every ordinary (non-special) token, or ``n`` of them in a seeded sample
+    stratified into equal bins of token id (a proxy for frequency rank)."""
+    special = set(model.tokenizer.all_special_ids)
+    ids = np.array([i for i in range(model.cfg.d_vocab) if i not in special and i < len(model.tokenizer)])
+    if n is None or n >= len(ids):
+        return ids.tolist()
+    rng = np.random.default_rng(seed)
+    strata = np.array_split(ids, N_STRATA)
+    counts = [n // N_STRATA + (s < n % N_STRATA) for s in range(N_STRATA)]
+    return sorted(int(t) for stratum, k in zip(strata, counts) for t in rng.choice(stratum, k, replace=False))
+
+
+def scan_rows(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[int]) -> list[dict]:
+    """Measure ``token_ids`` repeated (one batch): one row per token."""
+    ids = torch.tensor(list(token_ids), dtype=torch.long)
+    start = len(setup.prefix) + 1  # position of the first repeat
+    tokens = repeated_batch(setup, ids[:, None].expand(-1, setup.n_repeats))
+    sink_layers = sorted({l for l, _ in setup.sink_neurons})
+    d_layer, d_neuron = setup.detector
+    resid = f"blocks.{setup.layer}.hook_resid_post"
+    posts = {l: f"blocks.{l}.mlp.hook_post" for l in sink_layers}
+    detector = f"blocks.{d_layer}.mlp.hook_pre"
+    layer0 = "blocks.0.hook_resid_post"
+
+    def reduce(name: str, activation: torch.Tensor) -> torch.Tensor:
+        if name == resid:
+            return activation.float().norm(dim=-1)
+        if name == layer0:
+            return activation[:, -1].float()
+        if name == detector:
+            return activation[:, :, d_neuron].float()
+        layer = next(l for l, n in posts.items() if n == name)
+        return activation[:, :, [n for l, n in setup.sink_neurons if l == layer]].float()
+
+    cache = run_cache(model, tokens, [resid, *posts.values(), detector, layer0], reduce=reduce)
+    lone = run_cache(model, ids[:, None], [layer0])[layer0][:, 0].float()
+    norms = cache[resid].cpu()
+    neuron_values = torch.cat([cache[posts[l]] for l in sink_layers], dim=-1)[:, start:].cpu()
+    neuron_ratio = (neuron_values / torch.tensor(setup.sink_neuron_first).clamp_min(1e-6)).amax(dim=(1, 2))
+    span = setup.detector_first - setup.detector_later
+    detector_score = (cache[detector][:, -1].cpu() - setup.detector_later) / (span if abs(span) > 1e-9 else 1.0)
+    cosine = torch.nn.functional.cosine_similarity(cache[layer0], lone, dim=-1).cpu()
+    embedding = model.W_E.detach()[ids.to(model.W_E.device)].float().norm(dim=-1).cpu()
+    threshold = setup.threshold
+    rows = []
+    for b, token_id in enumerate(ids.tolist()):
+        curve = torch.cat([norms[b, :1], norms[b, start:]])  # position n = the n-th repeat
+        stay, crossing = repeats_to_stay(curve, threshold), first_crossing(curve, threshold)
+        rows.append({
+            "token_id": token_id, "text": model.tokenizer.decode([token_id]),
+            "peak_ratio": float(curve[1:].max()) / setup.typical_norm,
+            "final_ratio": float(curve[-1]) / setup.typical_norm,
+            "reached_sink": stay is not None, "repeats_to_sink": stay, "first_crossing": crossing,
+            "sink_neuron_ratio": float(neuron_ratio[b]), "embedding_norm": float(embedding[b]),
+            "first_detector_score": float(detector_score[b]), "layer0_lone_cosine": float(cosine[b]),
+        })
+    return rows
+
+
+class RowFile:
+    """One shard's rows as JSON lines; appends survive a kill (a torn last line is cut on reopening)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        rows = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # the torn tail of a killed run
+                break
+        return rows
+
+    def append(self, rows: Iterable[dict]) -> None:
+        self._cut_torn_tail()
+        with self.path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _cut_torn_tail(self) -> None:
+        if not self.path.is_file():
+            return
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            with self.path.open("r+b") as f:
+                f.truncate(end)
+
+
+def _shard_file(out: Path, shard: tuple[int, int]) -> RowFile:
+    return RowFile(out / f"rows-{shard[0]}-of-{shard[1]}.jsonl")
+
+
+def _all_rows(out: Path) -> dict[int, dict]:
+    rows: dict[int, dict] = {}
+    for path in sorted(out.glob("rows-*.jsonl")):
+        for row in RowFile(path).rows():
+            rows.setdefault(row["token_id"], row)
+    return rows
+
+
+def prepare_scan_dir(out: Path, setup: ScanSetup) -> None:
+    """Record ``setup`` in ``out``, or check that the scan already there has the same one."""
+    path = out / SETUP_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored != setup.to_json():
+            differ = sorted(k for k in stored if stored.get(k) != setup.to_json().get(k))
+            raise SinklensError(f"{out} holds a scan with other settings ({', '.join(differ)} differ)",
+                                "use another --out, or the settings of the scan already there")
+        return
+    write_json(path, setup.to_json())
+
+
+def run_scan(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[int], out: str | Path, *,
+             shard: tuple[int, int] = (0, 1), batch_size: int = 8, progress: bool = False) -> int:
+    """Scan this shard's part of ``token_ids`` (every ``shard[1]``-th from ``shard[0]``) into ``out``,
+    skipping tokens any shard has already written; returns the number of rows written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_scan_dir(out, setup)
+    done = _all_rows(out)
+    todo = [t for t in list(token_ids)[shard[0]::shard[1]] if t not in done]
+    target = _shard_file(out, shard)
+    with tqdm(total=len(todo), desc=f"scan shard {shard[0]}/{shard[1]}", unit="token", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            target.append(scan_rows(model, setup, batch))
+            bar.update(len(batch))
+    return len(todo)
+
+
+@dataclass
+class VocabScan(Result):
+    """The scan's table, one row per token, with the setup that produced it."""
+
+    setup: dict
+    rows: list[dict]
+    requested: int  # tokens asked for (the table may still miss some: see summary()["missing"])
+
+    def to_frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self.rows).sort_values("token_id").reset_index(drop=True)
+        for column in ("repeats_to_sink", "first_crossing"):
+            frame[column] = pd.array(frame[column], dtype="Int64")
+        return frame
+
+    def correlations(self) -> list[dict]:
+        """Spearman correlation of each feature with the peak norm ratio, with a 95% interval (Fisher z)."""
+        frame = self.to_frame()
+        result = []
+        for feature in FEATURES:
+            rho, p = stats.spearmanr(frame[feature], frame["peak_ratio"])
+            n = len(frame)
+            half = 1.96 / math.sqrt(n - 3) if n > 3 else float("nan")
+            low, high = (math.tanh(math.atanh(max(min(rho, 0.999999), -0.999999)) + s * half) for s in (-1, 1))
+            result.append({"feature": "frequency rank (token id)" if feature == "token_id" else feature,
+                           "spearman_with_peak_ratio": float(rho), "ci_low": low, "ci_high": high, "n": n,
+                           "p_value": float(p)})
+        return result
+
+    def plot(self) -> go.Figure:
+        frame = self.to_frame()
+        fig = make_subplots(rows=1, cols=2, subplot_titles=["Peak norm over typical (log10)",
+                                                            "Peak norm vs token id (frequency-rank proxy)"])
+        fig.add_histogram(x=np.log10(frame["peak_ratio"]), nbinsx=80, name="tokens", row=1, col=1)
+        for reached, colour in ((False, "steelblue"), (True, "firebrick")):
+            part = frame[frame["reached_sink"] == reached]
+            fig.add_scatter(x=part["token_id"], y=part["peak_ratio"], mode="markers", marker={"size": 3, "color": colour},
+                            text=part["text"], name="reached the sink" if reached else "did not", row=1, col=2)
+        fig.update_yaxes(type="log", row=1, col=2)
+        fig.update_layout(title=f"Vocabulary scan: {len(frame)} tokens x {self.setup['n_repeats']} repeats", height=450)
+        return fig
+
+    def summary(self) -> dict:
+        frame = self.to_frame()
+        reached = int(frame["reached_sink"].sum())
+        share, low, high = proportion_interval(reached, len(frame))
+        top = frame.sort_values("peak_ratio", ascending=False).head(20)
+        return {
+            "n_tokens": len(frame), "missing": self.requested - len(frame), "n_repeats": self.setup["n_repeats"],
+            "n_reached_sink": reached, "share_reached_sink": share, "ci_low": low, "ci_high": high,
+            "definition": (f"the norm at layer {self.setup['layer']} enters the sink regime (>= "
+                           f"{sink_threshold(self.setup['first_token_norm'], self.setup['typical_norm']):.1f}, 0.9 of "
+                           "the way in log space from typical to the first token's norm) and stays there to the last "
+                           "repeat"),
+            "n_first_crossing": int(frame["first_crossing"].notna().sum()),
+            "top_tokens": [{"token_id": int(r.token_id), "text": r.text, "peak_ratio": float(r.peak_ratio),
+                            "repeats_to_sink": None if pd.isna(r.repeats_to_sink) else int(r.repeats_to_sink)}
+                           for r in top.itertuples()],
+            "correlations": self.correlations(),
+            "setup": self.setup,
+        }
+
+
+def merge_scan(out: str | Path, token_ids: Sequence[int] | None = None) -> VocabScan:
+    """Every shard's rows in ``out`` as one table (restricted to ``token_ids`` if given), written to
+    ``out/scan.parquet`` atomically."""
+    from sinklens._io import atomic_path
+
+    out = Path(out)
+    if not (out / SETUP_FILE).is_file():
+        raise SinklensError(f"{out} holds no scan", "run: sinklens scan --out DIR")
+    setup = json.loads((out / SETUP_FILE).read_text(encoding="utf-8"))
+    rows = _all_rows(out)
+    wanted = list(rows) if token_ids is None else [t for t in token_ids if t in rows]
+    if not wanted:
+        raise SinklensError(f"{out} holds no scanned token yet", "run: sinklens scan --out DIR")
+    result = VocabScan(setup, [rows[t] for t in wanted], len(rows) if token_ids is None else len(token_ids))
+    with atomic_path(out / TABLE_FILE) as tmp:
+        result.to_frame().to_parquet(tmp, index=False)
+    return result
+
+
+def scan_tokens(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[int], *, batch_size: int = 8,
+                progress: bool = False) -> VocabScan:
+    """Scan ``token_ids`` in memory (no files): for small scans and for the cluster attack."""
+    rows = []
+    for start in tqdm(range(0, len(token_ids), batch_size), desc="scan", disable=not progress):
+        rows += scan_rows(model, setup, token_ids[start : start + batch_size])
+    return VocabScan(setup.to_json(), rows, len(token_ids))
+
+
+def repeated_batch(setup: ScanSetup, sequences: Int[torch.Tensor, "batch n"]) -> Int[torch.Tensor, "batch pos"]:
+    """``[first] + prefix + sequence`` for each row."""
+    head = torch.tensor([[setup.first_token, *setup.prefix]]).expand(sequences.shape[0], -1)
+    return torch.cat([head, sequences], dim=1)

@@ -1,0 +1,195 @@
+"""The vocabulary scan and the cluster attack on a tiny model with planted sink-opening tokens.
+
+Three byte tokens that never occur in the test corpus get the first token's marker on residual
+dimension 0, so the sink neuron fires on them wherever they stand: the scan must find exactly them,
+from their first repeat; mixed without repetition they keep the sink open, and a calibrated clamp
+of the sink neuron closes it."""
+
+import json
+
+import pytest
+import torch
+from pandas.testing import assert_frame_equal
+
+from sinklens.analyses import scan as scan_module
+from sinklens.analyses.attack import cluster_attack, key_clusters, sample_sequences
+from sinklens.analyses.scan import ScanSetup, merge_scan, prepare_scan_dir, run_scan, scan_setup, scan_tokens, select_tokens
+from sinklens.errors import SinklensError
+from sinklens.load.models import load_model
+from sinklens.present.cli import main
+from sinklens.run.patch import patch_for
+
+from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_tiny
+
+PLANTED = ("Z", "Q", "X")
+N_REPEATS = 24
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = save_tiny(tmp_path_factory.mktemp("tiny-planted"))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in PLANTED]
+    assert not set(ids) & set(tokenizer(CORPUS * 4).input_ids)  # never in natural text
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[ids, 0] = 1.0  # the marker the sink neuron reads
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted(planted_dir):
+    model = load_model(str(planted_dir), device="cpu")
+    model.planted_ids = sorted(model.tokenizer.convert_tokens_to_ids(t) for t in PLANTED)
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup(planted, long_corpus_file):
+    return scan_setup(planted, long_corpus_file.read_text(), n_repeats=N_REPEATS)
+
+
+@pytest.fixture(scope="module")
+def tokens(planted):
+    return select_tokens(planted)
+
+
+@pytest.fixture(scope="module")
+def whole(planted, setup, tokens, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scan-whole")
+    assert run_scan(planted, setup, tokens, out, batch_size=32) == len(tokens)
+    return merge_scan(out, tokens)
+
+
+def test_the_setup_finds_the_sink_and_the_scan_finds_the_planted_tokens(planted, setup, whole, tokens):
+    assert setup.sink_neurons == ((SINK_LAYER, SINK_NEURON),) and setup.layer == SINK_LAYER
+    frame = whole.to_frame()
+    assert len(frame) == len(tokens) and frame["token_id"].is_unique
+    assert sorted(frame.loc[frame["reached_sink"], "token_id"]) == planted.planted_ids
+    planted_rows = frame[frame["token_id"].isin(planted.planted_ids)]
+    assert (planted_rows["repeats_to_sink"] == 1).all() and (planted_rows["sink_neuron_ratio"] > 0.5).all()
+    assert frame.loc[~frame["reached_sink"], "peak_ratio"].max() < planted_rows["peak_ratio"].min() / 10
+    summary = whole.summary()
+    assert (summary["n_tokens"], summary["n_reached_sink"]) == (len(tokens), 3)
+    assert summary["ci_low"] < 3 / len(tokens) < summary["ci_high"]
+    assert {t["token_id"] for t in summary["top_tokens"][:3]} == set(planted.planted_ids)
+    for correlation in summary["correlations"]:
+        assert correlation["n"] == len(tokens)
+        assert correlation["ci_low"] <= correlation["spearman_with_peak_ratio"] <= correlation["ci_high"]
+    json.dumps(summary)
+    assert whole.plot().data
+
+
+def test_a_killed_scan_resumes_with_no_row_lost_or_doubled(planted, setup, tokens, whole, tmp_path, monkeypatch):
+    real = scan_module.scan_rows
+    calls = []
+
+    def dies_on_the_third_batch(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(scan_module, "scan_rows", dies_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_scan(planted, setup, tokens, tmp_path, batch_size=32)
+    rows_file = tmp_path / "rows-0-of-1.jsonl"
+    with rows_file.open("a") as f:
+        f.write('{"token_id": 99999, "text": "torn')  # a kill in the middle of a write
+    monkeypatch.setattr(scan_module, "scan_rows", real)
+    assert run_scan(planted, setup, tokens, tmp_path, batch_size=32) == len(tokens) - 64
+    resumed = merge_scan(tmp_path, tokens).to_frame()
+    assert len(rows_file.read_text().splitlines()) == len(tokens)
+    assert resumed.equals(whole.to_frame())
+
+
+def test_shards_merge_to_the_same_table_as_one_run(planted, setup, tokens, whole, tmp_path):
+    for index in (2, 0, 1):
+        run_scan(planted, setup, tokens, tmp_path, shard=(index, 3), batch_size=32)
+    assert sorted(p.name for p in tmp_path.glob("rows-*")) == [f"rows-{i}-of-3.jsonl" for i in range(3)]
+    # other batches, so the floats may differ in the last bits; every decision and count is the same
+    assert_frame_equal(merge_scan(tmp_path, tokens).to_frame(), whole.to_frame(), check_exact=False, rtol=1e-5)
+    assert run_scan(planted, setup, tokens, tmp_path) == 0  # a plain run over the directory finds nothing missing
+    assert (tmp_path / "scan.parquet").is_file()
+
+
+def test_a_scan_directory_refuses_other_settings(setup, tmp_path):
+    prepare_scan_dir(tmp_path, setup)
+    other = ScanSetup.from_json({**setup.to_json(), "n_repeats": setup.n_repeats + 1})
+    with pytest.raises(SinklensError, match="other settings \\(n_repeats differ\\)"):
+        prepare_scan_dir(tmp_path, other)
+
+
+def test_the_default_sample_is_stratified_by_token_id_and_seeded(planted, tokens):
+    sample = select_tokens(planted, 40, seed=1)
+    assert len(sample) == 40 and set(sample) <= set(tokens) and sample == select_tokens(planted, 40, seed=1)
+    assert sample != select_tokens(planted, 40, seed=2)
+    strata = torch.tensor_split(torch.tensor(tokens), 10)
+    assert all(sum(int(t) in set(s.tolist()) for t in sample) == 4 for s in strata)
+    assert not set(planted.tokenizer.all_special_ids) & set(tokens)
+
+
+def test_sequences_never_repeat_a_token_back_to_back():
+    sequences = sample_sequences([1, 2, 3], 50, 40, seed=0)
+    assert sequences.shape == (50, 40) and (sequences[:, 1:] != sequences[:, :-1]).all()
+    assert set(sequences.unique().tolist()) == {1, 2, 3}
+
+
+def test_the_attack_opens_the_sink_without_repetition_and_a_calibrated_clamp_closes_it(planted, setup, whole):
+    patch = patch_for(planted, [(SINK_LAYER, SINK_NEURON)], hook="post", value="calibrated", values=[0.0])
+    result = cluster_attack(planted, setup, whole, clustering="sink_tokens", lengths=(6, 12), n_sequences=10,
+                            patch=patch)
+    assert sorted(result.cluster) == planted.planted_ids and result.cluster_sink_share == 1.0
+    rates = result.rates().set_index(["condition", "length"])["success_rate"]
+    assert (rates["cluster"] == 1.0).all() and (rates["repeat"] == 1.0).all()
+    assert (rates["cluster_patched"] == 0.0).all()
+    assert (rates["random"] < 1.0).all()
+    summary = result.summary()
+    for condition in ("cluster", "repeat", "random", "cluster_patched"):
+        assert set(summary[condition]) >= {"n", "success_rate", "ci_low", "ci_high"} and summary[condition]["n"] == 10
+    assert "success:" in summary["definition"]
+
+
+def test_key_clusters_partition_the_scanned_tokens(planted, whole):
+    clusters = key_clusters(planted, whole, n_clusters=8)
+    assert len(clusters) == 8 and sorted(t for c in clusters for t in c) == sorted(r["token_id"] for r in whole.rows)
+
+
+def test_scan_and_attack_commands(planted_dir, long_corpus_file, tmp_path, capsys):
+    study = ["--model", str(planted_dir), "--corpus", str(long_corpus_file), "--n-repeats", str(N_REPEATS)]
+    out = tmp_path / "scan"
+    assert main(["scan", *study, "--out", str(out), "--tokens", "60", "--shard", "1/2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows_written"] == 30
+    assert main(["scan", *study, "--out", str(out), "--tokens", "60", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_tokens"] == 60 and {"n_reached_sink", "share_reached_sink", "ci_low", "ci_high"} <= set(summary)
+    assert (out / "scan.parquet").is_file() and (out / "scan.html").is_file()
+    assert main(["attack", *study, "--scan", str(out), "--clustering", "keys", "--lengths", "8", "--sequences", "4",
+                 "--json"]) == 0
+    attack = json.loads(capsys.readouterr().out)
+    assert {"cluster", "repeat", "random", "definition"} <= set(attack) and attack["cluster"]["n"] == 4
+
+
+@pytest.mark.parametrize("command, bad, message", [
+    ("scan", ["--shard", "2/2"], "the index must be in 0..1"),
+    ("scan", ["--shard", "x"], "not a shard like 0/4"),
+    ("scan", ["--tokens", "0"], "not a positive number"),
+    ("attack", ["--lengths", "1"], "at least 2"),
+    ("attack", ["--clustering", "vibes"], "invalid choice"),
+    ("attack", ["--patch", "missing.json"], "does not exist"),
+    ("attack", ["--scan", "no-such-scan"], "holds no scan"),
+])
+def test_scan_and_attack_bad_input_is_one_line(command, bad, message, planted_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sinklens.load.models._load", lambda *a: pytest.fail("loaded the model"))
+    assert main([command, "--model", str(planted_dir), *bad]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("sinklens: error:") and message in err[0], err
+
+
+def test_an_in_memory_scan_equals_the_file_scan(planted, setup, whole):
+    some = [r["token_id"] for r in whole.rows[:20]]
+    in_memory = scan_tokens(planted, setup, some, batch_size=7).to_frame()
+    assert_frame_equal(in_memory, whole.to_frame().head(20), check_exact=False, rtol=1e-5)
