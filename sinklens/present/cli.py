@@ -423,6 +423,10 @@ def _evaluate(args) -> None:
 
 
 def _scan(args) -> None:
+    import html
+
+    import pandas as pd
+
     from sinklens.analyses.scan import merge_scan, run_scan, scan_setup, select_tokens
     from sinklens.load.models import load_model
     from sinklens.run.tokens import check_context, encode
@@ -444,9 +448,16 @@ def _scan(args) -> None:
     scan = merge_scan(out, tokens)
     summary = scan.summary()
     write_json(out / "summary.json", summary)
-    write_text(out / "scan.html", page(f"sinklens scan: {config.model}", f"{summary['definition']}.",
-                                       _scan_lines(summary), [section("Distribution", "", scan.plot(),
-                                                                      frame=scan.to_frame().head(0))]))
+    frame = scan.to_frame()
+    sections = [
+        section("Distribution", f"{summary['n_tokens']} tokens, each repeated {summary['n_repeats']} times after the "
+                f"first token; sink regime: {html.escape(summary['definition'])}.", scan.plot()),
+        section("The tokens with the largest peak norm", "", frame=frame.nlargest(30, "peak_ratio")),
+        section("What the data says about why", "Spearman correlation with the peak norm over typical, 95% interval "
+                "(Fisher z), sample size.", frame=pd.DataFrame(summary["correlations"])),
+    ]
+    write_text(out / "scan.html", page(f"sinklens scan: {config.model}", f"Rows: <code>{out / 'scan.parquet'}</code>.",
+                                       _scan_lines(summary), sections))
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "setup"}))
         return
