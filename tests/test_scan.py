@@ -193,3 +193,25 @@ def test_an_in_memory_scan_equals_the_file_scan(planted, setup, whole):
     some = [r["token_id"] for r in whole.rows[:20]]
     in_memory = scan_tokens(planted, setup, some, batch_size=7).to_frame()
     assert_frame_equal(in_memory, whole.to_frame().head(20), check_exact=False, rtol=1e-5)
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(planted_dir, long_corpus_file, tmp_path, capsys, monkeypatch):
+    real = scan_module.scan_rows
+    calls = []
+
+    def interrupted_on_the_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(scan_module, "scan_rows", interrupted_on_the_second_batch)
+    args = ["scan", "--model", str(planted_dir), "--corpus", str(long_corpus_file), "--n-repeats", str(N_REPEATS),
+            "--out", str(tmp_path), "--tokens", "40", "--batch-size", "10", "--json"]
+    assert main(args) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "interrupted" in err[0] and "resumes" in err[0], err
+    monkeypatch.setattr(scan_module, "scan_rows", real)
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["n_tokens"] == 40
+    assert len((tmp_path / "rows-0-of-1.jsonl").read_text().splitlines()) == 40

@@ -212,11 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except SinklensError as exc:
-        for bar in list(tqdm._instances):  # an error must not land on a progress bar's line
-            bar.close()
+        _close_bars()
         print(f"sinklens: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _close_bars()
+        print("sinklens: interrupted; what was written is kept, and the same command resumes from it", file=sys.stderr)
+        return 130
     return 0
+
+
+def _close_bars() -> None:
+    """Close open progress bars, so that a message does not land on a bar's line."""
+    for bar in list(tqdm._instances):
+        bar.close()
 
 
 class _NoticeHandler(logging.StreamHandler):
@@ -439,7 +448,7 @@ def _scan(args) -> None:
     setup = scan_setup(model, text, n_repeats=args.n_repeats, prefix=args.prefix,
                        first=None if config.first_token == AUTO else config.first_token)
     tokens = select_tokens(model, args.tokens, seed=args.seed)
-    written = run_scan(model, setup, tokens, out, shard=args.shard, batch_size=args.batch_size, progress=True)
+    written = run_scan(model, setup, tokens, out, shard=args.shard, batch_size=args.batch_size, progress=not args.json)
     if args.shard[1] > 1:
         line = {"shard": list(args.shard), "rows_written": written}
         print(json.dumps(line) if args.json else f"shard {args.shard[0]}/{args.shard[1]}: {written} rows written to "

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from sinklens._io import write_json, write_text
@@ -39,7 +40,7 @@ from sinklens.load.corpus import read_text, shakespeare
 from sinklens.load.models import load_hf_model, load_model
 from sinklens.present._page import Checkpoints, check_output_dir, page, section, versions, versions_text
 from sinklens.run.patch import SinkPatch
-from sinklens.run.tokens import check_context, default_words, repeated_tokens, text_tokens, token, word_token
+from sinklens.run.tokens import check_context, default_words, encode, repeated_tokens, text_tokens, token, word_token
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"items": 20, "lambada": 20, "text_tokens": 1024, "words": ("poem",), "chat_copies": 10,
@@ -94,6 +95,8 @@ def run_evaluation(config: EvaluationConfig, out: str | Path, *, progress: bool 
         [word_token(bridge, "poem"), *words]
     check_context(bridge, max(preset["n_repeats"], preset["teacher_repeats"], *preset["raw_repeats"]) + 2
                   + preset["new_tokens"])
+    # natural text in windows of fresh contexts, so it may be longer than the model's context
+    text = torch.tensor([[first, *encode(bridge, corpus)[: preset["text_tokens"] - 1]]])
     steps = Checkpoints(out, config.fingerprint(patch))
     with tqdm(total=len(TASKS) + 6, desc="sinklens evaluate", disable=not progress) as bar:
 
@@ -108,7 +111,6 @@ def run_evaluation(config: EvaluationConfig, out: str | Path, *, progress: bool 
             return compare_benchmarks(hf, tokenizer, patch, {task: load_items(task, n, seed=config.seed)})
 
         benchmarks = BenchmarkComparison.merge([step(f"benchmark_{task}", lambda t=task: scored(t)) for task in TASKS])
-        text = text_tokens(bridge, corpus, first=first, max_tokens=preset["text_tokens"])
         natural = step("natural_text", lambda: text_effect(hf, text, patch))
         baseline = norm_baseline(bridge, layer, reference)
         curves = step("curves_original", lambda: repetition_curves(
