@@ -83,17 +83,23 @@ def test_the_setup_finds_the_sink_and_the_scan_finds_the_planted_tokens(planted,
     assert whole.plot().data
 
 
-def test_a_killed_scan_resumes_with_no_row_lost_or_doubled(planted, setup, tokens, whole, tmp_path, monkeypatch):
+def _interrupt_on_batch(monkeypatch, number: int):
+    """Make the scan stop with Ctrl-C when it starts batch ``number`` (1-based); returns the real function."""
     real = scan_module.scan_rows
     calls = []
 
-    def dies_on_the_third_batch(*args):
+    def interrupted(*args):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == number:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(scan_module, "scan_rows", dies_on_the_third_batch)
+    monkeypatch.setattr(scan_module, "scan_rows", interrupted)
+    return real
+
+
+def test_a_killed_scan_resumes_with_no_row_lost_or_doubled(planted, setup, tokens, whole, tmp_path, monkeypatch):
+    real = _interrupt_on_batch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run_scan(planted, setup, tokens, tmp_path, batch_size=32)
     rows_file = tmp_path / "rows-0-of-1.jsonl"
@@ -177,6 +183,8 @@ def test_scan_and_attack_commands(planted_dir, long_corpus_file, tmp_path, capsy
     ("scan", ["--shard", "2/2"], "the index must be in 0..1"),
     ("scan", ["--shard", "x"], "not a shard like 0/4"),
     ("scan", ["--tokens", "0"], "not a positive number"),
+    ("scan", ["--token-ids", "5,x"], "not a list of token ids"),
+    ("scan", ["--token-ids", "@no-such-file"], "cannot read no-such-file"),
     ("attack", ["--lengths", "1"], "at least 2"),
     ("attack", ["--clustering", "vibes"], "invalid choice"),
     ("attack", ["--patch", "missing.json"], "does not exist"),
@@ -196,16 +204,7 @@ def test_an_in_memory_scan_equals_the_file_scan(planted, setup, whole):
 
 
 def test_ctrl_c_is_one_line_and_the_rerun_resumes(planted_dir, long_corpus_file, tmp_path, capsys, monkeypatch):
-    real = scan_module.scan_rows
-    calls = []
-
-    def interrupted_on_the_second_batch(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(scan_module, "scan_rows", interrupted_on_the_second_batch)
+    real = _interrupt_on_batch(monkeypatch, 2)
     args = ["scan", "--model", str(planted_dir), "--corpus", str(long_corpus_file), "--n-repeats", str(N_REPEATS),
             "--out", str(tmp_path), "--tokens", "40", "--batch-size", "10", "--json"]
     assert main(args) == 130
@@ -215,3 +214,20 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(planted_dir, long_corpus_file,
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["n_tokens"] == 40
     assert len((tmp_path / "rows-0-of-1.jsonl").read_text().splitlines()) == 40
+
+
+@pytest.mark.parametrize("ids, message", [("5,999999", "outside the vocabulary"), (",", "the token subset is empty")])
+def test_a_bad_token_subset_fails_before_the_first_forward_pass(ids, message, planted_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(scan_module, "scan_setup", lambda *a, **k: pytest.fail("measured before checking"))
+    assert main(["scan", "--model", str(planted_dir), "--out", str(tmp_path), "--n-repeats", "20", "--token-ids", ids]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_token_subset_is_scanned_as_given(planted, planted_dir, long_corpus_file, tmp_path, capsys):
+    ids = planted.planted_ids + [t for t in (300, 301) if t not in planted.planted_ids]
+    (tmp_path / "ids.txt").write_text("\n".join(map(str, ids)))
+    assert main(["scan", "--model", str(planted_dir), "--corpus", str(long_corpus_file), "--n-repeats", str(N_REPEATS),
+                 "--out", str(tmp_path / "out"), "--token-ids", f"@{tmp_path / 'ids.txt'}", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["n_tokens"], summary["n_reached_sink"]) == (len(ids), 3)

@@ -135,6 +135,18 @@ def select_tokens(model: TransformerBridge, n: int | None = None, *, seed: int =
     return sorted(int(t) for stratum, k in zip(strata, counts) for t in rng.choice(stratum, k, replace=False))
 
 
+def check_token_ids(model: TransformerBridge, token_ids: Sequence[int]) -> list[int]:
+    """The ids as a list, or one clear error for an empty subset or an id outside the vocabulary."""
+    ids = list(dict.fromkeys(int(t) for t in token_ids))
+    if not ids:
+        raise SinklensError("the token subset is empty", "pass at least one token id, or --tokens N|all")
+    outside = [t for t in ids if not 0 <= t < model.cfg.d_vocab]
+    if outside:
+        raise SinklensError(f"token ids {outside[:5]} are outside the vocabulary (0..{model.cfg.d_vocab - 1})",
+                            "pass ids of this model's vocabulary")
+    return ids
+
+
 def scan_rows(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[int]) -> list[dict]:
     """Measure ``token_ids`` repeated (one batch): one row per token."""
     ids = torch.tensor(list(token_ids), dtype=torch.long)

@@ -77,6 +77,20 @@ def _token_count(value: str) -> int | None:
     return None if value == "all" else _positive(int)(value)
 
 
+def _token_ids(value: str) -> list[int]:
+    """``5,17,999`` or ``@FILE`` (one id per line)."""
+    text = value
+    if value.startswith("@"):
+        try:
+            text = Path(value[1:]).read_text(encoding="utf-8").replace("\n", ",")
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {value[1:]}: {exc.strerror}") from None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a list of token ids like 5,17,999") from None
+
+
 def _shard(value: str) -> tuple[int, int]:
     try:
         index, count = (int(v) for v in value.split("/"))
@@ -168,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--out", default="sinklens-scan", help="output directory, shared by shards (default: %(default)s)")
     scan.add_argument("--tokens", type=_token_count, default=2000,
                       help="N tokens in a seeded sample stratified by token id, or all (default: %(default)s)")
+    scan.add_argument("--token-ids", type=_token_ids,
+                      help="scan this subset instead: comma-separated token ids, or @FILE with one id per line")
     scan.add_argument("--n-repeats", type=_positive(int), default=1000, help="repeats per token (default: %(default)s)")
     scan.add_argument("--shard", type=_shard, default=(0, 1),
                       help="i/n: scan every n-th token from the i-th, as one of n independent jobs; a run without "
@@ -436,7 +452,7 @@ def _scan(args) -> None:
 
     import pandas as pd
 
-    from sinklens.analyses.scan import merge_scan, run_scan, scan_setup, select_tokens
+    from sinklens.analyses.scan import check_token_ids, merge_scan, run_scan, scan_setup, select_tokens
     from sinklens.load.models import load_model
     from sinklens.run.tokens import check_context, encode
 
@@ -445,9 +461,10 @@ def _scan(args) -> None:
     text = _corpus(config)
     model = load_model(config.model, verbose=args.verbose)
     check_context(model, 1 + args.n_repeats + len(encode(model, args.prefix) if args.prefix else []))
+    tokens = check_token_ids(model, args.token_ids) if args.token_ids is not None else \
+        select_tokens(model, args.tokens, seed=args.seed)
     setup = scan_setup(model, text, n_repeats=args.n_repeats, prefix=args.prefix,
                        first=None if config.first_token == AUTO else config.first_token)
-    tokens = select_tokens(model, args.tokens, seed=args.seed)
     written = run_scan(model, setup, tokens, out, shard=args.shard, batch_size=args.batch_size, progress=not args.json)
     if args.shard[1] > 1:
         line = {"shard": list(args.shard), "rows_written": written}
