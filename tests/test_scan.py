@@ -103,8 +103,8 @@ def test_a_killed_scan_resumes_with_no_row_lost_or_doubled(planted, setup, token
     with pytest.raises(KeyboardInterrupt):
         run_scan(planted, setup, tokens, tmp_path, batch_size=32)
     rows_file = tmp_path / "rows-0-of-1.jsonl"
-    with rows_file.open("a") as f:
-        f.write('{"token_id": 99999, "text": "torn')  # a kill in the middle of a write
+    with rows_file.open("a") as f:  # a kill in the middle of a write: a whole row, but its newline never written
+        f.write(json.dumps(whole.rows[-1]))
     monkeypatch.setattr(scan_module, "scan_rows", real)
     assert run_scan(planted, setup, tokens, tmp_path, batch_size=32) == len(tokens) - 64
     resumed = merge_scan(tmp_path, tokens).to_frame()

@@ -148,6 +148,13 @@ def accuracy(items: Sequence[Item], scores: Sequence[ItemScores], normalised: bo
     return torch.tensor(correct)
 
 
+def _answer(item: Item, score: ItemScores) -> int:
+    """The chosen answer (LAMBADA: whether greedy decoding yields the word)."""
+    if item.task == "lambada":
+        return int(score.greedy[0])
+    return max(range(len(score.logprob)), key=score.logprob.__getitem__)
+
+
 @dataclass
 class BenchmarkComparison(Result):
     """The same items scored by the original and the patched model."""
@@ -175,7 +182,7 @@ class BenchmarkComparison(Result):
         mean, low, high = mean_interval(changes)
         row.update({"logprob_change": mean, "logprob_change_ci_low": low, "logprob_change_ci_high": high,
                     "logprob_change_abs": float(changes.abs().mean()),
-                    "answers_changed": int((accuracy(items, before) != accuracy(items, after)).sum())})
+                    "answers_changed": sum(_answer(i, a) != _answer(i, b) for i, a, b in zip(items, before, after))})
         return row
 
     def to_frame(self) -> pd.DataFrame:
@@ -236,15 +243,17 @@ class TextEffect(Result):
 
 def text_effect(model, tokens: Int[torch.Tensor, "1 pos"], patch, window: int = 512) -> TextEffect:
     """Natural text (``[first] + text``) scored by ``model`` with and without ``patch``, in windows of
-    ``window`` tokens (each window starts a fresh context, so its own first token is unpatched)."""
+    ``window`` tokens, each a fresh context that starts with the same first token (so every window has
+    its sink, as the patch assumes)."""
     from sinklens.analyses.patch_choice import kl_divergence
 
     device = next(model.parameters()).device
     nll = {"original": [], "patched": []}
     kls = []
     with torch.inference_mode():
-        for start in range(0, tokens.shape[1] - 1, window):
-            chunk = tokens[:, start : start + window].to(device)
+        first, text = tokens[:, :1], tokens[:, 1:]
+        for start in range(0, text.shape[1], window - 1):
+            chunk = torch.cat([first, text[:, start : start + window - 1]], dim=1).to(device)
             if chunk.shape[1] < 2:
                 break
             logits = model(input_ids=chunk).logits

@@ -172,7 +172,9 @@ def scan_rows(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[in
     cache = run_cache(model, tokens, [resid, *posts.values(), detector, layer0], reduce=reduce)
     lone = run_cache(model, ids[:, None], [layer0])[layer0][:, 0].float()
     norms = cache[resid].cpu()
-    neuron_values = torch.cat([cache[posts[l]] for l in sink_layers], dim=-1)[:, start:].cpu()
+    columns = {l: [n for layer, n in setup.sink_neurons if layer == l] for l in sink_layers}
+    neuron_values = torch.stack([cache[posts[l]][:, :, columns[l].index(n)] for l, n in setup.sink_neurons],
+                                dim=-1)[:, start:].cpu()  # in the order of setup.sink_neurons
     neuron_ratio = (neuron_values / torch.tensor(setup.sink_neuron_first).clamp_min(1e-6)).amax(dim=(1, 2))
     span = setup.detector_first - setup.detector_later
     detector_score = (cache[detector][:, -1].cpu() - setup.detector_later) / (span if abs(span) > 1e-9 else 1.0)
@@ -204,10 +206,11 @@ class RowFile:
         if not self.path.is_file():
             return []
         rows = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        text = self.path.read_text(encoding="utf-8")
+        for line in text.split("\n")[:-1]:  # a last segment without its newline is a torn write
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:  # the torn tail of a killed run
+            except json.JSONDecodeError:
                 break
         return rows
 

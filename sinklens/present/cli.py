@@ -463,8 +463,9 @@ def _scan(args) -> None:
     check_context(model, 1 + args.n_repeats + len(encode(model, args.prefix) if args.prefix else []))
     tokens = check_token_ids(model, args.token_ids) if args.token_ids is not None else \
         select_tokens(model, args.tokens, seed=args.seed)
-    setup = scan_setup(model, text, n_repeats=args.n_repeats, prefix=args.prefix,
-                       first=None if config.first_token == AUTO else config.first_token)
+    setup = _stored_setup(out, model, args) or scan_setup(
+        model, text, n_repeats=args.n_repeats, prefix=args.prefix,
+        first=None if config.first_token == AUTO else config.first_token)
     written = run_scan(model, setup, tokens, out, shard=args.shard, batch_size=args.batch_size, progress=not args.json)
     if args.shard[1] > 1:
         line = {"shard": list(args.shard), "rows_written": written}
@@ -490,6 +491,23 @@ def _scan(args) -> None:
     for line in _scan_lines(summary):
         print(line)
     print(f"wrote {out / 'scan.parquet'}, {out / 'summary.json'} and {out / 'scan.html'}")
+
+
+def _stored_setup(out: Path, model, args):
+    """The setup of the scan already in ``out`` (so shards and resumed runs share it, measured once), after
+    checking that it was made with this model and these inputs."""
+    from sinklens.analyses.scan import SETUP_FILE, ScanSetup
+    from sinklens.run.tokens import encode
+
+    path = out / SETUP_FILE
+    if not path.is_file():
+        return None
+    stored = ScanSetup.from_json(json.loads(path.read_text(encoding="utf-8")))
+    asked = (model.cfg.model_name, args.n_repeats, tuple(encode(model, args.prefix)) if args.prefix else ())
+    if (stored.model, stored.n_repeats, stored.prefix) != asked:
+        raise SinklensError(f"{out} holds a scan of {stored.model} at {stored.n_repeats} repeats with another prefix or "
+                            "model than asked", "use another --out, or the settings of the scan already there")
+    return stored
 
 
 def _scan_lines(summary: dict) -> list[str]:
@@ -521,6 +539,9 @@ def _attack(args) -> None:
     if args.scan:
         scan = merge_scan(args.scan)
         setup = ScanSetup.from_json(scan.setup)
+        if setup.model != model.cfg.model_name:
+            raise SinklensError(f"{args.scan} is a scan of {setup.model}, not of {model.cfg.model_name}",
+                                "scan this model first: sinklens scan --model SPEC --out DIR")
     else:
         setup = scan_setup(model, _corpus(config), n_repeats=args.n_repeats,
                            first=None if config.first_token == AUTO else config.first_token)

@@ -48,7 +48,7 @@ def register() -> None:
     class SinklensLM(HFLM):
         """``HFLM`` on a model loaded by sinklens, with a sinklens patch file installed as forward hooks."""
 
-        def __init__(self, pretrained: str, patch: str | None = None, device: str | None = "cpu", **kwargs):
+        def __init__(self, pretrained: str, patch: str | None = None, device: str | None = None, **kwargs):
             from sinklens.load.models import load_hf_model
             from sinklens.run.patch import SinkPatch
 
@@ -57,7 +57,7 @@ def register() -> None:
             if self.sink_patch is not None:
                 self.sink_patch.check(model.config.num_hidden_layers, model.config.intermediate_size, pretrained)
                 self.sink_patch.install(model)
-            super().__init__(pretrained=model, tokenizer=tokenizer, device=device, **kwargs)
+            super().__init__(pretrained=model, tokenizer=tokenizer, device=device or str(model.device), **kwargs)
 
 
 def main() -> None:
