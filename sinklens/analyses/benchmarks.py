@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from sinklens.analyses._stats import mean_interval
+from sinklens.analyses.patch_choice import kl_divergence
 from sinklens.load.benchmarks import Item
 from sinklens.results import Result, value_type
 
@@ -245,8 +246,6 @@ def text_effect(model, tokens: Int[torch.Tensor, "1 pos"], patch, window: int = 
     """Natural text (``[first] + text``) scored by ``model`` with and without ``patch``, in windows of
     ``window`` tokens, each a fresh context that starts with the same first token (so every window has
     its sink, as the patch assumes)."""
-    from sinklens.analyses.patch_choice import kl_divergence
-
     device = next(model.parameters()).device
     nll = {"original": [], "patched": []}
     kls = []

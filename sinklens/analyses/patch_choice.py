@@ -20,6 +20,7 @@ smallest KL; else the one that comes closest, and the choice says why.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,8 +79,6 @@ class PatchChoice(Result):
     @property
     def patch(self) -> SinkPatch:
         """The chosen patch, with the measurements that chose it in its ``selection``."""
-        import dataclasses
-
         return dataclasses.replace(self.candidates[self.chosen], selection=self.summary())
 
     def meets_target(self) -> list[bool]:

@@ -243,6 +243,19 @@ def _all_rows(out: Path) -> dict[int, dict]:
     return rows
 
 
+def stored_setup(out: str | Path, model: str, n_repeats: int, prefix: tuple[int, ...]) -> ScanSetup | None:
+    """The setup of the scan already in ``out`` (so shards and resumed runs share one, measured once), after
+    checking that it was made on ``model`` with the same repeats and prefix; None if ``out`` holds no scan."""
+    path = Path(out) / SETUP_FILE
+    if not path.is_file():
+        return None
+    stored = ScanSetup.from_json(json.loads(path.read_text(encoding="utf-8")))
+    if (stored.model, stored.n_repeats, stored.prefix) != (model, n_repeats, tuple(prefix)):
+        raise SinklensError(f"{out} holds a scan of {stored.model} at {stored.n_repeats} repeats with another prefix or "
+                            "model than asked", "use another --out, or the settings of the scan already there")
+    return stored
+
+
 def prepare_scan_dir(out: Path, setup: ScanSetup) -> None:
     """Record ``setup`` in ``out``, or check that the scan already there has the same one."""
     path = out / SETUP_FILE

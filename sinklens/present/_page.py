@@ -53,11 +53,8 @@ class Checkpoints:
         return result
 
 
-def _versions() -> dict[str, str]:
-    return {name: version(name) for name in ("sinklens", "transformer-lens", "transformers", "torch")}
-
-
 def versions() -> dict[str, str]:
+    """The versions of sinklens and of the libraries its numbers depend on."""
     return {name: version(name) for name in ("sinklens", "transformer-lens", "transformers", "torch")}
 
 

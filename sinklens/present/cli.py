@@ -439,9 +439,8 @@ def _evaluate(args) -> None:
     from sinklens.present.evaluation import EvaluationConfig, run_evaluation
 
     config = EvaluationConfig(args.model, args.patch, args.preset, args.corpus, args.seed)
-    config.check()
-    out = check_output_dir(args.out)
-    results = run_evaluation(config, out, progress=True, verbose=args.verbose)
+    results = run_evaluation(config, args.out, progress=True, verbose=args.verbose)  # checks inputs before loading
+    out = Path(args.out).expanduser()
     for line in results["summary"]:
         print(line)
     print(f"wrote {out / 'evaluation.html'} and {out / 'evaluation.json'}")
@@ -452,7 +451,7 @@ def _scan(args) -> None:
 
     import pandas as pd
 
-    from sinklens.analyses.scan import check_token_ids, merge_scan, run_scan, scan_setup, select_tokens
+    from sinklens.analyses.scan import check_token_ids, merge_scan, run_scan, scan_setup, select_tokens, stored_setup
     from sinklens.load.models import load_model
     from sinklens.run.tokens import check_context, encode
 
@@ -460,10 +459,11 @@ def _scan(args) -> None:
     out = check_output_dir(args.out)
     text = _corpus(config)
     model = load_model(config.model, verbose=args.verbose)
-    check_context(model, 1 + args.n_repeats + len(encode(model, args.prefix) if args.prefix else []))
     tokens = check_token_ids(model, args.token_ids) if args.token_ids is not None else \
         select_tokens(model, args.tokens, seed=args.seed)
-    setup = _stored_setup(out, model, args) or scan_setup(
+    prefix = tuple(encode(model, args.prefix)) if args.prefix else ()
+    check_context(model, 1 + len(prefix) + args.n_repeats)
+    setup = stored_setup(out, model.cfg.model_name, args.n_repeats, prefix) or scan_setup(
         model, text, n_repeats=args.n_repeats, prefix=args.prefix,
         first=None if config.first_token == AUTO else config.first_token)
     written = run_scan(model, setup, tokens, out, shard=args.shard, batch_size=args.batch_size, progress=not args.json)
@@ -491,23 +491,6 @@ def _scan(args) -> None:
     for line in _scan_lines(summary):
         print(line)
     print(f"wrote {out / 'scan.parquet'}, {out / 'summary.json'} and {out / 'scan.html'}")
-
-
-def _stored_setup(out: Path, model, args):
-    """The setup of the scan already in ``out`` (so shards and resumed runs share it, measured once), after
-    checking that it was made with this model and these inputs."""
-    from sinklens.analyses.scan import SETUP_FILE, ScanSetup
-    from sinklens.run.tokens import encode
-
-    path = out / SETUP_FILE
-    if not path.is_file():
-        return None
-    stored = ScanSetup.from_json(json.loads(path.read_text(encoding="utf-8")))
-    asked = (model.cfg.model_name, args.n_repeats, tuple(encode(model, args.prefix)) if args.prefix else ())
-    if (stored.model, stored.n_repeats, stored.prefix) != asked:
-        raise SinklensError(f"{out} holds a scan of {stored.model} at {stored.n_repeats} repeats with another prefix or "
-                            "model than asked", "use another --out, or the settings of the scan already there")
-    return stored
 
 
 def _scan_lines(summary: dict) -> list[str]:

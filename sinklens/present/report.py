@@ -274,7 +274,7 @@ def _circuit_headline(circuit: FirstLayerCircuit | None) -> list[str]:
     return lines
 
 
-def _circuitsection(circuit: FirstLayerCircuit) -> str:
+def _circuit_section(circuit: FirstLayerCircuit) -> str:
     s = circuit.summary()
     figures = [circuit.heads.plot()] + ([circuit.mark.plot()] if circuit.mark is not None else [])
     figures += [circuit.detectors.plot(), circuit.probe.plot(), circuit.convergence.plot()]
@@ -347,7 +347,7 @@ def _render_html(results, row: SinkTableRow, curves, study, circuit, received, m
             f"Residual norms per position at layers {study.layers}, intact and with the sink neurons set to 0 at every "
             "position; the attention later queries pay to the first token; the sink neurons' activation along "
             "each input.", study.plot(), study.plot_attention(), study.plot_activations()))
-    sections.append(_circuitsection(circuit) if circuit is not None else section(
+    sections.append(_circuit_section(circuit) if circuit is not None else section(
         "How the model marks the first token (paper Sec. 4.3, Fig. 4, Fig. 5)",
         f"Skipped: {html.escape(results['circuit']['skipped'])}"))
     sections += [
