@@ -50,20 +50,32 @@ def alternate(worker: str, ours: tuple, plain: tuple, trials: int) -> list[tuple
 
 
 def print_pairs(title: str, pairs: list[tuple[dict, dict]], targets: dict[str, float],
-                names: tuple[str, str] = ("sinklens", "plain HF"), same_results: bool = True) -> None:
+                names: tuple[str, str] = ("sinklens", "plain HF"), same_results: bool = True) -> dict:
     """Medians per side, then the time and memory ratios (first side over second) with their range
-    against their targets, and whether both sides computed the same checksum."""
+    against their targets, and whether both sides computed the same checksum. Returns the same as a
+    dict (``time_ratio``, ``memory_ratio``, ``same_results``, ``targets``) for :func:`print_summary`."""
     print(title)
     for name, side in zip(names, (0, 1)):
         seconds = statistics.median(pair[side]["seconds"] for pair in pairs)
         peak = statistics.median(pair[side]["peak_bytes"] for pair in pairs)
         print(f"  {name} median {seconds:.2f} s, peak +{peak / 2**20:.0f} MiB")
+    summary: dict = {"targets": {}}
     for key, label in (("seconds", "time"), ("peak_bytes", "memory")):
         if key not in targets:
             continue
-        ratios = [ours[key] / max(plain[key], 1) for ours, plain in pairs]
+        ratios = [ours[key] / max(plain[key], 1e-9) for ours, plain in pairs]
         print(f"  {label} ratio median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}; "
               f"target <= {targets[key]}x)")
+        summary[f"{label}_ratio"] = round(statistics.median(ratios), 3)
+        summary[f"{label}_ratio_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+        summary["targets"][f"{label}_ratio"] = f"<= {targets[key]}"
     if same_results:
         same = all(abs(o["checksum"] - p["checksum"]) <= 1e-4 * abs(p["checksum"]) for o, p in pairs)
         print(f"  same results: {same}")
+        summary["same_results"] = same
+    return summary
+
+
+def print_summary(bench: str, **results) -> None:
+    """The bench's last line: one JSON object with its ratios and targets, for scripts to read."""
+    print(json.dumps({"bench": bench, **results}))

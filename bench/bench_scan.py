@@ -4,11 +4,12 @@
   layer, each hook reduced as it fires (norms, a few neurons);
 * **naive**: one full-model ``run_with_cache`` per token, everything cached, the same numbers read
   from the cache afterwards (what a first notebook would do);
-* **plain HF**: the same batches through the Hugging Face model cut after the sink layer, norms read
-  by a forward hook: the floor any tool on this model pays.
+* **plain HF**: the same batches through the Hugging Face model (default attention: SDPA) cut after
+  the sink layer, norms read by a forward hook: the floor any tool on this model pays;
+* **eager**: sinklens with the fused attention path switched off, as it ran before it existed.
 
-Each side runs in its own process, alternating. Targets: at least 5x the naive loop, within 1.1x of
-plain HF. ``--batch-sizes`` measures sinklens at several batch sizes first and uses the fastest
+Each side runs in its own process, alternating. Targets: at least 5x the naive loop, at least 1.0x
+plain HF. The last line is one JSON object with the ratios and targets. ``--batch-sizes`` measures sinklens at several batch sizes first and uses the fastest
 (the scan's default, ``SCAN_BATCH``, is set from this measurement).
 
 Usage: ``python bench/bench_scan.py [--tokens N] [--n-repeats N] [--trials N] [--batch-sizes 1,4,8,16]``
@@ -23,7 +24,9 @@ import os
 import statistics
 from pathlib import Path
 
-from _harness import alternate, run_worker
+from _harness import alternate, print_summary, run_worker
+
+TARGETS = {"naive": ">= 5", "hf": ">= 1.0", "eager": "> 1 (the fused path is faster)"}
 
 WORKER = r"""
 mode, model_name, n_tokens, n_repeats, batch, rounds = sys.argv[1:7]
@@ -35,9 +38,12 @@ import sinklens
 from sinklens.load.models import load_hf_model
 setup = ScanSetup.from_json(json.load(open(model_name)))
 if mode == "hf":
-    hf, _ = load_hf_model(device=device)
+    hf, _ = load_hf_model(device=device)  # default attention: SDPA
 else:
     model = sinklens.load_model(device=device)
+if mode == "eager":  # sinklens as it ran before the fused attention path: the "before" of the comparison
+    from sinklens.load.attention import use_fused_attention
+    use_fused_attention(model, False)
 tokens = list(range(1000, 1000 + n_tokens))
 
 def batches(size):
@@ -45,7 +51,7 @@ def batches(size):
         ids = torch.tensor(tokens[i : i + size])
         yield ids, repeated_batch(setup, ids[:, None].expand(-1, setup.n_repeats))
 
-if mode == "sinklens":
+if mode in ("sinklens", "eager"):
     def run():
         return sum(r["peak_ratio"] for i in range(0, len(tokens), batch) for r in scan_rows(model, setup, tokens[i : i + batch]))
 elif mode == "naive":
@@ -84,7 +90,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--batch-sizes", default="1,4,8,16")
-    parser.add_argument("--sides", default="sinklens,naive,hf")
+    parser.add_argument("--sides", default="sinklens,naive,hf,eager")
     args = parser.parse_args()
     if not os.path.exists(args.setup):
         from sinklens import load_model
@@ -106,18 +112,22 @@ def main() -> None:
             print(f"sinklens, batch {size}: {speeds[size]:.2f} tokens/s")
     best = max(speeds, key=speeds.get) if speeds else int(args.batch_sizes.split(",")[-1])
     print(f"SmolLM2, {args.tokens} tokens x {args.n_repeats} repeats; sinklens batch size {best} (fastest)")
-    for other in ("naive", "hf"):
+    ratios = {}
+    for other in ("naive", "hf", "eager"):
         if other not in sides or "sinklens" not in sides:
             continue
         size = 1 if other == "naive" else best
         pairs = alternate(WORKER, ("sinklens", *common, best, args.rounds), (other, *common, size, args.rounds),
                           args.trials)
-        ratios = [ours["tokens_per_second"] / theirs["tokens_per_second"] for ours, theirs in pairs]
-        target = "at least 5x" if other == "naive" else "at least 1/1.1 = 0.91x"
+        speed = [ours["tokens_per_second"] / theirs["tokens_per_second"] for ours, theirs in pairs]
         print(f"  vs {other}: tokens/s {statistics.median(p[0]['tokens_per_second'] for p in pairs):.2f} vs "
               f"{statistics.median(p[1]['tokens_per_second'] for p in pairs):.2f}; speed ratio median "
-              f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}; target {target})")
-
+              f"{statistics.median(speed):.2f}x (range {min(speed):.2f}-{max(speed):.2f}; target {TARGETS[other]})")
+        ratios[f"speed_vs_{other}"] = round(statistics.median(speed), 3)
+        ratios[f"speed_vs_{other}_range"] = [round(min(speed), 3), round(max(speed), 3)]
+    print_summary("scan", tokens=args.tokens, n_repeats=args.n_repeats, batch_size=best,
+                  tokens_per_second={str(k): round(v, 3) for k, v in speeds.items()}, **ratios,
+                  targets={f"speed_vs_{k}": v for k, v in TARGETS.items()})
 
 if __name__ == "__main__":
     main()

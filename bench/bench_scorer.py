@@ -5,7 +5,8 @@ The same items (``--items`` per task, seeded, from the offline benchmark data) a
 (the ``sinklens`` model type of :mod:`sinklens.run.harness`, so the same model loading and the
 same patch file), both with the patch installed. Prints the largest difference of any choice's
 log-likelihood (target: within 1e-4), whether greedy matches agree, and items scored per second
-on each side, timed alternately in one process.
+on each side, timed alternately in one process (target: at least 1.5x the harness). The last line is
+one JSON object with the figures and targets.
 
 Needs ``pip install 'sinklens[harness]'``. Usage: ``python bench/bench_scorer.py [--patch patch.json]
 [--items N] [--tasks arc_easy,hellaswag,...] [--harness-batch N] [--rounds N]``.
@@ -14,6 +15,7 @@ Needs ``pip install 'sinklens[harness]'``. Usage: ``python bench/bench_scorer.py
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -70,7 +72,11 @@ def main() -> None:
     print(f"  sinklens score_items: {len(items) / ours_s:.1f} items/s ({ours_s:.1f} s)")
     print(f"  lm-evaluation-harness HFLM.loglikelihood (batch {args.harness_batch}): {len(items) / theirs_s:.1f} items/s "
           f"({theirs_s:.1f} s)")
-    print(f"  speed ratio sinklens / harness: {theirs_s / ours_s:.2f}x")
+    print(f"  speed ratio sinklens / harness: {theirs_s / ours_s:.2f}x (target >= 1.5x)")
+    print(json.dumps({"bench": "scorer", "items": len(items), "choices": len(flat),
+                      "max_logprob_difference": differences[worst], "greedy_agree": greedy_same == len(flat),
+                      "speed_vs_harness": round(theirs_s / ours_s, 3),
+                      "targets": {"max_logprob_difference": "<= 1e-4", "speed_vs_harness": ">= 1.5"}}))
 
 
 if __name__ == "__main__":

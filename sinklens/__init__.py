@@ -47,7 +47,7 @@ from sinklens.load.models import ModelSource, load_hf_model, load_model, resolve
 from sinklens.present.evaluation import EvaluationConfig, run_evaluation
 from sinklens.present.report import ReportConfig, run_report
 from sinklens.results import load_result, save_result
-from sinklens.run.cache import run_cache
+from sinklens.run.cache import SharedPrefix, run_cache, shared_prefix
 from sinklens.run.interventions import ablation_hooks, mean_activations
 from sinklens.run.patch import SinkPatch, patch_for
 from sinklens.run.tokens import Token, default_words, first_token, repeated_tokens, text_tokens, word_token
@@ -57,7 +57,7 @@ __all__ = [
     "Convergence", "Divergence", "EvaluationConfig", "FirstDetectorNeurons", "FirstLayerCircuit",
     "FirstTokenChoice", "FirstTokenProbe", "HeadBehaviour", "Item", "MarkPatching", "ModelSource", "NormBaseline",
     "PatchChoice", "RepetitionCurves", "ReportConfig", "ScanSetup", "SinkLayerResult", "SinkNeuronsResult",
-    "SinkPatch", "SinkTableRow", "SinklensError", "TextEffect", "Token", "VocabScan", "ablation_hooks",
+    "SharedPrefix", "SinkPatch", "SinkTableRow", "SinklensError", "TextEffect", "Token", "VocabScan", "ablation_hooks",
     "ablation_study", "attention", "attention_heads_view", "attention_received", "attention_score_maps",
     "choose_first_token", "choose_patch", "cluster_attack", "compare_benchmarks", "convergence", "corpus",
     "default_words", "divergence", "find_sink_layer", "find_sink_neurons", "first_detector_neurons",
@@ -65,6 +65,6 @@ __all__ = [
     "load_result", "mark_patching", "mean_activations", "merge_scan", "norm_baseline", "patch_for",
     "plot_attention_received", "plot_attention_score_maps", "plot_repetition_curves", "repeated_tokens",
     "repetition_curves", "resolve_model", "run_cache", "run_evaluation", "run_report", "run_scan", "save_result",
-    "scan_setup", "scan_tokens", "score_items", "select_tokens", "sink_table_row", "text_effect", "text_tokens",
+    "scan_setup", "scan_tokens", "score_items", "select_tokens", "shared_prefix", "sink_table_row", "text_effect", "text_tokens",
     "train_first_token_probe", "word_token",
 ]

@@ -21,7 +21,7 @@ from sinklens.analyses.attention import fig1_inputs, paper_figure_layers
 from sinklens.analyses.norms import first_crossing, repeats_to_stay, resid_norms, sink_threshold
 from sinklens.analyses.sink_layer import RATIO_FALLBACK, SIGMA_RULE, sink_layer_threshold
 from sinklens.load.models import load_model
-from sinklens.run.cache import stop_layer
+from sinklens.run.cache import shared_prefix, stop_layer
 
 
 def test_run_cache_keeps_only_the_named_hooks_and_stops_early(tiny):
@@ -41,6 +41,28 @@ def test_run_cache_reduces_inside_the_hook(tiny):
     full = run_cache(tiny, tokens, [name])[name]
     reduced = run_cache(tiny, tokens, [name], reduce=lambda n, x: x[..., 0].mean())[name]
     assert torch.allclose(reduced, full[..., 0].mean())
+
+
+@pytest.mark.parametrize("pattern", [False, True])  # fused attention, and the eager path a pattern hook takes
+def test_a_shared_prefix_runs_once_and_gives_the_full_runs_numbers(tiny, pattern):
+    tokens = text_tokens(tiny, "First Citizen: Before we proceed any further, hear me speak.")
+    k = tokens.shape[1] - 3
+    rows = torch.cat([tokens.expand(3, -1)[:, :k], torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])], dim=1)
+    names = ["blocks.2.hook_resid_post", "blocks.2.mlp.hook_post"] + (["blocks.1.attn.hook_pattern"] if pattern else [])
+
+    def double_row_1(activation, hook):  # an intervention at a position after the prefix
+        activation[1, -2] *= 2.0
+        return activation
+
+    full = run_cache(tiny, rows, names, interventions=[("blocks.1.hook_resid_post", double_row_1)])
+    prefix = shared_prefix(tiny, rows[:1, :k], names)
+    rest = run_cache(tiny, rows[:, k:], names, interventions=[("blocks.1.hook_resid_post", double_row_1)], prefix=prefix)
+    for name in names:
+        assert rest[name].shape[1] == 3 if "pattern" not in name else rest[name].shape[-2:] == (3, tokens.shape[1])
+        expected = full[name][:, k:] if "pattern" not in name else full[name][..., k:, :]
+        torch.testing.assert_close(rest[name], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SinklensError, match="fewer blocks"):
+        run_cache(tiny, rows[:, k:], ["blocks.4.hook_resid_post"], prefix=prefix)
 
 
 def test_layer_out_of_range_is_a_clear_error(tiny):

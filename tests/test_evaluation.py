@@ -3,6 +3,7 @@ paired comparisons, natural-text KL, divergence under generation, and `sinklens 
 
 Benchmark items are built here (the real data is exercised by the integration tests)."""
 
+import contextlib
 import json
 
 import pytest
@@ -19,13 +20,13 @@ from sinklens.run.patch import SinkPatch, patch_for
 from sinklens.analyses.norms import resid_norms
 from sinklens.run.tokens import repeated_tokens, text_tokens, word_token
 
-from conftest import CORPUS, SINK_LAYER, SINK_NEURON
+from conftest import CORPUS, SINK_LAYER, SINK_NEURON, build_tokenizer
 
 ITEMS = [
     Item("toy", "0", ("First Citizen:",) * 3, (" Before we proceed", " speak", " resolved, resolved."), 0),
     Item("toy", "1", ("All:",) * 2, (" Speak, speak.", " We know't"), 0),
     Item("toy", "2", ("Let us kill him, and",) * 2, (" we'll have corn", " the patricians good"), 0),
-    Item("letters", "3", ("You are all resolved rather to die than to",) * 4, (" A", " B", " C", " D"), 1),
+    Item("letters", "3", ("You are all resolved rather to die than to",) * 4, (" the", " you", " we", " all"), 1),
     Item("winogrande", "4", ("We are accounted poor", "We are accounted rich"), (" citizens, the patricians good.",) * 2, 0),
 ]
 
@@ -40,8 +41,9 @@ def patch(tiny):
     return patch_for(tiny, [(SINK_LAYER, SINK_NEURON), (SINK_LAYER, 7)], hook="post")
 
 
-def _plain_logprob(model, tokenizer, context: str, continuation: str) -> float:
-    """One choice scored alone, with no batching, padding or shared rows."""
+def _plain_score(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
+    """One choice scored alone, with no batching, padding or shared rows: its log-likelihood, and
+    whether greedy decoding yields it."""
     spaces = len(context) - len(context.rstrip())
     context, continuation = context[: len(context) - spaces], context[len(context) - spaces:] + continuation
     prefix = tokenizer(context, add_special_tokens=False).input_ids
@@ -51,19 +53,36 @@ def _plain_logprob(model, tokenizer, context: str, continuation: str) -> float:
     start = ids.shape[1] - (len(whole) - len(prefix))
     with torch.inference_mode():
         logprobs = model(input_ids=ids).logits[0].log_softmax(-1)
-    return float(sum(logprobs[p - 1, ids[0, p]] for p in range(start, ids.shape[1])))
+    targets = range(start, ids.shape[1])
+    return (float(sum(logprobs[p - 1, ids[0, p]] for p in targets)),
+            all(int(logprobs[p - 1].argmax()) == int(ids[0, p]) for p in targets))
 
 
-def test_batched_scores_equal_each_choice_scored_alone(hf, monkeypatch):
+@pytest.mark.parametrize("patched", [False, True])
+def test_batched_scores_equal_each_choice_scored_alone(hf, patch, patched, monkeypatch):
+    """Shared contexts run once with their choices packed after them, rows padded and batched: the
+    same log-likelihoods and greedy flags as each choice run alone, with and without the patch."""
     model, tokenizer = hf
     import sinklens.analyses.benchmarks as benchmarks
 
     monkeypatch.setattr(benchmarks, "TOKENS_PER_BATCH", 40)  # several batches, padded rows of different lengths
-    scores = score_items(model, tokenizer, ITEMS)
-    for item, score in zip(ITEMS, scores):
-        expected = [_plain_logprob(model, tokenizer, c, k) for c, k in zip(item.contexts, item.continuations)]
-        assert score.logprob == pytest.approx(expected, abs=1e-4)
-        assert all(n >= 1 for n in score.n_tokens)
+    with patch.installed(model) if patched else contextlib.nullcontext():
+        scores = score_items(model, tokenizer, ITEMS)
+        for item, score in zip(ITEMS, scores):
+            alone = [_plain_score(model, tokenizer, c, k) for c, k in zip(item.contexts, item.continuations)]
+            assert score.logprob == pytest.approx([a for a, _ in alone], abs=1e-4)
+            assert score.greedy == [g for _, g in alone]
+            assert all(n >= 1 for n in score.n_tokens)
+
+
+def test_shared_contexts_are_packed_within_the_exact_length():
+    from sinklens.analyses.benchmarks import _rows
+
+    tokenizer = build_tokenizer()
+    rows = _rows(tokenizer, ITEMS, [], max_packed=10_000)
+    assert [len(r.continuations) for r in rows] == [3, 2, 2, 0, 1, 1]  # toy items packed, letters, WinoGrande split
+    limit = max(len(r.inputs) for r in rows[:3]) - 1  # e.g. a sliding window shorter than the longest packed row
+    assert len(_rows(tokenizer, ITEMS, [], max_packed=limit)) > len(rows)
 
 
 def test_accuracy_takes_the_best_choice_and_normalises_by_characters():

@@ -217,9 +217,11 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(planted_dir, long_corpus_file,
 
 
 @pytest.mark.parametrize("ids, message", [("5,999999", "outside the vocabulary"), (",", "the token subset is empty")])
-def test_a_bad_token_subset_fails_before_the_first_forward_pass(ids, message, planted_dir, tmp_path, capsys, monkeypatch):
+def test_a_bad_token_subset_fails_before_the_first_forward_pass(ids, message, planted_dir, long_corpus_file, tmp_path,
+                                                              capsys, monkeypatch):
     monkeypatch.setattr(scan_module, "scan_setup", lambda *a, **k: pytest.fail("measured before checking"))
-    assert main(["scan", "--model", str(planted_dir), "--out", str(tmp_path), "--n-repeats", "20", "--token-ids", ids]) == 2
+    assert main(["scan", "--model", str(planted_dir), "--corpus", str(long_corpus_file), "--out", str(tmp_path),
+                 "--n-repeats", "20", "--token-ids", ids]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and message in err[0], err
 

@@ -11,9 +11,11 @@ every token of the last word.
 
 The comparison is paired (the same items, original and patched): per task the difference in
 accuracy with a 95% t-interval of the per-item differences, the mean change of every choice's
-log-likelihood with its interval, and how many items changed answer. Scoring runs every choice of
-an item as one batch of rows; an item whose choices are all single tokens after a shared context
-(MMLU's letters) is one row, the choices read from its last position.
+log-likelihood with its interval, and how many items changed answer. Scoring runs a shared context
+once: its choices are packed after it in one row, each seeing the context and its own tokens at the
+positions it would have alone (a block-causal mask), so the log-likelihoods are those of one row per
+choice (the harness's way) with the context's work done once. An item whose choices are all single
+tokens after a shared context (MMLU's letters) is one row, the choices read from its last position.
 """
 
 from __future__ import annotations
@@ -71,66 +73,130 @@ def _first_token_ids(tokenizer) -> list[int]:
     return ids[:1] if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id else []
 
 
-def _read_positions(context: list[int], continuation: list[int] | None) -> range:
-    """Where a row's scores are read: each continuation token is predicted one position earlier; a row of
-    single-token choices reads the context's last position."""
-    return range(len(context) - 1, len(context) - 1 + max(1, len(continuation or [])))
+@dataclass
+class _Row:
+    """One row of a scoring batch: a context once, then each continuation packed after it.
+
+    Every continuation sees the context and its own earlier tokens, at the positions it would have
+    scored alone (``len(context) + t``), so the row computes what one row per choice would, with the
+    shared context run once. A continuation's last token is only ever a target, so it is not input.
+    ``letters``: single-token choices, all read at the context's last position.
+    """
+
+    context: list[int]
+    continuations: list[list[int]]
+    owners: list[tuple[int, int]]  # (item, choice) of each continuation (of each letter)
+    letters: list[int] | None = None
+
+    @property
+    def inputs(self) -> list[int]:
+        return self.context + [t for c in self.continuations for t in c[:-1]]
+
+    @property
+    def positions(self) -> list[int]:
+        return list(range(len(self.context))) + [len(self.context) + t for c in self.continuations
+                                                 for t in range(len(c) - 1)]
+
+    @property
+    def segments(self) -> list[int]:
+        """0 for the context, j + 1 for continuation j's inputs."""
+        return [0] * len(self.context) + [j + 1 for j, c in enumerate(self.continuations) for _ in c[:-1]]
+
+    def reads(self, j: int) -> list[int]:
+        """The input indices whose logits predict continuation j's tokens: the context's last, then its own."""
+        start = len(self.context) + sum(len(c) - 1 for c in self.continuations[:j])
+        return [len(self.context) - 1, *range(start, start + len(self.continuations[j]) - 1)]
+
+
+def _rows(tokenizer, items: Sequence[Item], bos: list[int], max_packed: int) -> list[_Row]:
+    """Items as rows: single-token choices after a shared context read at one position; other choices
+    that share a context are packed after one copy of it (while the row fits ``max_packed`` tokens);
+    choices with contexts of their own (WinoGrande) take a row each."""
+    rows = []
+    for i, item in enumerate(items):
+        encoded = [_encode(tokenizer, c, k, bos) for c, k in zip(item.contexts, item.continuations)]
+        context = encoded[0][0]
+        if item.shared_context and all(len(k) == 1 for _, k in encoded):
+            rows.append(_Row(context, [], [(i, j) for j in range(len(encoded))], [k[0] for _, k in encoded]))
+            continue
+        packed = _Row(context, [k for _, k in encoded], [(i, j) for j in range(len(encoded))])
+        if item.shared_context and len(context) > 1 and len(packed.inputs) <= max_packed:
+            rows.append(packed)
+            continue
+        rows += [_Row(c, [k], [(i, j)]) for j, (c, k) in enumerate(encoded)]
+    return rows
+
+
+def _packing_limit(model) -> int:
+    """The longest packed row that is exact: a custom mask stands for every layer's mask, so rows must fit
+    a sliding window as well as the context."""
+    config = model.config
+    windows = [w for w in (getattr(config, "sliding_window", None),) if w]
+    return min([getattr(config, "max_position_embeddings", None) or 2**31, *windows])
+
+
+def _batch_inputs(batch: Sequence[_Row], pad: int, dtype: torch.dtype):
+    """Right-padded ids and positions, and the attention mask: none when every row is one causal
+    sequence (right padding is never attended to), else each row's additive [query, key] mask."""
+    width = max(len(r.inputs) for r in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, row in enumerate(batch):
+        ids[b, : len(row.inputs)] = torch.tensor(row.inputs)
+        positions[b, : len(row.inputs)] = torch.tensor(row.positions)
+    if all(len(r.continuations) <= 1 for r in batch):
+        return ids, positions, None
+    segments = torch.full((len(batch), width), -1, dtype=torch.long)  # -1: padding, which sees only itself
+    for b, row in enumerate(batch):
+        segments[b, : len(row.inputs)] = torch.tensor(row.segments)
+    query, key = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & ((key == 0) & (query >= 0) | (key == query)) | torch.eye(width, dtype=torch.bool)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return ids, positions, mask[:, None]
 
 
 def score_items(model, tokenizer, items: Sequence[Item], *, progress: bool = False, desc: str = "scoring"
                 ) -> list[ItemScores]:
     """Score every choice of every item with ``model`` (a Hugging Face causal LM or a TransformerBridge's
-    ``original_model``; install a patch first to score the patched model)."""
+    ``original_model``; install a patch first to score the patched model).
+
+    Each shared context runs once, its choices packed after it in one row (see :class:`_Row`), rows
+    sorted by length and batched by :data:`TOKENS_PER_BATCH`; logits are computed only where read."""
     bos = _first_token_ids(tokenizer)
-    rows, owners = [], []  # (context ids, continuation ids, single-token choice ids or None)
-    for i, item in enumerate(items):
-        encoded = [_encode(tokenizer, c, k, bos) for c, k in zip(item.contexts, item.continuations)]
-        if item.shared_context and all(len(k) == 1 for _, k in encoded):
-            rows.append((encoded[0][0], None, [k[0] for _, k in encoded]))
-            owners.append((i, None))
-        else:
-            for j, (context, continuation) in enumerate(encoded):
-                rows.append((context, continuation, None))
-                owners.append((i, j))
+    rows = _rows(tokenizer, items, bos, _packing_limit(model))
     results = [ItemScores([0.0] * len(it.continuations), [0] * len(it.continuations), [False] * len(it.continuations))
                for it in items]
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]) - len(rows[r][1] or []))
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r].inputs))
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     with torch.inference_mode(), tqdm(total=len(rows), desc=desc, disable=not progress) as bar:
         start = 0
         while start < len(order):
-            longest = len(rows[order[start]][0]) + len(rows[order[start]][1] or [])
-            batch = order[start : start + max(1, TOKENS_PER_BATCH // max(longest, 1))]
+            batch = [rows[r] for r in order[start : start + max(1, TOKENS_PER_BATCH // len(rows[order[start]].inputs))]]
             start += len(batch)
-            sequences = [(rows[r][0] + (rows[r][1] or []))[: max(1, longest)] for r in batch]
-            width = max(len(s) for s in sequences)
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for b, s in enumerate(sequences):
-                ids[b, : len(s)] = torch.tensor(s)
-                mask[b, : len(s)] = 1
-            # logits only where a row reads them (the vocabulary projection dominates otherwise)
-            keep = sorted({p for r in batch for p in _read_positions(*rows[r][:2])})
-            index = {p: k for k, p in enumerate(keep)}
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+            ids, positions, mask = _batch_inputs(batch, tokenizer.pad_token_id or 0, dtype)
+            keep = sorted({p for row in batch for j in range(len(row.continuations)) for p in row.reads(j)}
+                          | {len(row.context) - 1 for row in batch})
+            index = torch.full((ids.shape[1],), -1, dtype=torch.long)
+            index[keep] = torch.arange(len(keep))
+            logits = model(input_ids=ids.to(device), position_ids=positions.to(device),
+                           attention_mask=None if mask is None else mask.to(device),
                            logits_to_keep=torch.tensor(keep, device=device)).logits
             logprobs = logits.float().log_softmax(-1)
-            for b, r in enumerate(batch):
-                context, continuation, letters = rows[r]
-                i, j = owners[r]
-                if letters is not None:  # single-token choices read at the context's last position
-                    last = logprobs[b, index[len(context) - 1]]
-                    values = last[letters]
-                    results[i].logprob = values.tolist()
-                    results[i].n_tokens = [1] * len(letters)
-                    results[i].greedy = [int(last.argmax()) == t for t in letters]
-                    continue
-                positions = torch.tensor([index[p] for p in _read_positions(context, continuation)])
-                target = torch.tensor(continuation, device=logprobs.device)
-                token_logprobs = logprobs[b, positions, target]
-                results[i].logprob[j] = float(token_logprobs.sum())
-                results[i].n_tokens[j] = len(continuation)
-                results[i].greedy[j] = bool((logprobs[b, positions].argmax(-1) == target).all())
+            for b, row in enumerate(batch):
+                if row.letters is not None:  # single-token choices read at the context's last position
+                    last = logprobs[b, index[len(row.context) - 1]]
+                    (i, _), letters = row.owners[0], torch.tensor(row.letters, device=last.device)
+                    results[i].logprob = last[letters].tolist()
+                    results[i].n_tokens = [1] * len(row.letters)
+                    results[i].greedy = (last.argmax() == letters).tolist()
+                for (i, choice), continuation, reads in zip(row.owners, row.continuations, map(row.reads, range(len(row.continuations)))):
+                    target = torch.tensor(continuation, device=logprobs.device)
+                    token_logprobs = logprobs[b, index[reads]]
+                    results[i].logprob[choice] = float(token_logprobs.gather(-1, target[:, None]).sum())
+                    results[i].n_tokens[choice] = len(continuation)
+                    results[i].greedy[choice] = bool((token_logprobs.argmax(-1) == target).all())
             bar.update(len(batch))
     return results
 

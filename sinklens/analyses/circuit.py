@@ -46,6 +46,7 @@ from sinklens.analyses.norms import norm_baseline, repetition_curves
 from sinklens.analyses.probe import FirstTokenProbe, train_first_token_probe
 from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA, find_sink_layer
 from sinklens.analyses.sink_neurons import SinkNeuronsResult, find_sink_neurons
+from sinklens.analyses.table import SinkTableRow
 from sinklens.errors import SinklensError
 from sinklens.results import Result
 from sinklens.run.tokens import FirstToken, Token, check_context, default_words, encode, repeated_tokens, text_tokens
@@ -137,12 +138,16 @@ def first_layer_circuit(
     typical_chars: int = TYPICAL_CHARS,
     n_contexts: int | None = None,
     seed: int = 0,
+    table: SinkTableRow | None = None,
     progress: bool = False,
 ) -> FirstLayerCircuit:
     """Run the whole explanation on ``model``. ``text`` is natural text: its first ``typical_chars``
     characters give the typical norm and the corrupted runs, all of it the probe's and the
     first-detector's chunks. The repeated word is the one of ``words`` (default: the tokens of
-    "Another one bites the dust") with the largest norm at the sink layer after ``n_repeats`` repeats."""
+    "Another one bites the dust") with the largest norm at the sink layer after ``n_repeats`` repeats.
+
+    ``table``: the Table-1 row of the same model, text, words and repeats (:func:`sink_table_row`), whose
+    first token, sink neurons and norm curves are then reused instead of measured again."""
     tokens = default_words(model) if words is None else words_to_tokens(model, words)
     if not tokens:
         raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
@@ -151,19 +156,22 @@ def first_layer_circuit(
     check_context(model, len(encode(model, typical_text)) + 1)
     name = getattr(getattr(model, "sinklens_source", None), "name", model.cfg.model_name)
     with tqdm(total=7, desc="sinklens circuit", disable=not progress) as bar:
-        choice = choose_first_token(model, typical_text, given=None if first == AUTO else first, max_layer=max_layer,
-                                    min_ratio=min_ratio)
+        choice = table.choice if table is not None else choose_first_token(
+            model, typical_text, given=None if first == AUTO else first, max_layer=max_layer, min_ratio=min_ratio)
         start = choice.token.id
         reference = text_tokens(model, typical_text, first=start)
-        sink = find_sink_layer(model, first=start, max_layer=max_layer, n_sigma=n_sigma, reference=reference)
-        neurons = find_sink_neurons(model, reference, sink=sink, notebook_repeats=n_repeats)
+        if table is None:
+            sink = find_sink_layer(model, first=start, max_layer=max_layer, n_sigma=n_sigma, reference=reference)
+            neurons = find_sink_neurons(model, reference, sink=sink, notebook_repeats=n_repeats)
+        else:
+            neurons = table.neurons
         if not neurons.sink_neurons:
             raise SinklensError(f"no sink neurons found on {name} ({neurons.case}; first token: {choice.reason})",
                                 "there is no sink to explain; see sinklens table for the numbers")
         bar.update()
         layer = neurons.sink_layer
-        curves = repetition_curves(model, tokens, layer=layer, baseline=norm_baseline(model, layer, reference),
-                                   n_repeats=n_repeats, first=start)
+        curves = table.curves if table is not None else repetition_curves(
+            model, tokens, layer=layer, baseline=norm_baseline(model, layer, reference), n_repeats=n_repeats, first=start)
         word = curves.words[max(range(len(tokens)), key=lambda i: curves.max_norms[i])]
         repeat = repeated_tokens(model, word.id, n_repeats, first=start)
         label = f"{word.text!r} x {n_repeats}"

@@ -56,11 +56,13 @@ def word_chunks(model: TransformerBridge, text: str, *, words: int = 3, n_chunks
 
 
 def _separation(first: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
-    """Area under the ROC curve of first (positive) vs later values, per column (Mann-Whitney U / n1 n2)."""
-    values = torch.cat([first, later])
-    ranks = values.argsort(dim=0).argsort(dim=0).double() + 1
+    """Area under the ROC curve of first (positive) vs later values, per column (Mann-Whitney U / n1 n2):
+    the rank sum of the first values in each column's ascending order (one sort per column)."""
     n1, n2 = first.shape[0], later.shape[0]
-    return ((ranks[:n1].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n2)).float()
+    order = torch.cat([first, later]).T.contiguous().argsort(dim=-1)  # [column, rank]: which row sits there
+    ranks = torch.arange(1, n1 + n2 + 1, dtype=torch.float64)
+    rank_sum = torch.where(order < n1, ranks, 0.0).sum(-1)
+    return ((rank_sum - n1 * (n1 + 1) / 2) / (n1 * n2)).float()
 
 
 @dataclass

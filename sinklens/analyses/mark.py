@@ -36,6 +36,7 @@ natural text, to show whether the repeats are marked by the same components.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from sinklens.analyses._stats import mean_interval
 from sinklens.errors import SinklensError
 from sinklens.results import Result
-from sinklens.run.cache import run_cache
+from sinklens.run.cache import run_cache, shared_prefix
 from sinklens.run.interventions import Neuron, check_neurons, neuron_hook_name
 from sinklens.run.patching import Patch, Site, activation_gradients, patch_hooks, read_site
 from sinklens.run.tokens import Token, encode, repeated_tokens, token
@@ -106,9 +107,10 @@ class MarkPatching(Result):
         low = mean_interval(self.effects[e, index] - self.placebo[e, index])[1]
         return mean >= self.min_effect and low > 0
 
-    @property
+    @functools.cached_property
     def mark_sites(self) -> list[Site]:
-        """Components whose necessity (alone or in context) passes the test, in layer order."""
+        """Components whose necessity (alone or in context) passes the test, in layer order (computed once:
+        the effects are final when the result is made)."""
         return [s for i, s in enumerate(self.sites)
                 if self.carries_mark("necessity", i) or self.carries_mark("in_context", i)]
 
@@ -118,7 +120,11 @@ class MarkPatching(Result):
 
     def to_frame(self) -> pd.DataFrame:
         """One row per component: each experiment's mean effect, placebo and 95% interval of the difference."""
-        rows = []
+        return self._frame.copy()
+
+    @functools.cached_property
+    def _frame(self) -> pd.DataFrame:
+        rows, marked = [], set(self.mark_sites)
         for i, site in enumerate(self.sites):
             row = {"component": site.label, "hook": site.name, "index": site.index}
             for e, name in enumerate(EXPERIMENTS):
@@ -126,7 +132,7 @@ class MarkPatching(Result):
                 _, low, high = mean_interval(self.effects[e, i] - self.placebo[e, i])
                 row.update({name: mean, f"{name}_placebo": float(self.placebo[e, i].mean()),
                             f"{name}_minus_placebo_ci": (low, high)})
-            row["carries_mark"] = site in self.mark_sites
+            row["carries_mark"] = site in marked
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -235,12 +241,19 @@ def _batches(n_rows: int, length: int):
 
 
 def _run_rows(model, tokens, row_patches: list[list[Patch]], position: int, metric: SinkMetric) -> torch.Tensor:
-    """Run ``tokens`` once per entry of ``row_patches`` (batched), each with its patches; the metric at ``position``."""
+    """Run ``tokens`` once per entry of ``row_patches`` (batched), each with its patches; the metric at ``position``.
+
+    Every row is the same up to the first position a patch writes or the metric reads, so that
+    prefix runs once and each row computes only what follows it (the same numbers, far fewer tokens:
+    a patch at the last of 1000 repeats costs one token per row instead of 1000)."""
+    start = min([position, *(p.position for r in row_patches for p in r)])
+    prefix = shared_prefix(model, tokens[:, :start], metric.names) if start > 0 else None
+    rest = tokens[:, start:]
     out = []
     for rows in _batches(len(row_patches), tokens.shape[1]):
-        batch = [Patch(p.site, i, p.position, p.value) for i, r in enumerate(rows) for p in row_patches[r]]
-        cache = run_cache(model, tokens.expand(len(rows), -1), metric.names, interventions=patch_hooks(batch))
-        out.append(metric(cache, range(len(rows)), [position] * len(rows)))
+        batch = [Patch(p.site, i, p.position - start, p.value) for i, r in enumerate(rows) for p in row_patches[r]]
+        cache = run_cache(model, rest.expand(len(rows), -1), metric.names, interventions=patch_hooks(batch), prefix=prefix)
+        out.append(metric(cache, range(len(rows)), [position - start] * len(rows)))
     return torch.cat(out)
 
 

@@ -1,8 +1,8 @@
 """One way to get a ready ``TransformerBridge``: from an alias, a GGUF file, a local HF directory or a hub name.
 
 Every path ends in the same place: a Hugging Face model and tokenizer, handed to
-``TransformerBridge.boot_transformers(..., hf_model=...)`` in eval mode with eager attention and
-raw (HF-exact) numerics. GGUF files are dequantised once and cached as safetensors, so a second
+``TransformerBridge.boot_transformers(..., hf_model=...)`` in eval mode with raw (HF-exact)
+numerics, and attention fused wherever no hook reads its internals (:mod:`sinklens.load.attention`). GGUF files are dequantised once and cached as safetensors, so a second
 load takes seconds. The first fetch and conversion are announced on the ``sinklens`` logger (the
 command line prints them); the transformers library's own progress bars and notices stay hidden
 unless ``verbose=True``.
@@ -26,6 +26,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from sinklens._io import atomic_dir, cache_dir, sha256_file
 from sinklens.errors import SinklensError
 from sinklens.load.assets import fetch_asset
+from sinklens.load.attention import use_fused_attention
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
 
 SourceKind = Literal["alias", "gguf", "hf_dir", "hub"]
@@ -88,7 +89,10 @@ def load_model(
     n_ctx: int | None = None,
     verbose: bool = False,
 ) -> TransformerBridge:
-    """Load ``spec`` as an eval-mode ``TransformerBridge`` with eager attention.
+    """Load ``spec`` as an eval-mode ``TransformerBridge``.
+
+    Attention runs fused (SDPA) on every layer whose attention internals no hook reads, and step by
+    step as TransformerLens implements it where one does (see :mod:`sinklens.load.attention`).
 
     ``spec`` is a built-in alias (``smollm2-135m-instruct``, the default, or ``gemma-3-270m``), a
     ``.gguf`` file, a local Hugging Face directory, or a hub name. The bridge gets a
@@ -170,6 +174,7 @@ def _load(spec: str, dtype: torch.dtype, device: str | torch.device | None, n_ct
             "use a causal LM architecture that TransformerLens 4.3 supports (Llama, Gemma, Mistral, Qwen, GPT-2, ...)",
         ) from exc
     bridge.eval()
+    use_fused_attention(bridge)
     bridge.sinklens_source = source
     return bridge
 

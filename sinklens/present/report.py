@@ -163,7 +163,8 @@ def run_report(
             try:
                 circuit = step("circuit", lambda: first_layer_circuit(
                     model, corpus, words=config.words, n_repeats=config.n_repeats, first=start,
-                    max_layer=config.max_layer, n_sigma=config.n_sigma, typical_chars=config.corpus_chars))
+                    max_layer=config.max_layer, n_sigma=config.n_sigma, typical_chars=config.corpus_chars,
+                    table=row))  # the row's first token, sink neurons and curves, measured once
             except SinklensError as exc:  # e.g. a corpus too short for the probe: the rest of the report stands
                 circuit_skipped = str(exc)
 

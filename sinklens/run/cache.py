@@ -2,14 +2,19 @@
 
 A 1000-token run that caches every hook point takes gigabytes even on a 135M model, so every
 analysis names the hooks it reads. Attention patterns are reduced inside the hook when only a
-summary is needed (``reduce``), so the ``[batch, head, query, key]`` tensor is never stored.
+summary is needed (``reduce``), so the ``[batch, head, query, key]`` tensor is never stored. Many
+rows that share a beginning and differ only after it (activation patching at the last position)
+compute the beginning once (:func:`shared_prefix`).
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -52,6 +57,42 @@ def stop_layer(model: TransformerBridge, names: Sequence[str]) -> int | None:
     return None if last >= model.cfg.n_layers else last
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Keys and values of a prefix that every row of later runs starts with, computed once
+    (:func:`shared_prefix`); ``stop`` is the ``stop_at_layer`` it was run with."""
+
+    tokens: Int[torch.Tensor, "1 prefix"]
+    past: Any  # a Hugging Face cache holding each layer's keys and values
+    stop: int | None
+
+
+def shared_prefix(model: TransformerBridge, tokens: Int[torch.Tensor, "1 prefix"], names: Sequence[str]) -> SharedPrefix:
+    """Run ``tokens`` once, through the blocks that ``names`` need, keeping their keys and values, so that
+    runs of many rows that all start with it (``run_cache(..., prefix=...)``) compute only what follows.
+    Hooks and interventions do not touch the prefix: use it where they act on later positions only."""
+    from transformers import DynamicCache
+
+    if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] < 1:
+        raise SinklensError(f"a shared prefix is one row of at least one token, not shape {tuple(tokens.shape)}",
+                            "pass tokens[:1, :k]")
+    stop = stop_layer(model, list(names))
+    past = DynamicCache(config=model.original_model.config)
+    with torch.inference_mode():
+        model(tokens.to(model.cfg.device), past_key_values=past, stop_at_layer=stop, return_type=None)
+    return SharedPrefix(tokens.cpu(), past, stop)
+
+
+def _continuing(prefix: SharedPrefix, rows: int, stop: int | None):
+    """A copy of the prefix's keys and values for ``rows`` rows (the run appends to it)."""
+    if prefix.stop is not None and (stop is None or stop > prefix.stop):
+        raise SinklensError("the shared prefix was run through fewer blocks than this run needs",
+                            "build it with shared_prefix() from the same hook names")
+    past = copy.deepcopy(prefix.past)
+    past.batch_repeat_interleave(rows)
+    return past
+
+
 def run_cache(
     model: TransformerBridge,
     tokens: Int[torch.Tensor, "batch pos"],
@@ -59,6 +100,7 @@ def run_cache(
     *,
     reduce: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     interventions: Sequence[Hook] = (),
+    prefix: SharedPrefix | None = None,
 ) -> ActivationCache:
     """Run ``tokens`` and return an ``ActivationCache`` holding only the hooks in ``names``.
 
@@ -66,6 +108,10 @@ def run_cache(
     and only that is stored. ``interventions`` are ``(hook name, hook function)`` pairs that edit
     activations during this run only (see :mod:`sinklens.run.interventions`); cached values are
     read after them. The forward pass stops after the deepest block named.
+
+    With ``prefix`` (:func:`shared_prefix`), every row of ``tokens`` continues that prefix: its keys
+    and values are reused instead of recomputed, and the cache's positions (and the positions
+    interventions see) start after it. The numbers are those of running ``prefix + tokens`` in full.
     """
     names = list(dict.fromkeys(names))
     for name in names:
@@ -73,9 +119,10 @@ def run_cache(
             check_layer(model, int(m.group(1)))
     tokens = tokens.to(model.cfg.device)
     stop = stop_layer(model, names)
+    extra = {} if prefix is None else {"past_key_values": _continuing(prefix, tokens.shape[0], stop)}
     with torch.inference_mode(), model.hooks(fwd_hooks=list(interventions)):
         if reduce is None:
-            _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=stop)
+            _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=stop, **extra)
             return cache
         store: dict[str, torch.Tensor] = {}
 
@@ -85,5 +132,5 @@ def run_cache(
 
             return hook
 
-        model.run_with_hooks(tokens, fwd_hooks=[(n, make_hook(n)) for n in names], stop_at_layer=stop)
+        model.run_with_hooks(tokens, fwd_hooks=[(n, make_hook(n)) for n in names], stop_at_layer=stop, **extra)
     return ActivationCache(store, model)
