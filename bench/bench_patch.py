@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from _harness import alternate, print_pairs
+from _harness import alternate, print_pairs, print_summary
 
 WORKER = r"""
 path, condition, model_name, prompt, new_tokens, batch, rounds = sys.argv[1:8]
@@ -87,18 +87,20 @@ def main() -> None:
         if not os.path.exists(args.patch):
             subprocess.run([sys.executable, "-m", "sinklens.present.cli", "patch", "--out", args.patch], check=True)
         source = args.patch
+    results = {}
     for path in args.paths.split(","):
         if path == "bridge" and args.model != "smollm2":
             continue  # the bridge boots from a sinklens model spec
         common = (source, args.prompt, args.new_tokens, args.batch, args.rounds)
         pairs = alternate(WORKER, (path, "patched", *common), (path, "unpatched", *common), args.trials)
-        print_pairs(f"{args.model}, {path} path: greedy generation of {args.new_tokens} tokens after {args.prompt}, "
+        results[path] = print_pairs(f"{args.model}, {path} path: greedy generation of {args.new_tokens} tokens after {args.prompt}, "
                     f"batch {args.batch}", pairs, {"seconds": 1.03, "peak_bytes": 1.1},
                     names=("patched", "unpatched"), same_results=False)
         speeds = [(ours["tokens_per_second"], plain["tokens_per_second"]) for ours, plain in pairs]
         print("  tokens/s patched vs unpatched: " + ", ".join(f"{a:.1f} / {b:.1f}" for a, b in speeds))
         if "gpu" in pairs[0][0]:
             print(f"  device: {pairs[0][0]['gpu']}")
+    print_summary("patch", model=args.model, **results)
 
 
 if __name__ == "__main__":

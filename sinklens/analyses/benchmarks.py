@@ -120,6 +120,8 @@ def _rows(tokenizer, items: Sequence[Item], bos: list[int], max_packed: int) -> 
             rows.append(_Row(context, [], [(i, j) for j in range(len(encoded))], [k[0] for _, k in encoded]))
             continue
         packed = _Row(context, [k for _, k in encoded], [(i, j) for j in range(len(encoded))])
+        # a one-token context would put every choice's first token at position 1, where a patch reads
+        # "the first token after the start": such items are scored a row per choice
         if item.shared_context and len(context) > 1 and len(packed.inputs) <= max_packed:
             rows.append(packed)
             continue
@@ -151,7 +153,8 @@ def _batch_inputs(batch: Sequence[_Row], pad: int, dtype: torch.dtype):
         segments[b, : len(row.inputs)] = torch.tensor(row.segments)
     query, key = segments[:, :, None], segments[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & ((key == 0) & (query >= 0) | (key == query)) | torch.eye(width, dtype=torch.bool)
+    sees_context = (key == 0) & (query >= 0)
+    allowed = (causal & (sees_context | (key == query))) | torch.eye(width, dtype=torch.bool)
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return ids, positions, mask[:, None]
 
@@ -191,9 +194,9 @@ def score_items(model, tokenizer, items: Sequence[Item], *, progress: bool = Fal
                     results[i].logprob = last[letters].tolist()
                     results[i].n_tokens = [1] * len(row.letters)
                     results[i].greedy = (last.argmax() == letters).tolist()
-                for (i, choice), continuation, reads in zip(row.owners, row.continuations, map(row.reads, range(len(row.continuations)))):
+                for j, (continuation, (i, choice)) in enumerate(zip(row.continuations, row.owners)):
                     target = torch.tensor(continuation, device=logprobs.device)
-                    token_logprobs = logprobs[b, index[reads]]
+                    token_logprobs = logprobs[b, index[row.reads(j)]]
                     results[i].logprob[choice] = float(token_logprobs.gather(-1, target[:, None]).sum())
                     results[i].n_tokens[choice] = len(continuation)
                     results[i].greedy[choice] = bool((token_logprobs.argmax(-1) == target).all())

