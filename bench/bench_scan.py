@@ -9,8 +9,9 @@
 * **eager**: sinklens with the fused attention path switched off, as it ran before it existed.
 
 Each side runs in its own process, alternating. Targets: at least 5x the naive loop, at least 1.0x
-plain HF. The last line is one JSON object with the ratios and targets. ``--batch-sizes`` measures sinklens at several batch sizes first and uses the fastest
-(the scan's default, ``SCAN_BATCH``, is set from this measurement).
+plain HF. The last line is one JSON object with the ratios and targets. ``--batch-sizes`` measures
+sinklens at several batch sizes first and uses the fastest (the scan's default, ``SCAN_BATCH``, is set
+from this measurement).
 
 Usage: ``python bench/bench_scan.py [--tokens N] [--n-repeats N] [--trials N] [--batch-sizes 1,4,8,16]``
 (on the default model; the scan's setup is measured once and kept in ``--setup``).
@@ -128,6 +129,7 @@ def main() -> None:
     print_summary("scan", tokens=args.tokens, n_repeats=args.n_repeats, batch_size=best,
                   tokens_per_second={str(k): round(v, 3) for k, v in speeds.items()}, **ratios,
                   targets={f"speed_vs_{k}": v for k, v in TARGETS.items()})
+
 
 if __name__ == "__main__":
     main()

@@ -250,7 +250,7 @@ def _run_rows(model, tokens, row_patches: list[list[Patch]], position: int, metr
     prefix = shared_prefix(model, tokens[:, :start], metric.names) if start > 0 else None
     rest = tokens[:, start:]
     out = []
-    for rows in _batches(len(row_patches), tokens.shape[1]):
+    for rows in _batches(len(row_patches), tokens.shape[1]):  # sized by the full length: each row holds the prefix's keys and values
         batch = [Patch(p.site, i, p.position - start, p.value) for i, r in enumerate(rows) for p in row_patches[r]]
         cache = run_cache(model, rest.expand(len(rows), -1), metric.names, interventions=patch_hooks(batch), prefix=prefix)
         out.append(metric(cache, range(len(rows)), [position - start] * len(rows)))

@@ -2,8 +2,8 @@
 
 Every path ends in the same place: a Hugging Face model and tokenizer, handed to
 ``TransformerBridge.boot_transformers(..., hf_model=...)`` in eval mode with raw (HF-exact)
-numerics, and attention fused wherever no hook reads its internals (:mod:`sinklens.load.attention`). GGUF files are dequantised once and cached as safetensors, so a second
-load takes seconds. The first fetch and conversion are announced on the ``sinklens`` logger (the
+numerics, and attention fused wherever no hook reads its internals (:mod:`sinklens.load.attention`).
+GGUF files are dequantised once and cached as safetensors, so a second load takes seconds. The first fetch and conversion are announced on the ``sinklens`` logger (the
 command line prints them); the transformers library's own progress bars and notices stay hidden
 unless ``verbose=True``.
 """

@@ -62,7 +62,6 @@ class SharedPrefix:
     """Keys and values of a prefix that every row of later runs starts with, computed once
     (:func:`shared_prefix`); ``stop`` is the ``stop_at_layer`` it was run with."""
 
-    tokens: Int[torch.Tensor, "1 prefix"]
     past: Any  # a Hugging Face cache holding each layer's keys and values
     stop: int | None
 
@@ -80,7 +79,7 @@ def shared_prefix(model: TransformerBridge, tokens: Int[torch.Tensor, "1 prefix"
     past = DynamicCache(config=model.original_model.config)
     with torch.inference_mode():
         model(tokens.to(model.cfg.device), past_key_values=past, stop_at_layer=stop, return_type=None)
-    return SharedPrefix(tokens.cpu(), past, stop)
+    return SharedPrefix(past, stop)
 
 
 def _continuing(prefix: SharedPrefix, rows: int, stop: int | None):
