@@ -13,7 +13,16 @@ from sinklens.analyses.circuit import FirstLayerCircuit, first_layer_circuit
 from sinklens.analyses.convergence import Convergence, convergence
 from sinklens.analyses.first_detector import FirstDetectorNeurons, first_detector_neurons
 from sinklens.analyses.attack import ClusterAttack, cluster_attack
-from sinklens.analyses.scan import ScanSetup, VocabScan, merge_scan, run_scan, scan_setup, scan_tokens, select_tokens
+from sinklens.analyses.scan import (
+    ScanSetup,
+    Screen,
+    VocabScan,
+    merge_scan,
+    run_scan,
+    scan_setup,
+    scan_tokens,
+    select_tokens,
+)
 from sinklens.analyses.benchmarks import BenchmarkComparison, TextEffect, compare_benchmarks, score_items, text_effect
 from sinklens.analyses.divergence import Divergence, divergence
 from sinklens.analyses.patch_choice import PatchChoice, choose_patch
@@ -43,8 +52,9 @@ from sinklens.analyses.table import SinkTableRow, sink_table_row
 from sinklens.errors import SinklensError
 from sinklens.load import corpus
 from sinklens.load.benchmarks import Item, load_items
-from sinklens.load.models import ModelSource, load_hf_model, load_model, resolve_model
+from sinklens.load.models import ModelSource, load_hf_model, load_model, placement, resolve_model
 from sinklens.present.evaluation import EvaluationConfig, run_evaluation
+from sinklens.present.explore import SinkExplorer, explore
 from sinklens.present.report import ReportConfig, run_report
 from sinklens.results import load_result, save_result
 from sinklens.run.cache import SharedPrefix, run_cache, shared_prefix
@@ -56,12 +66,12 @@ __all__ = [
     "AblationStudy", "AttentionReceived", "AttentionScoreMaps", "BenchmarkComparison", "ClusterAttack",
     "Convergence", "Divergence", "EvaluationConfig", "FirstDetectorNeurons", "FirstLayerCircuit",
     "FirstTokenChoice", "FirstTokenProbe", "HeadBehaviour", "Item", "MarkPatching", "ModelSource", "NormBaseline",
-    "PatchChoice", "RepetitionCurves", "ReportConfig", "ScanSetup", "SinkLayerResult", "SinkNeuronsResult",
-    "SharedPrefix", "SinkPatch", "SinkTableRow", "SinklensError", "TextEffect", "Token", "VocabScan", "ablation_hooks",
+    "PatchChoice", "RepetitionCurves", "ReportConfig", "ScanSetup", "Screen", "SinkLayerResult", "SinkNeuronsResult",
+    "SharedPrefix", "SinkExplorer", "SinkPatch", "SinkTableRow", "SinklensError", "TextEffect", "Token", "VocabScan", "ablation_hooks",
     "ablation_study", "attention", "attention_heads_view", "attention_received", "attention_score_maps",
     "choose_first_token", "choose_patch", "cluster_attack", "compare_benchmarks", "convergence", "corpus",
-    "default_words", "divergence", "find_sink_layer", "find_sink_neurons", "first_detector_neurons",
-    "first_layer_circuit", "first_token", "head_behaviour", "load_hf_model", "load_items", "load_model",
+    "default_words", "divergence", "explore", "find_sink_layer", "find_sink_neurons", "first_detector_neurons",
+    "first_layer_circuit", "first_token", "head_behaviour", "load_hf_model", "load_items", "load_model", "placement",
     "load_result", "mark_patching", "mean_activations", "merge_scan", "norm_baseline", "patch_for",
     "plot_attention_received", "plot_attention_score_maps", "plot_repetition_curves", "repeated_tokens",
     "repetition_curves", "resolve_model", "run_cache", "run_evaluation", "run_report", "run_scan", "save_result",

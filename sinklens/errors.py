@@ -11,3 +11,7 @@ class SinklensError(ValueError):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem}. Fix: {fix}")
+
+
+class NoSinkError(SinklensError):
+    """The model makes no attention sink of its first token, so there is no sink layer or neuron to find."""

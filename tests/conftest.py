@@ -172,3 +172,22 @@ def smollm2():
     from sinklens import load_model
 
     return load_model("smollm2-135m-instruct", device="cpu")
+
+
+def arch_config(architecture: str, tokenizer, n_layers: int):
+    """A tiny random config of one architecture (llama, mistral with a sliding window, qwen2 with biased q/k/v,
+    gemma3 with sliding and full layers and q/k norms, gpt2)."""
+    import transformers
+
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.eos_token_id)
+    if architecture == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=n_layers, n_head=4, n_positions=256, **ids)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    layer_types = ["sliding_attention" if layer % 2 == 0 else "full_attention" for layer in range(n_layers)]
+    extra = {"mistral": dict(sliding_window=7), "qwen2": {},
+             "gemma3": dict(head_dim=8, sliding_window=7, layer_types=layer_types), "llama": {}}[architecture]
+    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                    "qwen2": transformers.Qwen2Config, "gemma3": transformers.Gemma3TextConfig}[architecture]
+    return config_class(**common, **ids, **extra)

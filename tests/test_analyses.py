@@ -90,13 +90,15 @@ def test_mean_plus_two_sigma_rule():
     assert sink_layer_threshold(norms) < 100.0
 
 
-def test_no_sink_layer_falls_back_to_the_largest_ratio_or_is_a_clear_error(tmp_path):
-    model = load_model(str(save_tiny(tmp_path, plant_sink=False)), device="cpu")
+def test_no_sink_layer_falls_back_to_the_largest_ratio_or_is_a_clear_error(tiny, tmp_path):
+    result = find_sink_layer(tiny, n_sigma=100.0, reference=text_tokens(tiny, CORPUS))  # no layer passes the rule
+    assert result.method == RATIO_FALLBACK and result.sink_layer == int(result.ratios.argmax()) == SINK_LAYER
     with pytest.raises(SinklensError, match="no layer in 0..5 has a first-token MLP output norm"):
-        find_sink_layer(model, n_sigma=3.0)
-    result = find_sink_layer(model, n_sigma=3.0, reference=text_tokens(model, CORPUS))
-    assert result.method == RATIO_FALLBACK
-    assert result.sink_layer == int(result.ratios.argmax())
+        find_sink_layer(tiny, n_sigma=100.0)
+    unplanted = load_model(str(save_tiny(tmp_path, plant_sink=False)), device="cpu")  # random weights: no sink
+    with pytest.raises(SinklensError, match=r"shows no sink layer in layers 0..5: .* largest first/later-token ratio "
+                                            r"is 1\.\d\dx \(layer \d\), below 2x\. Fix: this model makes no"):
+        find_sink_layer(unplanted, n_sigma=3.0, reference=text_tokens(unplanted, CORPUS))
 
 
 def test_resid_norms_match_the_hf_hidden_states(tiny):

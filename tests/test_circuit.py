@@ -179,7 +179,7 @@ def test_circuit_command_names_the_planted_head(marked_dir, tmp_path, capsys):
     assert f"detect-others heads (layer 0 heads the sink neurons need): [[0, {MARK_HEAD}]]" in out
 
 
-def test_circuit_refuses_a_model_without_sink_neurons(tmp_path):
+def test_circuit_refuses_a_model_without_a_sink(tmp_path):
     model = load_model(str(save_tiny(tmp_path, plant_sink=False)), device="cpu")
-    with pytest.raises(SinklensError, match="no sink neurons found"):
+    with pytest.raises(SinklensError, match="shows no sink layer"):
         first_layer_circuit(model, LONG_TEXT, words=["the"], n_repeats=20, typical_chars=400)

@@ -301,3 +301,12 @@ def test_patch_command_bad_input_is_one_line(tiny_dir, tmp_path, capsys, monkeyp
         assert main(["patch", "--model", str(tiny_dir), *extra]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and err[0].startswith("sinklens: error:") and message in err[0], err
+
+
+def test_evaluate_runs_in_bfloat16(tiny_dir, corpus_file, evaluation_inputs, tmp_path, capsys):
+    path, _ = evaluation_inputs
+    out = tmp_path / "evaluation"
+    assert main(["evaluate", "--model", str(tiny_dir), "--patch", str(path), "--corpus", str(corpus_file), "--out",
+                 str(out), "--dtype", "bfloat16"]) == 0
+    results = json.loads((out / "evaluation.json").read_text())
+    assert results["model"]["dtype"] == "bfloat16" and results["norms"]["repeat_max_norm_patched"] > 0

@@ -6,30 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tokenizer
+from conftest import arch_config, build_tokenizer
 
 import sinklens as sl
 from sinklens.load.attention import use_fused_attention
 from sinklens.run.interventions import ablation_hooks
 
 N_LAYERS = 3
-COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256)
-
-
-def _config(architecture: str, tokenizer):
-    import transformers
-
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.eos_token_id)
-    if architecture == "gpt2":
-        return transformers.GPT2Config(n_embd=32, n_layer=N_LAYERS, n_head=4, n_positions=256, **ids)
-    extra = {"mistral": dict(sliding_window=7), "qwen2": {},  # qwen2: biased q/k/v
-             "gemma3": dict(head_dim=8, sliding_window=7, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-             "llama": {}}[architecture]
-    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                    "qwen2": transformers.Qwen2Config, "gemma3": transformers.Gemma3TextConfig}[architecture]
-    return config_class(**COMMON, **ids, **extra)
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "gemma3", "gpt2"])
@@ -38,7 +21,7 @@ def arch_model(request, tmp_path_factory):
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
-    model = AutoModelForCausalLM.from_config(_config(request.param, tokenizer)).eval()
+    model = AutoModelForCausalLM.from_config(arch_config(request.param, tokenizer, N_LAYERS)).eval()
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

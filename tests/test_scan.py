@@ -5,15 +5,18 @@ dimension 0, so the sink neuron fires on them wherever they stand: the scan must
 from their first repeat; mixed without repetition they keep the sink open, and a calibrated clamp
 of the sink neuron closes it."""
 
+import dataclasses
 import json
 
+import pandas as pd
 import pytest
 import torch
 from pandas.testing import assert_frame_equal
 
 from sinklens.analyses import scan as scan_module
 from sinklens.analyses.attack import cluster_attack, key_clusters, sample_sequences
-from sinklens.analyses.scan import ScanSetup, merge_scan, prepare_scan_dir, run_scan, scan_setup, scan_tokens, select_tokens
+from sinklens.analyses.scan import (ScanSetup, Screen, merge_scan, prepare_scan_dir, run_scan, scan_setup, scan_tokens,
+                                    screen_score, select_tokens)
 from sinklens.errors import SinklensError
 from sinklens.load.models import load_model
 from sinklens.present.cli import main
@@ -60,7 +63,7 @@ def tokens(planted):
 @pytest.fixture(scope="module")
 def whole(planted, setup, tokens, tmp_path_factory):
     out = tmp_path_factory.mktemp("scan-whole")
-    assert run_scan(planted, setup, tokens, out, batch_size=32) == len(tokens)
+    assert run_scan(planted, setup, tokens, out, batch_size=32) == (0, len(tokens))
     return merge_scan(out, tokens)
 
 
@@ -102,23 +105,23 @@ def test_a_killed_scan_resumes_with_no_row_lost_or_doubled(planted, setup, token
     real = _interrupt_on_batch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run_scan(planted, setup, tokens, tmp_path, batch_size=32)
-    rows_file = tmp_path / "rows-0-of-1.jsonl"
+    rows_file = tmp_path / "rows-1-of-1.jsonl"
     with rows_file.open("a") as f:  # a kill in the middle of a write: a whole row, but its newline never written
         f.write(json.dumps(whole.rows[-1]))
     monkeypatch.setattr(scan_module, "scan_rows", real)
-    assert run_scan(planted, setup, tokens, tmp_path, batch_size=32) == len(tokens) - 64
+    assert run_scan(planted, setup, tokens, tmp_path, batch_size=32).full == len(tokens) - 64
     resumed = merge_scan(tmp_path, tokens).to_frame()
     assert len(rows_file.read_text().splitlines()) == len(tokens)
     assert resumed.equals(whole.to_frame())
 
 
 def test_shards_merge_to_the_same_table_as_one_run(planted, setup, tokens, whole, tmp_path):
-    for index in (2, 0, 1):
+    for index in (3, 1, 2):
         run_scan(planted, setup, tokens, tmp_path, shard=(index, 3), batch_size=32)
-    assert sorted(p.name for p in tmp_path.glob("rows-*")) == [f"rows-{i}-of-3.jsonl" for i in range(3)]
+    assert sorted(p.name for p in tmp_path.glob("rows-*")) == [f"rows-{i}-of-3.jsonl" for i in (1, 2, 3)]
     # other batches, so the floats may differ in the last bits; every decision and count is the same
     assert_frame_equal(merge_scan(tmp_path, tokens).to_frame(), whole.to_frame(), check_exact=False, rtol=1e-5)
-    assert run_scan(planted, setup, tokens, tmp_path) == 0  # a plain run over the directory finds nothing missing
+    assert run_scan(planted, setup, tokens, tmp_path) == (0, 0)  # a plain run over the directory finds nothing missing
     assert (tmp_path / "scan.parquet").is_file()
 
 
@@ -167,9 +170,9 @@ def test_key_clusters_partition_the_scanned_tokens(planted, whole):
 def test_scan_and_attack_commands(planted_dir, long_corpus_file, tmp_path, capsys):
     study = ["--model", str(planted_dir), "--corpus", str(long_corpus_file), "--n-repeats", str(N_REPEATS)]
     out = tmp_path / "scan"
-    assert main(["scan", *study, "--out", str(out), "--tokens", "60", "--shard", "1/2", "--json"]) == 0
+    assert main(["scan", *study, "--out", str(out), "--tokens", "60", "--shard", "2/2", "--exhaustive", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rows_written"] == 30
-    assert main(["scan", *study, "--out", str(out), "--tokens", "60", "--json"]) == 0
+    assert main(["scan", *study, "--out", str(out), "--tokens", "60", "--exhaustive", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["n_tokens"] == 60 and {"n_reached_sink", "share_reached_sink", "ci_low", "ci_high"} <= set(summary)
     assert (out / "scan.parquet").is_file() and (out / "scan.html").is_file()
@@ -180,8 +183,11 @@ def test_scan_and_attack_commands(planted_dir, long_corpus_file, tmp_path, capsy
 
 
 @pytest.mark.parametrize("command, bad, message", [
-    ("scan", ["--shard", "2/2"], "the index must be in 0..1"),
-    ("scan", ["--shard", "x"], "not a shard like 0/4"),
+    ("scan", ["--shard", "0/2"], "the index must be in 1..2"),
+    ("scan", ["--shard", "3/2"], "the index must be in 1..2"),
+    ("scan", ["--shard", "x"], "not a shard like 1/4"),
+    ("scan", ["--screen-threshold", "1.5"], "not a number in 0..1"),
+    ("scan", ["--calibration", "-1"], "is negative"),
     ("scan", ["--tokens", "0"], "not a positive number"),
     ("scan", ["--token-ids", "5,x"], "not a list of token ids"),
     ("scan", ["--token-ids", "@no-such-file"], "cannot read no-such-file"),
@@ -208,12 +214,14 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(planted_dir, long_corpus_file,
     args = ["scan", "--model", str(planted_dir), "--corpus", str(long_corpus_file), "--n-repeats", str(N_REPEATS),
             "--out", str(tmp_path), "--tokens", "40", "--batch-size", "10", "--json"]
     assert main(args) == 130
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and "interrupted" in err[0] and "resumes" in err[0], err
+    err = capsys.readouterr().err
+    messages = [line for line in err.splitlines() if line.startswith("sinklens:")]
+    assert len(messages) == 1 and "interrupted" in messages[0] and "resumes" in messages[0], err
+    assert err.rstrip().endswith(messages[0]) and "screen shard 1/1" in err  # progress on stderr, even with --json
     monkeypatch.setattr(scan_module, "scan_rows", real)
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["n_tokens"] == 40
-    assert len((tmp_path / "rows-0-of-1.jsonl").read_text().splitlines()) == 40
+    assert len((tmp_path / "screen-1-of-1.jsonl").read_text().splitlines()) == 40
 
 
 @pytest.mark.parametrize("ids, message", [("5,999999", "outside the vocabulary"), (",", "the token subset is empty")])
@@ -233,3 +241,115 @@ def test_a_token_subset_is_scanned_as_given(planted, planted_dir, long_corpus_fi
                  "--out", str(tmp_path / "out"), "--token-ids", f"@{tmp_path / 'ids.txt'}", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["n_tokens"], summary["n_reached_sink"]) == (len(ids), 3)
+
+
+def _screen_for(planted, setup, *, missed: int, calibration: int) -> Screen:
+    """A screen whose threshold lets exactly ``missed`` planted tokens through as negatives."""
+    short = scan_tokens(planted, dataclasses.replace(setup, n_repeats=4), planted.planted_ids).rows
+    scores = sorted(screen_score(row, setup) for row in short)
+    assert scores[0] > 0.9  # the planted tokens head for the sink from their first repeats
+    threshold = (scores[missed - 1] + scores[missed]) / 2 if missed else 0.5
+    return Screen(n_repeats=4, threshold=threshold, calibration=calibration, seed=3)
+
+
+def test_a_screened_scan_runs_in_full_only_the_positives_and_the_calibration(planted, setup, tokens, whole, tmp_path):
+    screen = _screen_for(planted, setup, missed=0, calibration=20)
+    written = run_scan(planted, setup, tokens, tmp_path, screen=screen, batch_size=32)
+    scan = merge_scan(tmp_path, tokens)
+    frame = scan.to_frame()
+    assert written.screened == len(frame) == len(tokens) and frame["token_id"].is_unique
+    positives = set(frame.loc[frame["screen_positive"], "token_id"])
+    calibration = set(frame.loc[frame["calibration"], "token_id"])
+    assert positives == set(planted.planted_ids) and len(calibration) == 20
+    run_in_full = {json.loads(line)["token_id"] for line in (tmp_path / "rows-1-of-1.jsonl").read_text().splitlines()}
+    assert set(frame.loc[frame["verified"], "token_id"]) == positives | calibration == run_in_full
+    assert written.full == len(positives | calibration)
+    assert sorted(frame.loc[frame["reached_sink"], "token_id"]) == planted.planted_ids
+    exhaustive = whole.to_frame().set_index("token_id")
+    verified = frame[frame["verified"]].set_index("token_id")
+    for column in ("peak_ratio", "final_ratio", "sink_neuron_ratio", "first_detector_score"):
+        assert verified[column].to_numpy() == pytest.approx(exhaustive.loc[verified.index, column].to_numpy(), rel=1e-5)
+    summary = scan.summary()
+    assert summary["n_reached_sink"] == 3 and summary["missing"] == 0
+    assert summary["share_reached_sink"] == pytest.approx(3 / len(tokens)) and summary["ci_low"] == pytest.approx(
+        3 / len(tokens))
+    assert summary["ci_high"] > summary["share_reached_sink"] and summary["screen_recall"] == 1.0
+    assert summary["screen_recall_ci_low"] < 1.0 and summary["screen"]["n_calibration_negatives_run"] == len(
+        calibration - positives)
+    assert all(c["n"] == 20 for c in summary["correlations"])  # over the uniform sample only
+    json.dumps(summary)
+    parquet = pd.read_parquet(tmp_path / "scan.parquet")
+    assert {"token_id", "verified", "reached_sink"} <= set(parquet) and len(parquet) == len(tokens)
+
+
+def test_the_screen_recall_counts_what_the_screen_missed(planted, setup, tokens, tmp_path):
+    screen = _screen_for(planted, setup, missed=1, calibration=len(tokens))  # every negative is checked
+    run_scan(planted, setup, tokens, tmp_path, screen=screen, batch_size=32)
+    summary = merge_scan(tmp_path, tokens).summary()
+    assert summary["screen"]["n_screen_positive"] == 2 and summary["screen"]["n_missed_in_calibration"] == 1
+    assert summary["screen_recall"] == pytest.approx(2 / 3) and summary["share_reached_sink"] == pytest.approx(
+        3 / len(tokens))
+    assert summary["screen_recall_ci_low"] <= 2 / 3 <= summary["screen_recall_ci_high"]
+
+
+def test_with_no_calibration_negative_the_share_is_unknown_within_its_bounds(planted, setup, tokens, tmp_path):
+    run_scan(planted, setup, tokens, tmp_path, screen=Screen(n_repeats=4, threshold=0.5, calibration=0), batch_size=32)
+    summary = merge_scan(tmp_path, tokens).summary()
+    assert summary["share_reached_sink"] is None and summary["screen_recall"] is None
+    assert summary["ci_low"] == pytest.approx(3 / len(tokens)) and summary["ci_high"] == pytest.approx(1.0)
+    json.dumps(summary, allow_nan=False)
+
+
+def test_screened_shards_merge_to_the_same_table_and_resume(planted, setup, tokens, tmp_path, monkeypatch):
+    screen = _screen_for(planted, setup, missed=0, calibration=15)
+    one = tmp_path / "one"
+    run_scan(planted, setup, tokens, one, screen=screen, batch_size=32)
+    sharded = tmp_path / "sharded"
+    real = _interrupt_on_batch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_scan(planted, setup, tokens, sharded, shard=(2, 2), screen=screen, batch_size=32)
+    monkeypatch.setattr(scan_module, "scan_rows", real)
+    for index in (2, 1):
+        run_scan(planted, setup, tokens, sharded, shard=(index, 2), screen=screen, batch_size=32)
+    assert run_scan(planted, setup, tokens, sharded, screen=screen) == (0, 0)
+    columns = ["token_id", "verified", "calibration", "screen_positive", "reached_sink"]
+    assert merge_scan(sharded, tokens).to_frame()[columns].equals(merge_scan(one, tokens).to_frame()[columns])
+
+
+def test_a_directory_holds_one_kind_of_scan(planted, setup, tokens, tmp_path):
+    screen = Screen(n_repeats=4, threshold=0.5, calibration=5)
+    run_scan(planted, setup, tokens[:8], tmp_path / "exhaustive", batch_size=8)
+    with pytest.raises(SinklensError, match="holds an exhaustive scan.*pass --exhaustive"):
+        run_scan(planted, setup, tokens[:8], tmp_path / "exhaustive", screen=screen)
+    run_scan(planted, setup, tokens[:8], tmp_path / "screened", screen=screen, batch_size=8)
+    with pytest.raises(SinklensError, match="holds a screened scan.*drop --exhaustive"):
+        run_scan(planted, setup, tokens[:8], tmp_path / "screened")
+    with pytest.raises(SinklensError, match=r"another screen \(threshold differ\)"):
+        run_scan(planted, setup, tokens[:8], tmp_path / "screened", screen=screen._replace(threshold=0.6))
+
+
+def test_the_scan_command_screens_by_default(planted_dir, long_corpus_file, tmp_path, capsys):
+    assert main(["scan", "--model", str(planted_dir), "--corpus", str(long_corpus_file), "--n-repeats", str(N_REPEATS),
+                 "--out", str(tmp_path), "--tokens", "60", "--screen-repeats", "4", "--screen-threshold", "0.5",
+                 "--calibration", "10", "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert {"screen_recall", "screen_recall_ci_low", "screen_recall_ci_high", "n_tokens", "share_reached_sink",
+            "ci_low", "ci_high"} <= set(summary)
+    assert summary["n_tokens"] == 60 and summary["screen"]["n_repeats"] == 4 and summary["n_verified"] < 60
+    assert "screen shard 1/1" in captured.err and "full runs shard 1/1" in captured.err
+
+
+def test_running_a_share_of_the_positives_widens_the_interval_and_keeps_the_rest_unverified(planted, setup, tokens,
+                                                                                            tmp_path):
+    everything = Screen(n_repeats=4, threshold=-1.0, calibration=5, positives=1.0)  # every token a screen positive
+    run_scan(planted, setup, tokens, tmp_path / "all", screen=everything, batch_size=32)
+    run_scan(planted, setup, tokens, tmp_path / "half", screen=everything._replace(positives=0.5), batch_size=32)
+    full, half = (merge_scan(tmp_path / name, tokens) for name in ("all", "half"))
+    exact, sampled = full.summary(), half.summary()
+    assert exact["ci_low"] == exact["share_reached_sink"] == exact["ci_high"] == pytest.approx(3 / len(tokens))
+    frame = half.to_frame()
+    assert frame["verified"].equals(frame["due"]) and 0.3 < frame["verified"].mean() < 0.7
+    assert sampled["missing"] == 0 and sampled["screen"]["n_positives_run"] == frame["verified"].sum()
+    assert sampled["ci_low"] < sampled["share_reached_sink"] < sampled["ci_high"]
+    assert (frame.loc[~frame["verified"], "reached_sink"]).all()  # unverified: the screen's verdict

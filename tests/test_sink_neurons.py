@@ -17,6 +17,7 @@ from conftest import (
 )
 
 from sinklens import SinklensError, load_model, run_cache, text_tokens
+from sinklens.errors import NoSinkError
 from sinklens.analyses.ablation import ablation_study, paper_ablation_layers
 from sinklens.analyses.first_token import choose_first_token
 from sinklens.analyses.sink_neurons import NOT_FOUND, SEVERAL_LAYERS, SINGLE_LAYER, find_sink_neurons
@@ -125,16 +126,18 @@ def test_a_bos_the_model_does_not_make_a_sink_is_replaced_by_the_token_it_does(t
     assert given.token.text == "<s>" and not given.sink_found and "given by the user" in given.reason
 
 
-def test_a_model_without_a_sink_says_so(tmp_path):
+def test_a_model_without_a_sink_says_so(tmp_path, long_corpus_file, capsys):
     model = _load(tmp_path, plant_sink=False)
     choice = choose_first_token(model, CORPUS)
     assert not choice.sink_found and choice.reason.startswith("no sink found")
-    row = sink_table_row(model, CORPUS, words=["the"], n_repeats=20)
-    summary = row.summary()
-    assert summary["sink_found"] is False and summary["case"] == "no sink found"
-    assert summary["sink_layer"] is None and summary["sink_neurons"] == []
-    assert summary["first_token_norm"] > 0  # the numbers behind the verdict are still there
-    assert row.to_frame().iloc[0]["Sink-Layer"] == "no sink found"
+    with pytest.raises(NoSinkError, match="shows no sink layer"):  # never a made-up layer
+        sink_table_row(model, CORPUS, words=["the"], n_repeats=20)
+    study = ["--model", str(tmp_path), "--corpus", str(long_corpus_file), "--corpus-chars", "400"]
+    for command in (["table", "--n-repeats", "20"], ["neurons"], ["sink-layer"], ["circuit", "--n-repeats", "20"],
+                    ["patch", "--n-repeats", "20", "--out", str(tmp_path / "p.json")]):
+        assert main([*command, *study]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sinklens:")]
+        assert len(err) == 1 and "shows no sink layer" in err[0], (command, err)
 
 
 def test_ablation_hooks_edit_each_row_separately(tiny, reference):

@@ -14,11 +14,20 @@ rank): ``[first] + prefix + [token] * n`` is run up to the sink layer only, and 
   finds the last repeat (0: like a later token, 1: like the first token), and how close layer 0's
   output at the last repeat is to that of the token standing alone (cosine).
 
-Rows are appended to a JSON-lines file per shard as each batch finishes, so a killed scan resumes
-where it stopped; ``shard=(i, n)`` takes every n-th token from the i-th, so independent jobs can
+A whole vocabulary at a thousand repeats is many CPU hours, so by default the scan is *screened*
+(:class:`Screen`): every token gets a short run first, and only the tokens whose short run already
+heads toward the sink, plus a random calibration sample of the rest, get the full run. Every screen
+positive is measured in full, so their count is exact; the calibration sample's screen negatives
+estimate how many sink-opening tokens the screen missed, which gives the share over the request
+with an interval and the screen's recall, measured on every run. ``screen=None`` runs every token in
+full (``sinklens scan --exhaustive``).
+
+Rows are appended to JSON-lines files per shard as each batch finishes (``screen-*`` for the short
+runs, ``rows-*`` for the full ones), so a killed scan resumes where it stopped; ``shard=(i, n)``
+takes every n-th token from the i-th (1-based: ``(1, 4)`` ... ``(4, 4)``), so independent jobs can
 fill one directory, and :func:`merge_scan` reads every shard's rows into one table (tokens scanned
-twice are kept once). :func:`scan_setup` fixes what the rows depend on and is stored beside them,
-so a resumed or sharded run refuses other settings.
+twice are kept once). :func:`scan_setup` fixes what the rows depend on and is stored beside them
+with the screen, so a resumed or sharded run refuses other settings.
 """
 
 from __future__ import annotations
@@ -27,8 +36,9 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -44,6 +54,7 @@ from sinklens._io import write_json
 from sinklens.analyses._stats import proportion_interval
 from sinklens.analyses.norms import first_crossing, repeats_to_stay, resid_norms, sink_threshold
 from sinklens.errors import SinklensError
+from sinklens.load.models import placement
 from sinklens.results import Result
 from sinklens.run.cache import run_cache
 from sinklens.run.tokens import check_context, encode
@@ -51,7 +62,15 @@ from sinklens.run.tokens import check_context, encode
 N_STRATA = 10
 SCAN_BATCH = 4  # tokens per forward pass: on SmolLM2 at 1000 repeats, 2 CPU cores, batches of 1, 4 and 8 gave 0.77, 0.82 and 0.80 tokens/s (bench/bench_scan.py)
 SETUP_FILE = "scan.json"
+SCREEN_FILE = "screen.json"
 TABLE_FILE = "scan.parquet"
+# The default screen, chosen against an exhaustive scan of 2,000 SmolLM2 tokens at 1000 repeats (docs/results.md):
+# of short runs of 8, 16, 32 and 64 repeats, 32 costs half of 64's screen (27 against 57 ms per token) for full runs
+# on 55% of the tokens instead of 49%; 0.26 keeps 97% of a random half's sink-opening tokens, 97.9% of the other's.
+SCREEN_REPEATS = 32
+SCREEN_THRESHOLD = 0.26
+SCREEN_CALIBRATION = 500  # tokens run in full whatever the screen says: about 350 screen negatives on SmolLM2
+SCREEN_BATCH = 32  # tokens per short run: 29.9, 27.4 and 26.6 ms per token at batches of 16, 32 and 64
 FEATURES = ("token_id", "embedding_norm", "first_detector_score", "layer0_lone_cosine")
 
 
@@ -71,6 +90,7 @@ class ScanSetup:
     detector: tuple[int, int]  # the top first-detector neuron (layer, index), read at hook_pre
     detector_first: float  # its mean value at position 0 / position 1 of natural-text chunks
     detector_later: float
+    dtype: str = "float32"  # the model's precision (statistics are float32 whatever it is)
 
     @property
     def threshold(self) -> float:
@@ -119,7 +139,7 @@ def scan_setup(model: TransformerBridge, text: str, *, n_repeats: int = 1000, pr
         model.cfg.model_name, choice.token.id, prefix_ids, n_repeats, layer,
         tuple((int(l), int(n)) for l, n in neurons.sink_neurons), float(norms[1:].mean()), float(norms[0]), sink_first,
         (int(d_layer), int(d_neuron)), float(detectors.means[0, index, d_neuron]),
-        float(detectors.means[1, index, d_neuron]))
+        float(detectors.means[1, index, d_neuron]), placement(model)["dtype"])
 
 
 def select_tokens(model: TransformerBridge, n: int | None = None, *, seed: int = 0) -> list[int]:
@@ -231,13 +251,58 @@ class RowFile:
                 f.truncate(end)
 
 
-def _shard_file(out: Path, shard: tuple[int, int]) -> RowFile:
-    return RowFile(out / f"rows-{shard[0]}-of-{shard[1]}.jsonl")
+class Screen(NamedTuple):
+    """The cheap first pass of a screened scan (stored as ``screen.json`` beside the rows).
+
+    Every token asked for is run with ``n_repeats`` repeats only, and its screen score is how far that
+    short run's peak norm at the sink layer went from the typical norm toward the first token's, in
+    log space (:func:`screen_score`: 0 at the typical norm, 1 at the first token's; the sink regime
+    starts at 0.9). Tokens scoring at least ``threshold`` are run in full, and so is a seeded random
+    sample of ``calibration`` tokens of the request whatever their score: the sample's screen negatives
+    measure what the screen misses, so the share over the request is estimated with an interval and
+    the screen's recall is measured on every run, never assumed. ``positives`` below 1 runs only that
+    share of the screen positives in full (drawn at random), trading a wider interval for time.
+    """
+
+    n_repeats: int = SCREEN_REPEATS
+    threshold: float = SCREEN_THRESHOLD
+    calibration: int = SCREEN_CALIBRATION
+    positives: float = 1.0
+    seed: int = 0
 
 
-def _all_rows(out: Path) -> dict[int, dict]:
+class Written(NamedTuple):
+    """What one call of :func:`run_scan` added: tokens screened and tokens run in full."""
+
+    screened: int
+    full: int
+
+
+def screen_score(row: dict, setup: ScanSetup) -> float:
+    """How far a row's peak norm went from the typical norm toward the first token's, in log space."""
+    return math.log(max(row["peak_ratio"], 1e-12)) / math.log(setup.first_token_norm / setup.typical_norm)
+
+
+def screen_draws(token_ids: Sequence[int], screen: Screen) -> tuple[set[int], set[int]]:
+    """The random parts of a screened scan, drawn with ``screen.seed`` from the sorted request (so every shard
+    draws the same): the calibration sample (``screen.calibration`` tokens run in full whatever the screen says),
+    and the tokens that get a full run if the screen finds them positive (each with probability
+    ``screen.positives``)."""
+    ids = np.array(sorted(set(int(t) for t in token_ids)))
+    rng = np.random.default_rng(screen.seed)
+    calibration = rng.choice(ids, min(screen.calibration, len(ids)), replace=False)
+    eligible = ids[rng.random(len(ids)) < screen.positives]
+    return {int(t) for t in calibration}, {int(t) for t in eligible}
+
+
+def _row_file(out: Path, kind: str, shard: tuple[int, int]) -> RowFile:
+    return RowFile(out / f"{kind}-{shard[0]}-of-{shard[1]}.jsonl")
+
+
+def _all_rows(out: Path, kind: str = "rows") -> dict[int, dict]:
+    """Every shard's rows of one kind (``rows``: full runs, ``screen``: screen runs), each token once."""
     rows: dict[int, dict] = {}
-    for path in sorted(out.glob("rows-*.jsonl")):
+    for path in sorted(out.glob(f"{kind}-*.jsonl")):
         for row in RowFile(path).rows():
             rows.setdefault(row["token_id"], row)
     return rows
@@ -256,8 +321,14 @@ def stored_setup(out: str | Path, model: str, n_repeats: int, prefix: tuple[int,
     return stored
 
 
-def prepare_scan_dir(out: Path, setup: ScanSetup) -> None:
-    """Record ``setup`` in ``out``, or check that the scan already there has the same one."""
+def _stored_screen(out: Path) -> Screen | None:
+    path = out / SCREEN_FILE
+    return Screen(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+
+
+def prepare_scan_dir(out: Path, setup: ScanSetup, screen: Screen | None = None) -> None:
+    """Record ``setup`` and ``screen`` in ``out``, or check that the scan already there has the same ones
+    (a directory holds either an exhaustive scan or a screened one, never both)."""
     path = out / SETUP_FILE
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
@@ -265,35 +336,74 @@ def prepare_scan_dir(out: Path, setup: ScanSetup) -> None:
             differ = sorted(k for k in stored if stored.get(k) != setup.to_json().get(k))
             raise SinklensError(f"{out} holds a scan with other settings ({', '.join(differ)} differ)",
                                 "use another --out, or the settings of the scan already there")
-        return
-    write_json(path, setup.to_json())
+    stored_screen = _stored_screen(out)
+    if screen is None and stored_screen is not None:
+        raise SinklensError(f"{out} holds a screened scan", "drop --exhaustive, or use another --out")
+    if screen is not None and stored_screen is None and any(out.glob("rows-*.jsonl")):
+        raise SinklensError(f"{out} holds an exhaustive scan", "pass --exhaustive, or use another --out")
+    if screen is not None and stored_screen is not None and stored_screen != screen:
+        differ = [k for k in Screen._fields if getattr(stored_screen, k) != getattr(screen, k)]
+        raise SinklensError(f"{out} holds a scan with another screen ({', '.join(differ)} differ)",
+                            "use another --out, or the screen settings of the scan already there")
+    if not path.is_file():
+        write_json(path, setup.to_json())
+    if screen is not None and stored_screen is None:
+        write_json(out / SCREEN_FILE, screen._asdict())
 
 
 def run_scan(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[int], out: str | Path, *,
-             shard: tuple[int, int] = (0, 1), batch_size: int = 8, progress: bool = False) -> int:
-    """Scan this shard's part of ``token_ids`` (every ``shard[1]``-th from ``shard[0]``) into ``out``,
-    skipping tokens any shard has already written; returns the number of rows written."""
+             shard: tuple[int, int] = (1, 1), batch_size: int = SCAN_BATCH, screen: Screen | None = None,
+             progress: bool = False) -> Written:
+    """Scan this shard's part of ``token_ids`` (every ``shard[1]``-th, from the ``shard[0]``-th, 1-based) into
+    ``out``, skipping tokens any shard has already written.
+
+    Without a ``screen`` every token gets a full run (``setup.n_repeats`` repeats). With one, every token
+    first gets the screen's short run, then the screen positives (or the share ``screen.positives`` of them) and
+    the calibration sample get full runs.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    prepare_scan_dir(out, setup)
+    prepare_scan_dir(out, setup, screen)
+    mine = list(token_ids)[shard[0] - 1 :: shard[1]]
+    label = f"shard {shard[0]}/{shard[1]}"
+    screened = 0
+    if screen is not None:
+        done = _all_rows(out, "screen")
+        todo = [t for t in mine if t not in done]
+        _append_rows(model, replace(setup, n_repeats=screen.n_repeats), todo, _row_file(out, "screen", shard),
+                     SCREEN_BATCH, f"screen {label}", progress)
+        screened, scores = len(todo), _all_rows(out, "screen")
+        calibration, eligible = screen_draws(token_ids, screen)
+        mine = [t for t in mine if t in calibration or t in eligible and screen_score(scores[t], setup) >= screen.threshold]
     done = _all_rows(out)
-    todo = [t for t in list(token_ids)[shard[0]::shard[1]] if t not in done]
-    target = _shard_file(out, shard)
-    with tqdm(total=len(todo), desc=f"scan shard {shard[0]}/{shard[1]}", unit="token", disable=not progress) as bar:
+    todo = [t for t in mine if t not in done]
+    _append_rows(model, setup, todo, _row_file(out, "rows", shard), batch_size, f"full runs {label}", progress)
+    return Written(screened, len(todo))
+
+
+def _append_rows(model: TransformerBridge, setup: ScanSetup, todo: Sequence[int], target: RowFile, batch_size: int,
+                 desc: str, progress: bool) -> None:
+    with tqdm(total=len(todo), desc=desc, unit="token", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             target.append(scan_rows(model, setup, batch))
             bar.update(len(batch))
-    return len(todo)
 
 
 @dataclass
 class VocabScan(Result):
-    """The scan's table, one row per token, with the setup that produced it."""
+    """The scan's table, one row per token, with the setup (and the screen, for a screened scan) that produced it.
+
+    Every row has ``token_id``, ``verified`` (a full run measured it) and ``reached_sink`` (the full run's
+    verdict where there is one, else the screen's); a screened scan's rows add ``screen_score``,
+    ``screen_positive``, ``calibration`` (drawn for a full run whatever the screen said) and ``due`` (the
+    scan runs it in full: a calibration token, or a screen positive drawn for a full run).
+    """
 
     setup: dict
     rows: list[dict]
     requested: int  # tokens asked for (the table may still miss some: see summary()["missing"])
+    screen: dict | None = None
 
     def to_frame(self) -> pd.DataFrame:
         frame = pd.DataFrame(self.rows).sort_values("token_id").reset_index(drop=True)
@@ -301,14 +411,22 @@ class VocabScan(Result):
             frame[column] = pd.array(frame[column], dtype="Int64")
         return frame
 
-    def correlations(self) -> list[dict]:
-        """Spearman correlation of each feature with the peak norm ratio, with a 95% interval (Fisher z)."""
+    def unbiased(self) -> pd.DataFrame:
+        """Full-run rows that are a uniform sample of the request: all of them, or a screened scan's calibration."""
         frame = self.to_frame()
+        return frame[frame["verified"] & (frame["calibration"] if self.screen else True)]
+
+    def correlations(self) -> list[dict]:
+        """Spearman correlation of each feature with the peak norm ratio, with a 95% interval (Fisher z), over
+        :meth:`unbiased` rows (none below 4 rows)."""
+        frame = self.unbiased()
         result = []
+        if len(frame) < 4:
+            return result
         for feature in FEATURES:
             rho, p = stats.spearmanr(frame[feature], frame["peak_ratio"])
             n = len(frame)
-            half = 1.96 / math.sqrt(n - 3) if n > 3 else float("nan")
+            half = 1.96 / math.sqrt(n - 3)
             low, high = (math.tanh(math.atanh(max(min(rho, 0.999999), -0.999999)) + s * half) for s in (-1, 1))
             result.append({"feature": "frequency rank (token id)" if feature == "token_id" else feature,
                            "spearman_with_peak_ratio": float(rho), "ci_low": low, "ci_high": high, "n": n,
@@ -317,6 +435,7 @@ class VocabScan(Result):
 
     def plot(self) -> go.Figure:
         frame = self.to_frame()
+        frame = frame[frame["verified"]]
         fig = make_subplots(rows=1, cols=2, subplot_titles=["Peak norm over typical (log10)",
                                                             "Peak norm vs token id (frequency-rank proxy)"])
         fig.add_histogram(x=np.log10(frame["peak_ratio"]), nbinsx=80, name="tokens", row=1, col=1)
@@ -325,55 +444,120 @@ class VocabScan(Result):
             fig.add_scatter(x=part["token_id"], y=part["peak_ratio"], mode="markers", marker={"size": 3, "color": colour},
                             text=part["text"], name="reached the sink" if reached else "did not", row=1, col=2)
         fig.update_yaxes(type="log", row=1, col=2)
-        fig.update_layout(title=f"Vocabulary scan: {len(frame)} tokens x {self.setup['n_repeats']} repeats", height=450)
+        fig.update_layout(title=f"Vocabulary scan: {len(frame)} tokens run in full, {self.setup['n_repeats']} repeats",
+                          height=450)
         return fig
 
     def summary(self) -> dict:
         frame = self.to_frame()
-        reached = int(frame["reached_sink"].sum())
-        share, low, high = proportion_interval(reached, len(frame))
-        top = frame.sort_values("peak_ratio", ascending=False).head(20)
-        return {
-            "n_tokens": len(frame), "missing": self.requested - len(frame), "n_repeats": self.setup["n_repeats"],
-            "n_reached_sink": reached, "share_reached_sink": share, "ci_low": low, "ci_high": high,
+        verified = frame[frame["verified"]]
+        top = verified.sort_values("peak_ratio", ascending=False).head(20)
+        summary = {
+            "n_tokens": len(frame), "n_repeats": self.setup["n_repeats"],
+            "n_reached_sink": int(verified["reached_sink"].sum()), "n_verified": len(verified),
+            **(self._screened_estimate(frame) if self.screen else self._exhaustive_estimate(frame)),
             "definition": (f"the norm at layer {self.setup['layer']} enters the sink regime (>= "
                            f"{sink_threshold(self.setup['first_token_norm'], self.setup['typical_norm']):.1f}, 0.9 of "
                            "the way in log space from typical to the first token's norm) and stays there to the last "
                            "repeat"),
-            "n_first_crossing": int(frame["first_crossing"].notna().sum()),
+            "n_first_crossing": int(verified["first_crossing"].notna().sum()),
             "top_tokens": [{"token_id": int(r.token_id), "text": r.text, "peak_ratio": float(r.peak_ratio),
                             "repeats_to_sink": None if pd.isna(r.repeats_to_sink) else int(r.repeats_to_sink)}
                            for r in top.itertuples()],
             "correlations": self.correlations(),
             "setup": self.setup,
         }
+        return summary
+
+    def _exhaustive_estimate(self, frame: pd.DataFrame) -> dict:
+        share, low, high = proportion_interval(int(frame["reached_sink"].sum()), len(frame))
+        return {"missing": self.requested - len(frame), "share_reached_sink": share, "ci_low": low, "ci_high": high,
+                "estimate": "every token run in full; Wilson interval", "screen": None, "screen_recall": None,
+                "screen_recall_ci_low": None, "screen_recall_ci_high": None}
+
+    def _screened_estimate(self, frame: pd.DataFrame) -> dict:
+        """Two strata. Screen positives: all run in full, so their share is exact (or a random share of them,
+        Wilson interval). Screen negatives: their share of sink-opening tokens from the calibration sample's
+        negatives (Wilson interval). The share's and the recall's intervals combine the ends of both (conservative)."""
+        positive = frame["screen_positive"]
+        n_positive, n_negative = int(positive.sum()), int((~positive).sum())
+        run_positive = frame[positive & frame["verified"]]
+        checked = frame[~positive & frame["calibration"] & frame["verified"]]
+        hits, missed = int(run_positive["reached_sink"].sum()), int(checked["reached_sink"].sum())
+        if len(run_positive) == n_positive:
+            kept = (hits / n_positive if n_positive else 0.0,) * 3
+        else:
+            kept = proportion_interval(hits, len(run_positive)) if len(run_positive) else (math.nan, 0.0, 1.0)
+        if not n_negative:
+            lost = (0.0, 0.0, 0.0)
+        else:
+            lost = proportion_interval(missed, len(checked)) if len(checked) else (math.nan, 0.0, 1.0)
+        found = [n_positive * share for share in kept]  # estimate, low, high
+        hidden = [n_negative * share for share in lost]
+
+        def recall(true_positive: float, false_negative: float) -> float | None:
+            total = true_positive + false_negative
+            return None if total == 0 else _known(true_positive / total)
+
+        n = len(frame)
+        return {
+            "missing": self.requested - n + int((frame["due"] & ~frame["verified"]).sum()),
+            "share_reached_sink": _known((found[0] + hidden[0]) / n), "ci_low": (found[1] + hidden[1]) / n,
+            "ci_high": (found[2] + hidden[2]) / n,
+            "estimate": ("stratified over the tokens asked for: screen positives run in full (all, or a random share: "
+                         "Wilson interval), the screen negatives' share from the calibration sample's negatives "
+                         "(Wilson interval); intervals combine the ends of both"),
+            "screen": {**self.screen, "n_screen_positive": n_positive, "n_screen_negative": n_negative,
+                       "n_positives_run": len(run_positive), "n_calibration_negatives_run": len(checked),
+                       "n_missed_in_calibration": missed},
+            "screen_recall": recall(found[0], hidden[0]), "screen_recall_ci_low": recall(found[1], hidden[2]),
+            "screen_recall_ci_high": recall(found[2], hidden[1]),
+        }
+
+
+def _known(value: float) -> float | None:
+    """None for a quantity the rows cannot estimate (NaN: no token of a stratum was run in full)."""
+    return None if math.isnan(value) else value
 
 
 def merge_scan(out: str | Path, token_ids: Sequence[int] | None = None) -> VocabScan:
-    """Every shard's rows in ``out`` as one table (restricted to ``token_ids`` if given), written to
-    ``out/scan.parquet`` atomically."""
+    """Every shard's rows in ``out`` as one table (restricted to ``token_ids``, the tokens asked for, if given;
+    else every token the directory holds), written to ``out/scan.parquet`` atomically."""
     from sinklens._io import atomic_path
 
     out = Path(out)
     if not (out / SETUP_FILE).is_file():
         raise SinklensError(f"{out} holds no scan", "run: sinklens scan --out DIR")
     setup = json.loads((out / SETUP_FILE).read_text(encoding="utf-8"))
-    rows = _all_rows(out)
+    full, screen = _all_rows(out), _stored_screen(out)
+    if screen is None:
+        rows = {t: {**row, "verified": True} for t, row in full.items()}
+    else:
+        measured, screened = ScanSetup.from_json(setup), _all_rows(out, "screen")
+        calibration, eligible = screen_draws(list(screened) if token_ids is None else token_ids, screen)
+        rows = {}
+        for t, short in screened.items():
+            score = screen_score(short, measured)
+            positive = score >= screen.threshold
+            rows[t] = {"token_id": t, "text": short["text"], "verified": t in full, "calibration": t in calibration,
+                       "screen_score": score, "screen_positive": positive, "screen_peak_ratio": short["peak_ratio"],
+                       "due": t in calibration or positive and t in eligible, **full.get(t, {"reached_sink": positive})}
     wanted = list(rows) if token_ids is None else [t for t in token_ids if t in rows]
     if not wanted:
         raise SinklensError(f"{out} holds no scanned token yet", "run: sinklens scan --out DIR")
-    result = VocabScan(setup, [rows[t] for t in wanted], len(rows) if token_ids is None else len(token_ids))
+    result = VocabScan(setup, [rows[t] for t in wanted], len(rows) if token_ids is None else len(token_ids),
+                       None if screen is None else screen._asdict())
     with atomic_path(out / TABLE_FILE) as tmp:
         result.to_frame().to_parquet(tmp, index=False)
     return result
 
 
-def scan_tokens(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[int], *, batch_size: int = 8,
+def scan_tokens(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[int], *, batch_size: int = SCAN_BATCH,
                 progress: bool = False) -> VocabScan:
-    """Scan ``token_ids`` in memory (no files): for small scans and for the cluster attack."""
+    """Scan ``token_ids`` in full, in memory (no files): for small scans and for the cluster attack."""
     rows = []
-    for start in tqdm(range(0, len(token_ids), batch_size), desc="scan", disable=not progress):
-        rows += scan_rows(model, setup, token_ids[start : start + batch_size])
+    for start in tqdm(range(0, len(token_ids), batch_size), desc="scan", unit="batch", disable=not progress):
+        rows += [{**row, "verified": True} for row in scan_rows(model, setup, token_ids[start : start + batch_size])]
     return VocabScan(setup.to_json(), rows, len(token_ids))
 
 

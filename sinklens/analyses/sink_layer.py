@@ -10,7 +10,10 @@ the first token's excess can be read as a ratio. Causal attention makes position
 
 Some models build their sink over several layers and no single layer passes the rule (Gemma-3
 does). With a reference text, the result then falls back to the layer with the largest
-first-token / later-token ratio and says so in ``method``; without one it is an error.
+first-token / later-token ratio and says so in ``method``; without one it is an error. A model
+with no sink (a randomly initialised one, say) fails both: when even the largest ratio is below
+``MIN_FALLBACK_RATIO`` (the first token's MLP output does not stand out from the others') it is an
+error that says so, never a made-up layer.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens.analyses._figures import with_reference_line
-from sinklens.errors import SinklensError
+from sinklens.errors import NoSinkError, SinklensError
 from sinklens.results import Result
 from sinklens.run.cache import run_cache
 from sinklens.run.tokens import FirstToken, Token, first_token
@@ -33,6 +36,7 @@ PAPER_MAX_LAYER = 15
 PAPER_N_SIGMA = 2.0
 SIGMA_RULE = "mean + n_sigma * std"
 RATIO_FALLBACK = "largest first/later-token ratio (no layer passed mean + n_sigma * std)"
+MIN_FALLBACK_RATIO = 2.0  # the fallback's layer must write at least twice as much on the first token as on the others
 
 
 @dataclass
@@ -145,5 +149,14 @@ def find_sink_layer(
             "the model may have no single sink layer; pass a reference text to fall back to the largest "
             "first/later-token ratio, try another max_layer or n_sigma, or name the layer yourself",
         )
-    layer = int((first_norms / others).argmax())
+    ratios = first_norms / others
+    layer = int(ratios.argmax())
+    if ratios[layer] < MIN_FALLBACK_RATIO:
+        raise NoSinkError(
+            f"{model.cfg.model_name} shows no sink layer in layers 0..{n_layers - 1}: no first-token MLP output norm "
+            f"passes mean + {n_sigma:g} sigma, and the largest first/later-token ratio is {float(ratios[layer]):.2f}x "
+            f"(layer {layer}), below {MIN_FALLBACK_RATIO:g}x",
+            "this model makes no attention sink of its first token (a randomly initialised model has none): "
+            "check --first-token, or study a trained model",
+        )
     return SinkLayerResult(start, first_norms, others, n_sigma, threshold, layer, RATIO_FALLBACK)

@@ -14,7 +14,7 @@ still made (on the tokenizer's BOS, or the most sink-like candidate), so the num
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -34,6 +34,7 @@ from sinklens.analyses.sink_neurons import (
     find_sink_neurons,
 )
 from sinklens.errors import SinklensError
+from sinklens.load.models import placement
 from sinklens.load.registry import PAPER_TABLE_1, paper_record
 from sinklens.results import Result
 from sinklens.run.interventions import ablation_hooks
@@ -58,6 +59,7 @@ class SinkTableRow(Result):
     baseline: NormBaseline
     curves: RepetitionCurves
     curves_ablated: RepetitionCurves | None
+    placement: dict[str, str] = field(default_factory=dict)  # dtype, device, layers loaded (load.models.placement)
 
     @property
     def sink_found(self) -> bool:
@@ -107,6 +109,7 @@ class SinkTableRow(Result):
         record = paper_record(self.model)
         return {
             "model": self.model,
+            **self.placement,
             "first_token": {"id": self.choice.token.id, "text": self.choice.token.text,
                             "chosen_by": self.choice.reason},
             "sink_found": found,
@@ -186,4 +189,4 @@ def sink_table_row(
                                         first=start, sink_fraction=sink_fraction, interventions=ablation_hooks(model, [neurons.sink_neurons]),
                                         condition=ABLATED)
         steps.update()
-    return SinkTableRow(name, choice, sink, neurons, baseline, curves, ablated)
+    return SinkTableRow(name, choice, sink, neurons, baseline, curves, ablated, placement(model))

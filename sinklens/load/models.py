@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from sinklens.load.attention import use_fused_attention
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
 
 SourceKind = Literal["alias", "gguf", "hf_dir", "hub"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 log = logging.getLogger("sinklens")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -46,6 +48,8 @@ class ModelSource:
     kind: SourceKind
     name: str
     bos_token_id: int | None = None
+    n_layers: int | None = None  # the checkpoint's depth
+    layers_loaded: int | None = None  # the first layers built, when fewer than n_layers (see load_model)
 
 
 def resolve_model(spec: str) -> ModelSource:
@@ -78,18 +82,86 @@ def resolve_model(spec: str) -> ModelSource:
             f"{spec} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})",
             "save the tokenizer into the same directory: tokenizer.save_pretrained(directory)",
         )
+    _check_shards(path)
     return ModelSource(spec, "hf_dir", str(path.resolve()))
+
+
+def _check_shards(path: Path) -> None:
+    """A sharded checkpoint's index must name only shards that are there (else the load fails midway)."""
+    for index in path.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError) as exc:
+            raise SinklensError(f"{index} is not a safetensors index ({_first_line(exc)})",
+                                "save the model again with save_pretrained()") from None
+        missing = sorted(name for name in shards if not (path / name).is_file())
+        if missing:
+            raise SinklensError(f"{path} is incomplete: its index {index.name} names {len(missing)} missing shard(s), "
+                                f"{', '.join(missing[:3])}", "copy or download the missing files into it")
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float32`` or a name (``float32``, ``bfloat16``, ``float16``), checked."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise SinklensError(f"unknown dtype {dtype!r}", f"pass one of {', '.join(DTYPES)}")
+
+
+def as_device(device: str | torch.device | None) -> str:
+    """Where a model goes: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (every GPU, split by accelerate's device
+    map when there are several; the CPU when there is none), checked before anything is loaded. None: the
+    first GPU when there is one, else the CPU."""
+    if device is None:
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    name = str(device)
+    kind, _, index = name.partition(":")
+    if name in ("cpu", "auto"):
+        return name
+    if kind != "cuda" or index and not index.isdigit():
+        raise SinklensError(f"unknown device {name!r}", "pass cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise SinklensError(f"device {name} asked for, but this machine has no CUDA GPU (torch {torch.__version__})",
+                            "pass --device cpu, or run on a machine with a GPU and a CUDA build of torch")
+    if index and int(index) >= torch.cuda.device_count():
+        raise SinklensError(f"device {name} asked for, but this machine has {torch.cuda.device_count()} GPU(s)",
+                            f"pass cuda:0 to cuda:{torch.cuda.device_count() - 1}, or auto")
+    return name if index else "cuda:0"
+
+
+def placement(model: torch.nn.Module) -> dict[str, str]:
+    """The dtype and device(s) a loaded model runs in, as results record them."""
+    hf_model = getattr(model, "original_model", model)
+    device_map = getattr(hf_model, "hf_device_map", None) or {}
+    devices = sorted({str(d) for d in device_map.values()}) or [str(next(model.parameters()).device)]
+    dtype = next(model.parameters()).dtype
+    record = {"dtype": str(dtype).removeprefix("torch."), "device": ",".join(devices)}
+    source = getattr(model, "sinklens_source", None)
+    if source is not None and source.layers_loaded is not None:
+        record["layers_loaded"] = f"0..{source.layers_loaded - 1} of {source.n_layers}"
+    return record
 
 
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device | None = None,
     n_ctx: int | None = None,
+    n_layers: int | None = None,
     verbose: bool = False,
 ) -> TransformerBridge:
     """Load ``spec`` as an eval-mode ``TransformerBridge``.
+
+    ``n_layers`` builds only the first ``n_layers`` layers (with the embeddings, the final norm and the
+    unembedding): only their tensors are read, converted and moved, so an early-layer analysis of a
+    70B checkpoint reads a few GB. The activations of layers ``0..n_layers-1`` are those of the whole
+    model; the logits are not (they come from the last layer built). Default: every layer.
+
+    ``dtype`` is the weights' and activations' precision (``float32``, ``bfloat16`` or ``float16``; the
+    analyses compute norms, statistics and thresholds in float32 whatever it is). ``device`` is ``cpu``,
+    ``cuda``, ``cuda:N`` or ``auto`` (see :func:`as_device`; default: the first GPU, else the CPU).
 
     Attention runs fused (SDPA) on every layer whose attention internals no hook reads, and step by
     step as TransformerLens implements it where one does (see :mod:`sinklens.load.attention`).
@@ -99,8 +171,11 @@ def load_model(
     ``sinklens_source`` attribute (a :class:`ModelSource`) that results record. ``verbose`` shows
     the transformers library's progress bars and notices.
     """
+    dtype, device = as_dtype(dtype), as_device(device)
+    if n_layers is not None and n_layers < 1:
+        raise SinklensError(f"n_layers={n_layers} builds no layer", "pass at least 1, or None for the whole model")
     with _libraries_quiet(not verbose):
-        return _load(spec, dtype, device, n_ctx)
+        return _load(spec, dtype, device, n_ctx, n_layers)
 
 
 @contextmanager
@@ -133,22 +208,23 @@ def _libraries_quiet(quiet: bool) -> Iterator[None]:
 def load_hf_model(
     spec: str = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device | None = None,
     verbose: bool = False,
 ):
     """The model of :func:`load_model` as a plain Hugging Face causal LM and its tokenizer, without
     TransformerLens: for ``generate``, lm-evaluation-harness or a server, with a
-    :class:`~sinklens.run.patch.SinkPatch` installed as forward hooks. Same specs, same cache."""
+    :class:`~sinklens.run.patch.SinkPatch` installed as forward hooks. Same specs, same cache, same
+    ``dtype`` and ``device`` keywords."""
+    dtype, device = as_dtype(dtype), as_device(device)
     with _libraries_quiet(not verbose):
-        hf_model, tokenizer, source = _hf_pair(spec, dtype, device)
+        hf_model, tokenizer, source = _hf_pair(spec, dtype, device, None)
     hf_model.sinklens_source = source
     return hf_model, tokenizer
 
 
-def _hf_pair(spec: str, dtype: torch.dtype, device: str | torch.device | None):
+def _hf_pair(spec: str, dtype: torch.dtype, device: str, n_layers: int | None):
     source = resolve_model(spec)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if source.kind == "alias":
         location = alias_weights(spec)
     elif source.kind == "gguf":
@@ -156,14 +232,16 @@ def _hf_pair(spec: str, dtype: torch.dtype, device: str | torch.device | None):
         location = _converted_gguf(lambda: gguf, f"{gguf.stem}-{sha256_file(gguf)[:16]}")
     else:
         location = source.name
-    hf_model, tokenizer = _load_hf(location, source, dtype)
-    source = dataclasses.replace(source, bos_token_id=tokenizer.bos_token_id)
-    return hf_model.to(device), tokenizer, source
+    hf_model, tokenizer, depth = _load_hf(location, source, dtype, device, n_layers)
+    loaded = hf_model.config.num_hidden_layers
+    source = dataclasses.replace(source, bos_token_id=tokenizer.bos_token_id, n_layers=depth,
+                                 layers_loaded=loaded if loaded < depth else None)
+    return hf_model, tokenizer, source
 
 
-def _load(spec: str, dtype: torch.dtype, device: str | torch.device | None, n_ctx: int | None) -> TransformerBridge:
-    hf_model, tokenizer, source = _hf_pair(spec, dtype, device)
-    device = hf_model.device
+def _load(spec: str, dtype: torch.dtype, device: str, n_ctx: int | None, n_layers: int | None) -> TransformerBridge:
+    hf_model, tokenizer, source = _hf_pair(spec, dtype, device, n_layers)
+    device = hf_model.device  # with a device map: where the embeddings are
     try:
         bridge = TransformerBridge.boot_transformers(
             source.name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx
@@ -194,15 +272,24 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def _load_hf(location: str | Path, source: ModelSource, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_hf(location: str | Path, source: ModelSource, dtype: torch.dtype, device: str, n_layers: int | None):
+    """The HF model on ``device``, its weights read straight there (``auto`` hands accelerate a device map over
+    every GPU: TransformerLens cannot take a device map together with a ready model, so the map is made here),
+    built with its first ``n_layers`` layers only if given; and the checkpoint's depth."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     # huggingface_hub reads HF_HUB_OFFLINE once at import; honour it at call time too, so an
     # offline user gets the error at once instead of after the hub's connection retries.
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, local_files_only=offline)
+        config = AutoConfig.from_pretrained(location, local_files_only=offline)
+        depth = _text_config(config).num_hidden_layers
+        if n_layers is not None and n_layers < depth:
+            _truncate(_text_config(config), n_layers)
+        device_map = ("auto" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=dtype, device_map=device_map,
+                                                     local_files_only=offline)
     except Exception as exc:  # hub, file-format and config errors come in many types
         if source.kind == "hub":
             raise SinklensError(
@@ -223,7 +310,21 @@ def _load_hf(location: str | Path, source: ModelSource, dtype: torch.dtype):
         ) from exc
     if not model.config.architectures:  # GGUF configs carry none, and TransformerLens needs it
         model.config.architectures = [type(model).__name__]
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, depth
+
+
+def _text_config(config):
+    """The config that holds the decoder's depth (a multimodal config nests it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _truncate(config, n_layers: int) -> None:
+    """Make ``config`` describe the first ``n_layers`` layers: the depth, and every per-layer list."""
+    depth = config.num_hidden_layers
+    for key, value in vars(config).items():
+        if isinstance(value, list) and len(value) == depth:
+            setattr(config, key, value[:n_layers])
+    config.num_hidden_layers = n_layers
 
 
 def _converted_gguf(get_gguf, key: str) -> Path:

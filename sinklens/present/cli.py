@@ -21,14 +21,16 @@ from tqdm.std import tqdm
 from sinklens._io import write_json, write_text
 from sinklens.analyses.attack import CLUSTERINGS
 from sinklens.analyses.first_token import AUTO, MIN_SINK_RATIO
-from sinklens.analyses.scan import SCAN_BATCH
+from sinklens.analyses.scan import SCAN_BATCH, SCREEN_CALIBRATION, SCREEN_REPEATS, SCREEN_THRESHOLD
 from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA
 from sinklens.analyses.sink_neurons import CRITERIA, MAX_NEURONS, REMOVED_SHARE
 from sinklens.errors import SinklensError
+from sinklens.load.models import DTYPES
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
 from sinklens.present._page import check_output_dir, page, section
 from sinklens.present.evaluation import PRESETS as EVALUATION_PRESETS
 from sinklens.present.report import PAPER_CORPUS_CHARS, ReportConfig, run_report
+from sinklens.present.sweep import LOCAL
 from sinklens.run.patch import HOOKS as PATCH_HOOKS
 from sinklens.run.patch import VALUES as PATCH_VALUES
 
@@ -92,13 +94,28 @@ def _token_ids(value: str) -> list[int]:
 
 
 def _shard(value: str) -> tuple[int, int]:
+    """``i/n``, 1-based like every i/n on a command line, so a job array's ``$SLURM_ARRAY_TASK_ID/N`` fits."""
     try:
         index, count = (int(v) for v in value.split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a shard like 0/4") from None
-    if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"shard {value}: the index must be in 0..{count - 1}")
+        raise argparse.ArgumentTypeError(f"{value!r} is not a shard like 1/4") from None
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"shard {value}: the index must be in 1..{count} (shards are numbered from 1)")
     return index, count
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return number
+
+
+def _share(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a number in 0..1")
+    return number
 
 
 def _lengths(value: str) -> tuple[int, ...]:
@@ -115,10 +132,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sinklens", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"alias ({', '.join(MODEL_ALIASES)}), .gguf file, HF directory or hub name "
-                             f"(default: {DEFAULT_MODEL})")
+    placement = argparse.ArgumentParser(add_help=False)
+    placement.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                           help="precision of the weights and activations; statistics are float32 whatever it is "
+                                "(default: %(default)s)")
+    placement.add_argument("--device", help="cpu, cuda, cuda:N, or auto (every GPU, split by accelerate's device map) "
+                                            "(default: the first GPU, else the CPU)")
+    common = argparse.ArgumentParser(add_help=False, parents=[placement])
+    common.add_argument("--model", action="append",
+                        help=f"alias ({', '.join(MODEL_ALIASES)}), .gguf file, HF directory or hub name; `table` takes "
+                             f"it several times, a row per model (default: {DEFAULT_MODEL})")
     common.add_argument("--first-token", type=_first_token, default=AUTO,
                         help="token at position 0: auto (default: the tokenizer's BOS if the model makes it a sink, "
                              "else the candidate it does), bos, eos, a token id, or a word")
@@ -155,8 +178,14 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", parents=[common, words, neurons], help="write report.html and results.json")
     report.add_argument("--out", default="sinklens-report", help="output directory (default: %(default)s)")
     report.add_argument("--sink-layer", type=int, help="measure the norm curves at this layer instead")
-    sub.add_parser("table", parents=[common, words, neurons, as_json],
-                   help="one row of the paper's Table 1: sink layer, sink neurons, repeats to the sink")
+    on_ray = argparse.ArgumentParser(add_help=False)
+    on_ray.add_argument("--ray", nargs="?", const=LOCAL, metavar="ADDRESS",
+                        help="run the parts as Ray tasks (needs sinklens[ray]): on the cluster at ADDRESS "
+                             "(HOST:PORT, ray://HOST:PORT or auto), or on a new local instance without one")
+    table = sub.add_parser("table", parents=[common, words, neurons, as_json, on_ray],
+                           help="the paper's Table 1: a row per model (sink layer, sink neurons, repeats to the sink)")
+    table.add_argument("--out", help="keep each model's row in this directory, so a rerun measures only the models "
+                                     "missing (default with several models or --ray: sinklens-table)")
     ranked = sub.add_parser("neurons", parents=[common, neurons, as_json],
                             help="rank the sink layer's neurons and find the sink neurons by ablation")
     ranked.add_argument("--top", type=_positive(int), default=10, help="rows of the ranking to print (default: %(default)s)")
@@ -166,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     patch.add_argument("--out", default="patch.json", help="the patch file to write (default: %(default)s)")
     patch.add_argument("--hook", choices=tuple(PATCH_HOOKS), help="measure only this hook point (default: all)")
     patch.add_argument("--value", choices=PATCH_VALUES, help="measure only this value (default: both)")
-    evaluate = sub.add_parser("evaluate", help="measure a patch: benchmarks, natural text, norms and divergence, "
+    evaluate = sub.add_parser("evaluate", parents=[placement], help="measure a patch: benchmarks, natural text, norms and divergence, "
                                                "original vs patched")
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help=f"the model the patch was found on (default: {DEFAULT_MODEL})")
     evaluate.add_argument("--patch", required=True, help="the patch file `sinklens patch` wrote")
@@ -177,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--corpus", help="natural-text file for perplexity and KL (default: Tiny Shakespeare)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the benchmark item sample (default: %(default)s)")
     evaluate.add_argument("--verbose", action="store_true", help="show other libraries' progress bars and notices")
-    scan = sub.add_parser("scan", parents=[common, as_json],
+    scan = sub.add_parser("scan", parents=[common, as_json, on_ray],
                           help="repeat every token (or a stratified sample) and measure which reach the sink")
     scan.add_argument("--out", default="sinklens-scan", help="output directory, shared by shards (default: %(default)s)")
     scan.add_argument("--tokens", type=_token_count, default=2000,
@@ -185,9 +214,28 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--token-ids", type=_token_ids,
                       help="scan this subset instead: comma-separated token ids, or @FILE with one id per line")
     scan.add_argument("--n-repeats", type=_positive(int), default=1000, help="repeats per token (default: %(default)s)")
-    scan.add_argument("--shard", type=_shard, default=(0, 1),
-                      help="i/n: scan every n-th token from the i-th, as one of n independent jobs; a run without "
-                           "--shard scans what is missing and merges (default: 0/1)")
+    scan.add_argument("--shard", type=_shard, default=(1, 1),
+                      help="i/n (1-based): scan every n-th token from the i-th, as one of n independent jobs (a Slurm "
+                           "array --array=1-N runs --shard $SLURM_ARRAY_TASK_ID/N); a run without --shard scans what "
+                           "is missing and merges (default: 1/1)")
+    scan.add_argument("--shards", type=_positive(int),
+                      help="with --ray: the number of shard tasks (default: one per GPU of the cluster, else one "
+                           "per two CPUs)")
+    scan.add_argument("--exhaustive", action="store_true",
+                      help="run every token in full, with no screen (default: screen every token with a short run, "
+                           "then run the screen positives and a calibration sample in full)")
+    scan.add_argument("--screen-repeats", type=_positive(int), default=SCREEN_REPEATS,
+                      help="repeats of the screen's short run (default: %(default)s)")
+    scan.add_argument("--screen-threshold", type=_share, default=SCREEN_THRESHOLD,
+                      help="a token is a screen positive when its short run's peak norm goes this far from typical "
+                           "toward the first token's norm, in log space (0..1; the sink regime is 0.9) "
+                           "(default: %(default)s)")
+    scan.add_argument("--calibration", type=_count, default=SCREEN_CALIBRATION,
+                      help="tokens of the request, drawn at random, run in full whatever the screen says: they "
+                           "measure the screen's recall (default: %(default)s)")
+    scan.add_argument("--positives", type=_share, default=1.0,
+                      help="share of the screen positives run in full, drawn at random: below 1 trades a wider "
+                           "interval for time (default: %(default)s, all)")
     scan.add_argument("--batch-size", type=_positive(int), default=SCAN_BATCH, help="tokens per forward pass "
                                                                                    "(default: %(default)s)")
     scan.add_argument("--prefix", default="", help="text between the first token and the repeats (default: none)")
@@ -268,52 +316,78 @@ def _show_sinklens_messages() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _config(args) -> ReportConfig:
+def _config(args, model: str | None = None) -> ReportConfig:
+    """The settings of a command for ``model`` (default: its only --model, or the default model)."""
+    models = args.model or [DEFAULT_MODEL]
+    if model is None and len(models) > 1:
+        raise SinklensError(f"`sinklens {args.command}` takes one --model, got {len(models)}",
+                            "pass one --model (only `sinklens table` makes a row per model)")
     config = ReportConfig(
-        model=args.model, words=getattr(args, "words", None), n_repeats=getattr(args, "n_repeats", 1000),
+        model=model or models[0], words=getattr(args, "words", None), n_repeats=getattr(args, "n_repeats", 1000),
         first_token=args.first_token, corpus=args.corpus, corpus_chars=args.corpus_chars, max_layer=args.max_layer,
         n_sigma=args.n_sigma, sink_layer=getattr(args, "sink_layer", None), layers=getattr(args, "layers", None),
         criterion=getattr(args, "criterion", "paper"), share=getattr(args, "share", REMOVED_SHARE),
         max_neurons=getattr(args, "max_neurons", MAX_NEURONS), min_ratio=getattr(args, "min_ratio", MIN_SINK_RATIO),
+        dtype=args.dtype, device=args.device,
     )
     config.check()
     return config
 
 
-def _study_inputs(args, config: ReportConfig):
-    """Load the model and the natural text once the model-free checks have passed."""
-    from sinklens.load.models import load_model
-
-    model = load_model(config.model, verbose=args.verbose)
+def _study_inputs(args, config: ReportConfig, *, early_layers_only: bool = True):
+    """Load the model (only the layers the analysis reads, unless it needs the whole model) and the natural text,
+    once the model-free checks have passed."""
+    model = config.load_model(verbose=args.verbose, early_layers_only=early_layers_only)
     return model, _corpus(config)[: config.corpus_chars]
 
 
 def _report(args) -> None:
     config = _config(args)
     out = check_output_dir(args.out)
-    from sinklens.load.models import load_model
-
-    results = run_report(config, out, model=load_model(config.model, verbose=args.verbose), progress=True)
+    results = run_report(config, out, model=config.load_model(verbose=args.verbose), progress=True)
     for line in results["summary"]:
         print(line)
     print(f"wrote {Path(out) / 'report.html'} and {Path(out) / 'results.json'}")
 
 
 def _table(args) -> None:
-    from sinklens.analyses.table import sink_table_row
+    from sinklens.analyses.table import SinkTableRow
+    from sinklens.present.sweep import PartFailed, connect_ray, table_sweep
 
-    config = _config(args)
-    model, text = _study_inputs(args, config)
-    row = sink_table_row(
-        model, text, words=config.words, n_repeats=config.n_repeats, first=config.first_token, layers=config.layers,
-        criterion=config.criterion, share=config.share, max_neurons=config.max_neurons, max_layer=config.max_layer,
-        n_sigma=config.n_sigma, min_ratio=config.min_ratio, progress=not args.json,
-    )
-    if args.json:
-        print(json.dumps(row.summary()))
+    configs = [_config(args, model) for model in dict.fromkeys(args.model or [DEFAULT_MODEL])]
+    if len(configs) == 1 and args.out is None and args.ray is None:
+        config = configs[0]
+        model, text = _study_inputs(args, config)
+        row = config.table_row(model, text, progress=True)
+        if args.json:
+            print(json.dumps(row.summary()))
+            return
+        print(row.to_frame().to_string(index=False))
+        print(f"first token: {row.choice.reason}")
         return
-    print(row.to_frame().to_string(index=False))
-    print(f"first token: {row.choice.reason}")
+    out = check_output_dir(args.out or "sinklens-table")
+    if args.ray is not None:
+        connect_ray(args.ray)
+    rows = table_sweep(configs, out, ray=args.ray is not None)
+    done = [row for row in rows if isinstance(row, SinkTableRow)]
+    failed = [row for row in rows if isinstance(row, PartFailed)]
+    summaries = [row.summary() if isinstance(row, SinkTableRow) else {"model": row.name, "error": row.error}
+                 for row in rows]
+    write_json(out / "table.json", {"rows": summaries})
+    if args.json:
+        print(json.dumps({"rows": summaries} if len(rows) > 1 else summaries[0]))
+    else:
+        if done:
+            import pandas as pd
+
+            print(pd.concat([row.to_frame() for row in done]).to_string(index=False))
+        for row in failed:
+            print(f"{row.name}: {row.error}")
+        print(f"wrote {out / 'table.json'}")
+    if failed:
+        raise SinklensError(f"{len(failed)} of {len(rows)} models have no row ({', '.join(r.name for r in failed)})",
+                            "see each model's error above; the rows measured are kept, and the same command measures "
+                            "only what is missing")
 
 
 def _neurons(args) -> None:
@@ -366,14 +440,12 @@ def _circuit(args) -> None:
     config = _config(args)
     if args.contexts is not None and args.contexts < 2:
         raise SinklensError(f"--contexts {args.contexts} is too few", "pass at least 2 corrupted runs")
-    from sinklens.load.models import load_model
-
-    model = load_model(config.model, verbose=args.verbose)
+    model = config.load_model(verbose=args.verbose, early_layers_only=True)
     corpus = _corpus(config)
     result = first_layer_circuit(model, corpus, words=config.words, n_repeats=config.n_repeats,
                                  first=config.first_token, max_layer=config.max_layer, n_sigma=config.n_sigma,
                                  typical_chars=config.corpus_chars, n_contexts=args.contexts, seed=args.seed,
-                                 progress=not args.json)
+                                 progress=True)
     summary = result.summary()
     if args.json:
         print(json.dumps(summary))
@@ -413,7 +485,7 @@ def _patch(args) -> None:
     if out.is_dir():
         raise SinklensError(f"{out} is a directory", "pass a file name for the patch, e.g. --out patch.json")
     check_output_dir(out.parent)
-    model, text = _study_inputs(args, config)
+    model, text = _study_inputs(args, config, early_layers_only=False)  # the patch is measured on the whole model
     words = default_words(model) if config.words is None else words_to_tokens(model, config.words)
     check_context(model, config.n_repeats + 1)
     choice = choose_first_token(model, text, given=None if config.first_token == AUTO else config.first_token,
@@ -438,7 +510,7 @@ def _patch(args) -> None:
 def _evaluate(args) -> None:
     from sinklens.present.evaluation import EvaluationConfig, run_evaluation
 
-    config = EvaluationConfig(args.model, args.patch, args.preset, args.corpus, args.seed)
+    config = EvaluationConfig(args.model, args.patch, args.preset, args.corpus, args.seed, args.dtype, args.device)
     results = run_evaluation(config, args.out, progress=True, verbose=args.verbose)  # checks inputs before loading
     out = Path(args.out).expanduser()
     for line in results["summary"]:
@@ -451,14 +523,22 @@ def _scan(args) -> None:
 
     import pandas as pd
 
-    from sinklens.analyses.scan import check_token_ids, merge_scan, run_scan, scan_setup, select_tokens, stored_setup
-    from sinklens.load.models import load_model
+    from sinklens.analyses.scan import (Screen, check_token_ids, merge_scan, prepare_scan_dir, run_scan, scan_setup,
+                                        select_tokens, stored_setup)
+    from sinklens.present.sweep import PartFailed, connect_ray, default_shards, scan_shards
     from sinklens.run.tokens import check_context, encode
 
     config = _config(args)
+    if args.shards is not None and args.ray is None:
+        raise SinklensError("--shards splits a scan into Ray tasks and needs --ray",
+                            "add --ray, or run the shards as your own jobs with --shard i/n")
+    if args.ray is not None and args.shard != (1, 1):
+        raise SinklensError("--ray splits the scan into shards itself", "drop --shard, or drop --ray")
     out = check_output_dir(args.out)
     text = _corpus(config)
-    model = load_model(config.model, verbose=args.verbose)
+    if args.ray is not None:
+        connect_ray(args.ray)
+    model = config.load_model(verbose=args.verbose, early_layers_only=True)
     tokens = check_token_ids(model, args.token_ids) if args.token_ids is not None else \
         select_tokens(model, args.tokens, seed=args.seed)
     prefix = tuple(encode(model, args.prefix)) if args.prefix else ()
@@ -466,19 +546,35 @@ def _scan(args) -> None:
     setup = stored_setup(out, model.cfg.model_name, args.n_repeats, prefix) or scan_setup(
         model, text, n_repeats=args.n_repeats, prefix=args.prefix,
         first=None if config.first_token == AUTO else config.first_token)
-    written = run_scan(model, setup, tokens, out, shard=args.shard, batch_size=args.batch_size, progress=not args.json)
+    screen = None if args.exhaustive else Screen(args.screen_repeats, args.screen_threshold, args.calibration,
+                                                    args.positives, args.seed)
+    if args.ray is not None:
+        prepare_scan_dir(out, setup, screen)
+        del model  # each Ray task loads its own
+        parts = scan_shards(config, setup, tokens, out, args.shards or default_shards(), batch_size=args.batch_size,
+                            screen=screen)
+        lost = [part for part in parts if isinstance(part, PartFailed)]
+        if lost:
+            raise SinklensError(f"{len(lost)} of {len(parts)} shards did not finish ({lost[0].name}: {lost[0].error})",
+                                "run the same command again: the rows written are kept and only the rest is scanned")
+        written = None
+    else:
+        written = run_scan(model, setup, tokens, out, shard=args.shard, batch_size=args.batch_size, screen=screen,
+                           progress=True)
     if args.shard[1] > 1:
-        line = {"shard": list(args.shard), "rows_written": written}
-        print(json.dumps(line) if args.json else f"shard {args.shard[0]}/{args.shard[1]}: {written} rows written to "
-                                                 f"{out}; run without --shard to scan what is missing and merge")
+        line = {"shard": list(args.shard), "screened": written.screened, "rows_written": written.full}
+        print(json.dumps(line) if args.json else f"shard {args.shard[0]}/{args.shard[1]}: {written.screened} tokens "
+                                                 f"screened, {written.full} run in full into {out}; run without "
+                                                 "--shard to scan what is missing and merge")
         return
     scan = merge_scan(out, tokens)
     summary = scan.summary()
     write_json(out / "summary.json", summary)
     frame = scan.to_frame()
     sections = [
-        section("Distribution", f"{summary['n_tokens']} tokens, each repeated {summary['n_repeats']} times after the "
-                f"first token; sink regime: {html.escape(summary['definition'])}.", scan.plot()),
+        section("Distribution", f"{summary['n_verified']} of {summary['n_tokens']} tokens run in full, each repeated "
+                f"{summary['n_repeats']} times after the first token; sink regime: "
+                f"{html.escape(summary['definition'])}.", scan.plot()),
         section("The tokens with the largest peak norm", "", frame=frame.nlargest(30, "peak_ratio")),
         section("What the data says about why", "Spearman correlation with the peak norm over typical, 95% interval "
                 "(Fisher z), sample size.", frame=pd.DataFrame(summary["correlations"])),
@@ -495,10 +591,24 @@ def _scan(args) -> None:
 
 def _scan_lines(summary: dict) -> list[str]:
     top = ", ".join(f"{t['text']!r} {t['peak_ratio']:.0f}x" for t in summary["top_tokens"][:10])
-    lines = [f"{summary['n_reached_sink']} of {summary['n_tokens']} tokens reach the sink regime at "
-             f"{summary['n_repeats']} repeats: {summary['share_reached_sink']:.2%} (95% CI {summary['ci_low']:.2%}-"
-             f"{summary['ci_high']:.2%}); {summary['n_first_crossing']} cross it at least once",
-             f"top tokens by peak norm over typical: {top}"]
+    point = "?" if summary["share_reached_sink"] is None else f"{summary['share_reached_sink']:.2%}"
+    share = (f"{point} (95% CI {summary['ci_low']:.2%}-{summary['ci_high']:.2%}) of {summary['n_tokens']} tokens reach "
+             f"the sink regime at {summary['n_repeats']} repeats")
+    screen = summary["screen"]
+    if screen is None:
+        lines = [f"{share}: {summary['n_reached_sink']} run in full; {summary['n_first_crossing']} cross it at least "
+                 "once"]
+    else:
+        recall = ("not measured (no calibration negative run)" if summary["screen_recall"] is None else
+                  f"{summary['screen_recall']:.1%} (95% CI {summary['screen_recall_ci_low']:.1%}-"
+                  f"{summary['screen_recall_ci_high']:.1%})")
+        lines = [f"{share} (estimated): {summary['n_reached_sink']} found by {summary['n_verified']} full runs",
+                 f"screen ({screen['n_repeats']} repeats, score >= {screen['threshold']}): {screen['n_screen_positive']} "
+                 f"positives; recall {recall}, from {screen['n_missed_in_calibration']} missed among "
+                 f"{screen['n_calibration_negatives_run']} calibration negatives run in full"]
+    if summary["missing"]:
+        lines.append(f"{summary['missing']} tokens asked for are not measured yet: run the same command to finish")
+    lines.append(f"top tokens by peak norm over typical: {top}")
     lines += [f"Spearman({c['feature']}, peak ratio) = {c['spearman_with_peak_ratio']:+.3f} "
               f"(95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, n={c['n']})" for c in summary["correlations"]]
     return lines
@@ -507,7 +617,6 @@ def _scan_lines(summary: dict) -> list[str]:
 def _attack(args) -> None:
     from sinklens.analyses.attack import cluster_attack
     from sinklens.analyses.scan import ScanSetup, merge_scan, scan_setup, scan_tokens, select_tokens
-    from sinklens.load.models import load_model
     from sinklens.run.patch import SinkPatch
     from sinklens.run.tokens import check_context
 
@@ -515,7 +624,7 @@ def _attack(args) -> None:
     patch = SinkPatch.load(args.patch) if args.patch else None
     if args.scan and not (Path(args.scan) / "scan.json").is_file():
         raise SinklensError(f"{args.scan} holds no scan", "run: sinklens scan --out DIR, then pass --scan DIR")
-    model = load_model(config.model, verbose=args.verbose)
+    model = config.load_model(verbose=args.verbose)
     if patch is not None:
         patch.check(model.cfg.n_layers, model.cfg.d_mlp, model.cfg.model_name)
     check_context(model, 1 + max(args.lengths))
@@ -528,9 +637,9 @@ def _attack(args) -> None:
     else:
         setup = scan_setup(model, _corpus(config), n_repeats=args.n_repeats,
                            first=None if config.first_token == AUTO else config.first_token)
-        scan = scan_tokens(model, setup, select_tokens(model, args.tokens, seed=args.seed), progress=not args.json)
+        scan = scan_tokens(model, setup, select_tokens(model, args.tokens, seed=args.seed), progress=True)
     result = cluster_attack(model, setup, scan, clustering=args.clustering, lengths=args.lengths,
-                            n_sequences=args.sequences, patch=patch, seed=args.seed, progress=not args.json)
+                            n_sequences=args.sequences, patch=patch, seed=args.seed, progress=True)
     summary = result.summary()
     if args.json:
         print(json.dumps(summary))

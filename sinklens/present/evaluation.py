@@ -37,7 +37,7 @@ from sinklens.analyses.norms import norm_baseline, plot_repetition_curves, repet
 from sinklens.errors import SinklensError
 from sinklens.load.benchmarks import TASKS, load_items
 from sinklens.load.corpus import read_text, shakespeare
-from sinklens.load.models import load_hf_model, load_model
+from sinklens.load.models import as_device, as_dtype, load_hf_model, load_model, placement
 from sinklens.present._page import Checkpoints, check_output_dir, page, section, versions, versions_text
 from sinklens.run.patch import SinkPatch
 from sinklens.run.tokens import check_context, default_words, encode, repeated_tokens, text_tokens, token, word_token
@@ -61,10 +61,14 @@ class EvaluationConfig:
     preset: str = "smoke"
     corpus: str | None = None
     seed: int = 0
+    dtype: str = "float32"
+    device: str | None = None  # None: the first GPU, else the CPU
 
     def check(self) -> SinkPatch:
         if self.preset not in PRESETS:
             raise SinklensError(f"unknown preset {self.preset!r}", f"use one of {', '.join(PRESETS)}")
+        as_dtype(self.dtype)
+        as_device(self.device)
         if self.corpus:
             read_text(self.corpus)
         return SinkPatch.load(self.patch)
@@ -80,9 +84,9 @@ def run_evaluation(config: EvaluationConfig, out: str | Path, *, progress: bool 
     patch = config.check()
     out = check_output_dir(out)
     preset = PRESETS[config.preset]
-    bridge = load_model(config.model, verbose=verbose)
+    bridge = load_model(config.model, dtype=config.dtype, device=config.device, verbose=verbose)
     patch.check(bridge.cfg.n_layers, bridge.cfg.d_mlp, bridge.cfg.model_name)
-    hf, tokenizer = load_hf_model(config.model, device=bridge.cfg.device, verbose=verbose)
+    hf, tokenizer = load_hf_model(config.model, dtype=config.dtype, device=config.device, verbose=verbose)
     corpus = read_text(config.corpus) if config.corpus else shakespeare()
     layer = max(patch.layers)
     first = patch.selection.get("first_token")
@@ -135,8 +139,8 @@ def run_evaluation(config: EvaluationConfig, out: str | Path, *, progress: bool 
             new_tokens=preset["new_tokens"], seeds=preset["seeds"], teacher_repeats=preset["teacher_repeats"]))
     first_patched = patched(lambda: norm_baseline(bridge, layer, reference)).first_token_norm
     results = {
-        "model": {"spec": config.model, "name": patch.model or config.model, "n_layers": bridge.cfg.n_layers,
-                  "d_mlp": bridge.cfg.d_mlp},
+        "model": {"spec": config.model, "name": patch.model or config.model, **placement(bridge),
+                  "n_layers": bridge.cfg.n_layers, "d_mlp": bridge.cfg.d_mlp},
         "versions": versions(),
         "patch": patch.to_json(),
         "preset": config.preset,

@@ -45,7 +45,7 @@ from sinklens.analyses.sink_neurons import MAX_NEURONS, REMOVED_SHARE, SEVERAL_L
 from sinklens.analyses.table import SinkTableRow, layer_range, sink_table_row
 from sinklens.errors import SinklensError
 from sinklens.load.corpus import read_text, shakespeare
-from sinklens.load.models import load_model, resolve_model
+from sinklens.load.models import as_device, as_dtype, load_model, placement, resolve_model
 from sinklens.load.registry import DEFAULT_MODEL, PAPER_TABLE_1
 from sinklens.present._page import Checkpoints, check_output_dir, page, section, versions, versions_text
 from sinklens.results import Result
@@ -75,15 +75,43 @@ class ReportConfig:
     share: float = REMOVED_SHARE
     max_neurons: int = MAX_NEURONS
     min_ratio: float = MIN_SINK_RATIO
+    dtype: str = "float32"
+    device: str | None = None  # None: the first GPU, else the CPU
 
     def fingerprint(self, model_name: str = "") -> str:
         """Keys the checkpoints: the settings, the model and the sinklens version that computed them."""
         key = {**dataclasses.asdict(self), "model_name": model_name, "sinklens": version("sinklens")}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
+    def load_model(self, verbose: bool = False, *, early_layers_only: bool = False) -> TransformerBridge:
+        """The model these settings name, in their dtype and on their device; with ``early_layers_only``, built
+        only up to the deepest layer these settings can reach (:meth:`layers_reached`), for the analyses that
+        stop at the sink layer."""
+        n_layers = self.layers_reached() if early_layers_only else None
+        return load_model(self.model, dtype=self.dtype, device=self.device, n_layers=n_layers, verbose=verbose)
+
+    def natural_text(self) -> str:
+        """The natural text of these settings (the corpus file, or the opening of Tiny Shakespeare), cut to
+        ``corpus_chars``: where the typical norm comes from."""
+        return (read_text(self.corpus) if self.corpus else shakespeare())[: self.corpus_chars]
+
+    def table_row(self, model: TransformerBridge, text: str, *, progress: bool = False) -> SinkTableRow:
+        """This model's Table-1 row with these settings."""
+        return sink_table_row(
+            model, text, words=self.words, n_repeats=self.n_repeats, first=self.first_token, layers=self.layers,
+            criterion=self.criterion, share=self.share, max_neurons=self.max_neurons, max_layer=self.max_layer,
+            n_sigma=self.n_sigma, min_ratio=self.min_ratio, sink_fraction=self.sink_fraction, progress=progress)
+
+    def layers_reached(self) -> int:
+        """How many layers the early-layer analyses read: the sink-layer search's, or the layers named."""
+        named = [*(self.layers or []), *([] if self.sink_layer is None else [self.sink_layer])]
+        return max([self.max_layer, *(layer + 1 for layer in named)])
+
     def check(self) -> None:
         """Checks that need no model, so a bad setting fails before anything is loaded."""
         resolve_model(self.model)
+        as_dtype(self.dtype)
+        as_device(self.device)
         if self.words is not None and not self.words:
             raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
         if self.n_repeats < 1:
@@ -114,7 +142,7 @@ def run_report(
     """
     config.check()
     out = check_output_dir(out)
-    model = model or load_model(config.model)
+    model = model or config.load_model()
     corpus = read_text(config.corpus) if config.corpus else shakespeare()
     text = corpus[: config.corpus_chars]
     if config.words is not None:
@@ -131,11 +159,7 @@ def run_report(
             bar.update()
             return result
 
-        row: SinkTableRow = step("table", lambda: sink_table_row(
-            model, text, words=config.words, n_repeats=config.n_repeats,
-            first=config.first_token, layers=config.layers, criterion=config.criterion, share=config.share,
-            max_neurons=config.max_neurons, max_layer=config.max_layer, n_sigma=config.n_sigma,
-            min_ratio=config.min_ratio, sink_fraction=config.sink_fraction))
+        row: SinkTableRow = step("table", lambda: config.table_row(model, text))
         start = row.choice.token.id
         reference = text_tokens(model, text, first=start)
         curves = row.curves
@@ -179,7 +203,7 @@ def run_report(
     else:
         method = f"the layer the sink-neuron search settled on ({row.neurons.case}; see sink_neurons)"
     results = {
-        "model": {"spec": config.model, "name": row.model,
+        "model": {"spec": config.model, "name": row.model, **placement(model),
                   "n_layers": model.cfg.n_layers, "d_mlp": model.cfg.d_mlp, "n_ctx": model.cfg.n_ctx},
         "versions": versions(),
         "summary": headline(row, curves) + _circuit_headline(circuit),
@@ -368,5 +392,6 @@ def _render_html(results, row: SinkTableRow, curves, study, circuit, received, m
                  plot_attention_score_maps(*maps)),
     ]
     return page(f"sinklens report: {model['name']}", f"Model spec <code>{html.escape(model['spec'])}</code>, "
-                f"{model['n_layers']} layers. {html.escape(versions_text(results['versions']))}. Every number here is "
-                "in <code>results.json</code>.", results["summary"], sections)
+                f"{model['n_layers']} layers, {model['dtype']} on {model['device']}. "
+                f"{html.escape(versions_text(results['versions']))}. Every number here is in <code>results.json</code>.",
+                results["summary"], sections)

@@ -111,6 +111,9 @@ def run_cache(
     With ``prefix`` (:func:`shared_prefix`), every row of ``tokens`` continues that prefix: its keys
     and values are reused instead of recomputed, and the cache's positions (and the positions
     interventions see) start after it. The numbers are those of running ``prefix + tokens`` in full.
+
+    Cached values (and what ``reduce`` returns) are float32 whatever the model's dtype, so every
+    statistic and threshold computed from them is float32 too.
     """
     names = list(dict.fromkeys(names))
     for name in names:
@@ -122,14 +125,21 @@ def run_cache(
     with torch.inference_mode(), model.hooks(fwd_hooks=list(interventions)):
         if reduce is None:
             _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=stop, **extra)
-            return cache
+            return ActivationCache({name: _float32(value) for name, value in cache.items()}, model)
         store: dict[str, torch.Tensor] = {}
 
         def make_hook(name: str):
             def hook(activation: torch.Tensor, hook) -> None:
-                store[name] = reduce(name, activation)
+                store[name] = _float32(reduce(name, activation))
 
             return hook
 
         model.run_with_hooks(tokens, fwd_hooks=[(n, make_hook(n)) for n in names], stop_at_layer=stop, **extra)
     return ActivationCache(store, model)
+
+
+def _float32(value):
+    """Floating-point tensors as float32 (what ``reduce`` returns may also be a tuple of them, or anything else)."""
+    if isinstance(value, tuple):
+        return tuple(_float32(v) for v in value)
+    return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value

@@ -1,0 +1,438 @@
+"""``sl.explore(model)``: one live notebook widget for the questions a researcher asks of the sink circuit.
+
+Pick a prompt (free text, a word and a repeat count, or a sequence drawn from a token cluster), a
+layer and a head, and four views update in place:
+
+* the hidden-state norm per position at the sink layer, against the first token's, the typical and
+  the sink-regime norms of natural text (:mod:`sinklens.analyses.norms`);
+* the attention later queries pay to the first token, per layer (:class:`AttentionReceived`, the
+  report's figure), with the chosen layer marked;
+* the sink neurons' activations (``blocks.L.mlp.hook_post``) along the positions;
+* the chosen head's attention pattern (circuitsvis), on the first and last positions of long prompts.
+
+A toggle runs the prompt again with a :class:`~sinklens.run.patch.SinkPatch` installed (by default
+the paper's Listing 1 on the sink neurons found), so every view shows original against patched. The
+patch is installed for that forward pass only: the model is never left patched between updates.
+
+What does not depend on the controls (the first token, the sink layer and neurons, the typical
+norm) is measured once, when the explorer is built, as the report measures it, or taken from a
+:class:`SinkTableRow`. Each prompt then costs one forward pass per state (original, patched), which
+reads every layer's attention pattern (so every layer runs eager attention) and keeps only what the
+views need; the last few runs are kept, so moving the layer or the head, toggling the patch back
+or returning to an earlier prompt redraws from memory without running the model.
+
+Time per update (``python bench/bench_explore.py``, SmolLM2-135M-Instruct, 2 CPU cores shared with
+another model job, ``OMP_NUM_THREADS=1``; torch's default two threads fought that job and took
+about twice as long): a new prompt of ``' the'`` x 300 takes 2.0 s and x 1000 10.6-12.1 s, about
+twice a plain Hugging Face forward pass of the same 1001 tokens (5.6 s then; the difference is the
+eager attention that reading patterns needs); turning the patch on adds one such run (12.6 s at
+1000 repeats); turning it off, or on again, takes 0.2 s; moving the layer or the head 0.06 s.
+Building the explorer (measuring the circuit) took 6.6 s before its first prompt.
+
+Bad input (an empty prompt, a word that is not one token, a prompt longer than the context, a
+layer or head out of range) shows one line in the widget and leaves the figures as they were.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from itertools import cycle
+
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float, Int
+from transformer_lens.model_bridge import TransformerBridge
+
+from sinklens.analyses.attack import ClusterAttack, sample_sequences
+from sinklens.analyses.attention import EPSILON, AttentionReceived, plot_attention_received, received_by_later_queries
+from sinklens.analyses.first_token import AUTO, choose_first_token
+from sinklens.analyses.norms import NormBaseline, norm_baseline, sink_threshold
+from sinklens.analyses.sink_layer import find_sink_layer
+from sinklens.analyses.sink_neurons import NOTEBOOK_WORD, find_sink_neurons
+from sinklens.analyses.table import SinkTableRow
+from sinklens.errors import SinklensError
+from sinklens.load.corpus import shakespeare
+from sinklens.present.report import PAPER_CORPUS_CHARS
+from sinklens.run.cache import as_index, check_layer, run_cache
+from sinklens.run.interventions import Neuron, neuron_hook_name
+from sinklens.run.patch import SinkPatch, patch_for
+from sinklens.run.tokens import (
+    FirstToken,
+    Token,
+    check_context,
+    default_words,
+    repeated_tokens,
+    text_tokens,
+    token,
+    word_token,
+    words_to_tokens,
+)
+
+PROMPT_MODES = {"free text": "text", "word x repeats": "repeat", "cluster sequence": "cluster"}
+MAX_REPEATS = 2000  # the sliders stop here (or at the context) so that one update stays within seconds
+DEFAULT_REPEATS = 300
+PATTERN_EDGE = 20  # the pattern view shows the first and the last PATTERN_EDGE positions of a longer prompt
+RUNS_KEPT = 8  # forward passes remembered (prompt x patch state)
+ORIGINAL, PATCHED = "original", "patched"
+COLORS = ("steelblue", "seagreen", "purple", "darkorange", "crimson", "teal")
+
+
+@dataclass
+class PromptRun:
+    """What one forward pass of a prompt leaves for the views (original or patched)."""
+
+    label: str
+    token_texts: list[str]
+    norms: Float[torch.Tensor, "pos"]  # ||blocks.L.hook_resid_post|| at the sink layer
+    received: AttentionReceived  # every layer's attention received per head and key position
+    neurons: list[Neuron]
+    activations: Float[torch.Tensor, "neuron pos"]  # blocks.L.mlp.hook_post of each neuron
+    window: list[int]  # the positions the pattern view shows
+    patterns: Float[torch.Tensor, "layer head window window"]  # every head's pattern on those positions
+
+
+def pattern_window(n_tokens: int, edge: int = PATTERN_EDGE) -> list[int]:
+    """All positions of a short prompt; the first and last ``edge`` of a longer one (a 1000 x 1000
+    pattern is too large to draw, and the sink and the end of a run are where the circuit shows)."""
+    if n_tokens <= 2 * edge:
+        return list(range(n_tokens))
+    return [*range(edge), *range(n_tokens - edge, n_tokens)]
+
+
+def run_prompt(
+    model: TransformerBridge,
+    tokens: Int[torch.Tensor, "1 pos"],
+    *,
+    sink_layer: int,
+    neurons: Sequence[Neuron],
+    patch: SinkPatch | None = None,
+) -> PromptRun:
+    """Run ``tokens`` once (with ``patch`` installed for this run, if given) and keep what the
+    explorer's views show: the sink-layer norms, the attention received per layer, the neurons'
+    activations and every head's pattern on :func:`pattern_window`'s positions."""
+    if getattr(model, "_sinklens_patch", None) is not None:  # the "original" run would be patched too
+        raise SinklensError("a sink patch is already installed on this model",
+                            "remove it (installed.remove()); the explorer installs its patch for its patched run")
+    norm_name = f"blocks.{check_layer(model, sink_layer)}.hook_resid_post"
+    layers = list(range(model.cfg.n_layers))
+    pattern_names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
+    neuron_layers = sorted({layer for layer, _ in neurons})
+    window = pattern_window(tokens.shape[1])
+    shown = torch.tensor(window)
+
+    def reduce(name: str, activation: torch.Tensor):
+        if name == norm_name:
+            return activation[0].float().norm(dim=-1).cpu()
+        if name in pattern_names:  # the [head, query, key] pattern is never stored whole
+            window_pattern = activation[0][:, shown][:, :, shown].float().cpu()
+            return received_by_later_queries(activation[:1]), window_pattern
+        return activation[0].float().cpu()  # a layer's hook_post, [pos, d_mlp]
+
+    names = [norm_name, *pattern_names, *(neuron_hook_name(layer) for layer in neuron_layers)]
+    with patch.installed(model) if patch is not None else nullcontext():
+        cache = run_cache(model, tokens, names, reduce=reduce)
+    label = ORIGINAL if patch is None else PATCHED
+    received = AttentionReceived(label, layers, torch.stack([cache[n][0] for n in pattern_names]), EPSILON)
+    activations = [cache[neuron_hook_name(layer)][:, index] for layer, index in neurons]
+    return PromptRun(
+        label, [model.tokenizer.decode([int(t)]) for t in tokens[0]], cache[norm_name], received, list(neurons),
+        torch.stack(activations) if activations else torch.zeros(0, tokens.shape[1]), window,
+        torch.stack([cache[n][1] for n in pattern_names]))
+
+
+def plot_norms(runs: Sequence[PromptRun], baseline: NormBaseline) -> go.Figure:
+    """Norm per position at the sink layer for each run, with the natural text's first-token,
+    typical and sink-regime norms (the regime as :mod:`sinklens.analyses.norms` defines it)."""
+    fig = go.Figure()
+    for run, color in zip(runs, COLORS):
+        fig.add_scatter(y=run.norms.tolist(), text=_hover_texts(run), mode="lines", name=run.label, line_color=color,
+                        hovertemplate="position %{x}: %{text}<br>norm %{y:.4g}")
+    last = len(runs[0].norms) - 1
+    threshold = sink_threshold(baseline.first_token_norm, baseline.typical_norm)
+    first = html.escape(repr(baseline.first_token.text), quote=False)  # plotly reads tags such as <s> in labels
+    for value, name, color in ((baseline.first_token_norm, f"first token {first}", "firebrick"),
+                               (threshold, "sink regime", "orange"), (baseline.typical_norm, "typical", "gray")):
+        fig.add_scatter(x=[0, last], y=[value, value], mode="lines", name=f"{name} ({value:.4g})",
+                        line=dict(color=color, dash="dash"), hoverinfo="skip")
+    fig.update_layout(title=f"Hidden-state norm per position at the sink layer ({baseline.layer})",
+                      xaxis_title="Position", yaxis_title="||hook_resid_post||", yaxis_type="log", height=360,
+                      xaxis_range=[0, last])
+    return fig
+
+
+def plot_first_token_attention(runs: Sequence[PromptRun], layer: int) -> go.Figure:
+    """The report's attention-received figure for each run, with ``layer`` marked."""
+    fig = plot_attention_received(*(run.received for run in runs))
+    fig.add_vline(x=layer, line_dash="dot", line_color="gray")
+    fig.update_layout(title=f"Attention received by the first token per layer (layer {layer} marked)", height=360)
+    return fig
+
+
+def plot_neuron_activations(runs: Sequence[PromptRun]) -> go.Figure:
+    """Each sink neuron's activation along the prompt, one line style per run."""
+    fig = go.Figure()
+    for run, dash in zip(runs, ("solid", "dot")):
+        for (layer, index), values, color in zip(run.neurons, run.activations, cycle(COLORS)):
+            fig.add_scatter(y=values.tolist(), text=_hover_texts(run), mode="lines",
+                            name=f"L{layer}.{index} {run.label}", line=dict(color=color, dash=dash),
+                            hovertemplate="position %{x}: %{text}<br>%{y:.4g}")
+    title = "Sink neurons' activation (mlp.hook_post) along the prompt"
+    fig.update_layout(title=title if runs[0].neurons else "No sink neurons were found", xaxis_title="Position",
+                      yaxis_title="Activation", height=360)
+    return fig
+
+
+def _hover_texts(run: PromptRun) -> list[str]:
+    return [html.escape(repr(text), quote=False) for text in run.token_texts]
+
+
+def pattern_page(runs: Sequence[PromptRun], layer: int, head: int) -> str:
+    """An HTML page with head ``head`` of ``layer`` drawn by circuitsvis for each run, side by side."""
+    import circuitsvis as cv
+
+    window = runs[0].window
+    n = len(runs[0].token_texts)
+    shown = (f"positions {window[0]}-{window[PATTERN_EDGE - 1]} and {window[PATTERN_EDGE]}-{window[-1]} of {n}"
+             if len(window) < n else f"all {n} positions")
+    columns = []
+    for run in runs:
+        labels = [f"{run.token_texts[p]} ({p})" for p in window]
+        view = cv.attention.attention_pattern(tokens=labels, attention=run.patterns[layer, head])
+        columns.append(f"<div style='flex:1'><b>{run.label}</b>{view}</div>")  # str(): the HTML that loads circuitsvis
+    return (f"<p style='font-family:sans-serif'>Layer {layer}, head {head}: {shown}.</p>"
+            f"<div style='display:flex;gap:16px'>{''.join(columns)}</div>")
+
+
+def check_head(model: TransformerBridge, head: int) -> int:
+    """Raise if ``head`` is not a 0-based head index of ``model``."""
+    head = as_index(head, "head")
+    if not 0 <= head < model.cfg.n_heads:
+        raise SinklensError(f"head {head} is out of range: {model.cfg.model_name} has heads 0..{model.cfg.n_heads - 1}",
+                            "pass a 0-based head index below n_heads")
+    return head
+
+
+def parse_tokens(model: TransformerBridge, entries: str) -> list[int]:
+    """Token ids from comma-separated entries: a token id, or a word that is one token mid-text."""
+    ids = [token(model, int(e)).id if e.lstrip("-").isdigit() else word_token(model, e).id
+           for e in (part.strip() for part in entries.split(",")) if e]
+    if len(set(ids)) < 2:
+        raise SinklensError(f"the cluster has {len(set(ids))} distinct token(s); a sequence without repeats needs 2",
+                            "list at least two tokens, separated by commas (words or token ids)")
+    return ids
+
+
+def _entry(model: TransformerBridge, tok: Token) -> str:
+    """How a token is typed in the cluster box: its word where that reads back as the same token, else its id."""
+    try:
+        return tok.text.strip() if word_token(model, tok.text.strip()).id == tok.id else str(tok.id)
+    except SinklensError:
+        return str(tok.id)
+
+
+class SinkExplorer:
+    """The widget :func:`explore` returns; display it as a notebook cell's last line.
+
+    Its controls (``prompt_mode``, ``text``, ``word``, ``repeats``, ``cluster_tokens``,
+    ``cluster_length``, ``cluster_seed``, ``layer``, ``head``, ``patch_toggle``) and views
+    (``norm_figure``, ``attention_figure``, ``neuron_figure``: plotly ``FigureWidget``;
+    ``pattern_html``; ``message``, ``status``) are ipywidgets, so code can drive it as a user does.
+    ``runs`` holds the forward passes of the prompt shown, ``last_update_seconds`` the time the last
+    change took, ``error`` the exception behind the message (None after a good update).
+    """
+
+    def __init__(self, model: TransformerBridge, *, first: Token, neurons: list[Neuron], baseline: NormBaseline,
+                 patch: SinkPatch | None, text: str, cluster: list[Token], word: str, n_repeats: int):
+        import ipywidgets as widgets
+
+        self.model, self.first, self.neurons, self.baseline, self.patch = model, first, neurons, baseline, patch
+        self.sink_layer = baseline.layer
+        self.runs: list[PromptRun] = []
+        self.error: Exception | None = None
+        self.last_update_seconds = 0.0
+        self._remembered: OrderedDict[tuple[tuple[int, ...], bool], PromptRun] = OrderedDict()
+        longest = min(model.cfg.n_ctx - 1, MAX_REPEATS)
+        later = dict(continuous_update=False)
+
+        self.prompt_mode = widgets.ToggleButtons(options=list(PROMPT_MODES.items()), value="repeat")
+        self.text = widgets.Textarea(value=text, description="text", layout=widgets.Layout(width="95%"), **later)
+        self.word = widgets.Text(value=word, description="word", **later)
+        self.repeats = widgets.IntSlider(value=min(n_repeats, longest), min=1, max=longest,
+                                         description="repeats", **later)
+        self.cluster_tokens = widgets.Text(value=", ".join(_entry(model, t) for t in cluster), description="cluster",
+                                           placeholder="words or token ids, comma-separated",
+                                           layout=widgets.Layout(width="50%"), **later)
+        self.cluster_length = widgets.IntSlider(value=min(n_repeats, longest), min=2, max=longest,
+                                                description="length", **later)
+        self.cluster_seed = widgets.IntText(value=0, description="seed", layout=widgets.Layout(width="140px"))
+        self.layer = widgets.IntText(value=min(self.sink_layer + 1, model.cfg.n_layers - 1), description="layer",
+                                     layout=widgets.Layout(width="140px"))
+        self.head = widgets.IntText(value=0, description="head", layout=widgets.Layout(width="140px"))
+        self.patch_toggle = widgets.ToggleButton(
+            value=False, description="patched" if patch else "no patch", disabled=patch is None, icon="wrench",
+            tooltip=patch.describe() if patch else "no sink neurons were found, so there is nothing to patch")
+        self.message = widgets.HTML()
+        self.status = widgets.HTML()
+        self.norm_figure = go.FigureWidget()
+        self.attention_figure = go.FigureWidget()
+        self.neuron_figure = go.FigureWidget()
+        self.pattern_html = widgets.HTML()
+
+        self._mode_controls = {"text": widgets.HBox([self.text], layout=widgets.Layout(width="100%")),
+                               "repeat": widgets.HBox([self.word, self.repeats]),
+                               "cluster": widgets.HBox([self.cluster_tokens, self.cluster_length, self.cluster_seed])}
+        self.widget = widgets.VBox([
+            self.prompt_mode, *self._mode_controls.values(),
+            widgets.HBox([self.layer, self.head, self.patch_toggle, self.status]), self.message,
+            self.norm_figure, widgets.HBox([self.attention_figure, self.neuron_figure]), self.pattern_html,
+        ])
+        for control in (self.prompt_mode, self.text, self.word, self.repeats, self.cluster_tokens, self.cluster_length,
+                        self.cluster_seed, self.patch_toggle):
+            control.observe(lambda _: self._guarded(self._show_prompt), names="value")
+        for control in (self.layer, self.head):
+            control.observe(lambda _: self._guarded(self._show_head), names="value")
+        self._guarded(self._show_prompt)
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def prompt_tokens(self) -> Int[torch.Tensor, "1 pos"]:
+        """``[first] + prompt`` from the controls of the chosen prompt mode (a bad prompt raises)."""
+        mode, first = self.prompt_mode.value, self.first.id
+        if mode == "text":
+            if not self.text.value.strip():
+                raise SinklensError("the prompt is empty", "type some text, or pick a word and a repeat count")
+            return text_tokens(self.model, self.text.value, first=first)
+        if mode == "repeat":
+            return repeated_tokens(self.model, self.word.value, self.repeats.value, first=first)
+        pool = parse_tokens(self.model, self.cluster_tokens.value)
+        length = self.cluster_length.value
+        check_context(self.model, length + 1)
+        sequence = sample_sequences(pool, 1, length, seed=self.cluster_seed.value)
+        return torch.cat([torch.tensor([[first]]), sequence], dim=1)
+
+    def _guarded(self, update: Callable[[], None]) -> None:
+        """Run ``update``; a problem becomes one line in the widget, never a traceback in the output area."""
+        start = time.perf_counter()
+        self.message.value = "<i>running...</i>"
+        try:
+            update()
+        except Exception as exc:  # noqa: BLE001: a widget callback has nowhere to raise to but the output area
+            self.error = exc
+            problem = str(exc) if isinstance(exc, SinklensError) else f"unexpected {type(exc).__name__}: {exc}"
+            self.message.value = f"<span style='color:firebrick'>{html.escape(problem)}</span>"
+        else:
+            self.error = None
+            self.message.value = ""
+        self.last_update_seconds = time.perf_counter() - start
+        if self.error is None:
+            self.status.value = (f"<span style='color:gray'>{len(self.runs[0].token_texts)} tokens, "
+                                 f"updated in {self.last_update_seconds:.2f} s</span>")
+
+    def _run(self, tokens: Int[torch.Tensor, "1 pos"], patched: bool) -> PromptRun:
+        """A prompt's run in one patch state, from memory when it was run lately."""
+        key = (tuple(tokens[0].tolist()), patched)
+        if key in self._remembered:
+            self._remembered.move_to_end(key)
+            return self._remembered[key]
+        run = run_prompt(self.model, tokens, sink_layer=self.sink_layer, neurons=self._shown_neurons(),
+                         patch=self.patch if patched else None)
+        self._remembered[key] = run
+        if len(self._remembered) > RUNS_KEPT:
+            self._remembered.popitem(last=False)
+        return run
+
+    def _shown_neurons(self) -> list[Neuron]:
+        """The sink neurons, and any other neuron the patch clamps."""
+        extra = [n for n in (self.patch.neurons if self.patch else ()) if n not in self.neurons]
+        return [*self.neurons, *extra]
+
+    def _layer_head(self) -> tuple[int, int]:
+        return check_layer(self.model, self.layer.value), check_head(self.model, self.head.value)
+
+    def _show_prompt(self) -> None:
+        """A prompt or the patch changed: run what is not in memory, then redraw every view."""
+        for mode, box in self._mode_controls.items():
+            box.layout.display = None if mode == self.prompt_mode.value else "none"
+        layer, head = self._layer_head()  # every check before any figure changes
+        tokens = self.prompt_tokens()
+        self.runs = [self._run(tokens, False)] + ([self._run(tokens, True)] if self.patch_toggle.value else [])
+        _redraw(self.norm_figure, plot_norms(self.runs, self.baseline))
+        _redraw(self.neuron_figure, plot_neuron_activations(self.runs))
+        self._draw_head(layer, head)
+
+    def _show_head(self) -> None:
+        """The layer or the head changed: redraw from the runs in memory, no forward pass."""
+        layer, head = self._layer_head()
+        if self.runs:
+            self._draw_head(layer, head)
+
+    def _draw_head(self, layer: int, head: int) -> None:
+        _redraw(self.attention_figure, plot_first_token_attention(self.runs, layer))
+        page = pattern_page(self.runs, layer, head)
+        self.pattern_html.value = (f"<iframe srcdoc=\"{html.escape(page)}\" style=\"width:100%;height:640px;"
+                                   f"border:0\"></iframe>")  # an iframe runs circuitsvis' script
+
+
+def _redraw(widget: go.FigureWidget, figure: go.Figure) -> None:
+    """Replace a FigureWidget's traces and layout in one message to the browser."""
+    with widget.batch_update():
+        widget.data = ()
+        widget.add_traces(figure.data)
+        widget.layout = figure.layout
+
+
+def explore(
+    model: TransformerBridge,
+    row: SinkTableRow | None = None,
+    *,
+    text: str | None = None,
+    first: FirstToken = AUTO,
+    patch: SinkPatch | None = None,
+    cluster: ClusterAttack | Sequence[int | str] | None = None,
+    word: str = NOTEBOOK_WORD,
+    n_repeats: int = DEFAULT_REPEATS,
+) -> SinkExplorer:
+    """A live widget that shows the sink circuit on any prompt, layer and head, with and without a patch.
+
+    The first token, the sink layer and neurons and the typical norm come from ``row`` (a
+    :func:`~sinklens.analyses.table.sink_table_row` result) or are measured now on ``text``
+    (default: the first 1000 characters of Tiny Shakespeare, the paper's) as the report measures
+    them, starting from ``first`` ("auto": the token the model makes a sink). ``patch`` is what
+    the toggle installs (default: the paper's Listing 1 on the sink neurons). ``cluster`` fills the
+    cluster-sequence prompt: a :class:`ClusterAttack`'s cluster, or token ids or one-token words
+    (default: the tokens of "Another one bites the dust"). The widget opens on ``word`` x
+    ``n_repeats``; ``text`` fills its free-text prompt.
+
+    Needs the ``notebook`` extra (ipywidgets, and anywidget for plotly's FigureWidget).
+    """
+    try:
+        import anywidget  # noqa: F401: plotly's FigureWidget is an anywidget
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        raise SinklensError("the explorer needs the notebook extra", "pip install 'sinklens[notebook]'") from None
+    natural = shakespeare()[:PAPER_CORPUS_CHARS] if text is None else text
+    if row is None:
+        choice = choose_first_token(model, natural, given=None if first == AUTO else first)
+        reference = text_tokens(model, natural, first=choice.token.id)
+        sink = find_sink_layer(model, first=choice.token.id, reference=reference)
+        # the notebook's side ranking is not shown here, so its repeated-word run is kept short
+        found = find_sink_neurons(model, reference, sink=sink, notebook_repeats=n_repeats)
+        start, baseline = choice.token, norm_baseline(model, found.sink_layer, reference)
+    else:
+        start, found, baseline = row.choice.token, row.neurons, row.baseline
+    neurons = found.sink_neurons
+    if patch is None and neurons:
+        patch = patch_for(model, neurons)
+    elif patch is not None:
+        patch.check(model.cfg.n_layers, model.cfg.d_mlp, model.cfg.model_name)
+    if isinstance(cluster, ClusterAttack):
+        cluster = cluster.cluster
+    pool = default_words(model) if cluster is None else words_to_tokens(model, cluster)
+    return SinkExplorer(model, first=start, neurons=neurons, baseline=baseline, patch=patch, text=natural,
+                        cluster=pool, word=word, n_repeats=n_repeats)

@@ -1,0 +1,150 @@
+"""Table-1 sweeps over several models and scans split into shards, locally or as Ray tasks.
+
+Every part (one model's row, one shard of a scan) lands in one output directory as it finishes, so
+an interrupted sweep, or a part whose Ray worker was lost, is redone by the next run of the same
+command, and nothing is counted twice. Locally the parts run one after another; with Ray each runs
+as a task, one model or shard per worker and one GPU per worker where the cluster has GPUs. Ray
+workers write into the output directory themselves, so on a cluster of several machines it must
+be on a filesystem they all see (a local Ray instance always does).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from sinklens.analyses.scan import Screen, ScanSetup, Written, run_scan
+from sinklens.analyses.table import SinkTableRow
+from sinklens.errors import SinklensError
+from sinklens.present.report import ReportConfig
+from sinklens.results import load_result, save_result
+
+LOCAL = "local"  # --ray without an address: start a Ray instance on this machine
+
+
+@dataclass(frozen=True)
+class PartFailed:
+    """A part that ended with a sinklens error (a model without a sink, say): the rest of the sweep stands."""
+
+    name: str
+    error: str
+
+
+def connect_ray(address: str) -> None:
+    """Join the Ray cluster at ``address`` (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``), or start a local
+    instance for :data:`LOCAL`. Missing Ray or an unreachable address is one clear error, before any work
+    (Ray itself would retry an unreachable address for minutes)."""
+    try:
+        import ray
+    except ImportError:
+        raise SinklensError("--ray needs Ray, which is not installed", "pip install 'sinklens[ray]'") from None
+    if address not in (LOCAL, "auto"):
+        host, port = _host_port(address)
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as exc:
+            raise SinklensError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc})",
+                                "start it with `ray start --head`, check the address, or pass --ray alone to start "
+                                "a local instance") from None
+    try:
+        ray.init(address=None if address == LOCAL else address, ignore_reinit_error=True, log_to_driver=False,
+                 include_dashboard=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise SinklensError(f"cannot join the Ray cluster at {address} ({str(exc).splitlines()[0][:200]})",
+                            "check the address, or pass --ray alone to start a local instance") from None
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address)
+    if not match:
+        raise SinklensError(f"{address!r} is not a Ray address", "pass HOST:PORT, ray://HOST:PORT or auto")
+    return match[1], int(match[2])
+
+
+def _run_parts(parts: Sequence[tuple[str, Callable, tuple]], *, ray: bool, desc: str) -> list:
+    """Run ``function(*arguments)`` for each ``(name, function, arguments)``, in this process or as Ray tasks;
+    a part's sinklens error becomes a :class:`PartFailed` and the others go on. Results in ``parts`` order."""
+    results: list = [None] * len(parts)
+    with tqdm(total=len(parts), desc=desc, unit="part") as bar:
+        if not ray:
+            for i, (name, function, arguments) in enumerate(parts):
+                results[i] = _part(name, function, arguments)
+                bar.update()
+            return results
+        import ray as ray_module
+
+        gpus = 1 if ray_module.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray_module.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(_part)
+        pending = {task.remote(name, function, arguments): i for i, (name, function, arguments) in enumerate(parts)}
+        while pending:
+            done, _ = ray_module.wait(list(pending), num_returns=1)
+            index = pending.pop(done[0])
+            try:
+                results[index] = ray_module.get(done[0])
+            except ray_module.exceptions.RayError as exc:  # a lost worker: the next run redoes this part
+                results[index] = PartFailed(parts[index][0], f"its Ray task failed ({type(exc).__name__}); run the "
+                                                            "same command again to redo it")
+            bar.update()
+    return results
+
+
+def _part(name: str, function: Callable, arguments: tuple):
+    try:
+        return function(*arguments)
+    except SinklensError as exc:
+        return PartFailed(name, str(exc))
+
+
+def _row_path(out: Path, config: ReportConfig) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", config.model).strip("_")[-60:]
+    return out / "rows" / f"{slug}-{config.fingerprint()}.pt"
+
+
+def table_row_into(config: ReportConfig, out: Path) -> SinkTableRow:
+    """One model's Table-1 row, read from ``out`` if a run of the same settings wrote it, else measured (on the
+    layers it needs only) and written there."""
+    path = _row_path(out, config)
+    if path.is_file():
+        try:
+            return load_result(path)
+        except Exception:  # written by an older sinklens, or damaged: measure it again
+            path.unlink()
+    row = config.table_row(config.load_model(early_layers_only=True), config.natural_text())
+    save_result(row, path)
+    return row
+
+
+def table_sweep(configs: Sequence[ReportConfig], out: str | Path, *, ray: bool = False
+                ) -> list[SinkTableRow | PartFailed]:
+    """Every model's Table-1 row, in ``configs`` order, through ``out`` (see the module docstring)."""
+    out = Path(out)
+    parts = [(config.model, table_row_into, (config, out)) for config in configs]
+    return _run_parts(parts, ray=ray, desc="sinklens table")
+
+
+def scan_shard(config: ReportConfig, setup: ScanSetup, token_ids: Sequence[int], out: Path, shard: tuple[int, int],
+               batch_size: int, screen: Screen | None) -> Written:
+    """One shard of a scan whose setup ``out`` already holds, on a model loaded here (the layers it needs only)."""
+    model = config.load_model(early_layers_only=True)
+    return run_scan(model, setup, token_ids, out, shard=shard, batch_size=batch_size, screen=screen)
+
+
+def scan_shards(config: ReportConfig, setup: ScanSetup, token_ids: Sequence[int], out: str | Path, n_shards: int, *,
+                batch_size: int, screen: Screen | None, ray: bool = True) -> list[Written | PartFailed]:
+    """Shards ``1/n`` ... ``n/n`` of a scan, each a part (a Ray task with ``ray``)."""
+    parts = [(f"shard {i}/{n_shards}", scan_shard, (config, setup, list(token_ids), Path(out), (i, n_shards),
+                                                    batch_size, screen)) for i in range(1, n_shards + 1)]
+    return _run_parts(parts, ray=ray, desc="sinklens scan shards")
+
+
+def default_shards() -> int:
+    """Shards for a scan on Ray: one per GPU of the cluster, else one per two CPUs."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)) // 2)

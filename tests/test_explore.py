@@ -1,0 +1,223 @@
+"""The live explorer (``sl.explore``) driven without a browser: set a control, read the figures.
+
+Most tests use the tiny model's planted sink (layer ``SINK_LAYER``, neuron ``SINK_NEURON``). The
+patch test uses a variant where a run of ``' the'`` looks more and more like a lone first token,
+the paper's mechanism in miniature: layer 0's uniform "mark" head copies a dimension into the one
+the sink neuron reads, and ``' the'`` carries twice the first token's share of it, so the longer
+the run, the more the neuron fires on it, and the paper's patch (hold the neuron at the first
+repeat's value) lowers the later repeats.
+"""
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+from sinklens import (
+    SinklensError,
+    attention_received,
+    load_model,
+    patch_for,
+    repeated_tokens,
+    run_cache,
+    sink_table_row,
+)
+from sinklens.analyses.norms import resid_norms
+from sinklens.present import explore as explore_module
+from sinklens.present.explore import PATTERN_EDGE, explore, pattern_window
+
+from conftest import CORPUS, SINK_LAYER, SINK_NEURON, build_hf_model, build_tokenizer
+
+REPEATS = 12
+
+
+@pytest.fixture(scope="module")
+def row(tiny):
+    """The first token, sink layer and neurons and the typical norm, measured once for every explorer here."""
+    return sink_table_row(tiny, CORPUS, words=["the"], n_repeats=REPEATS)
+
+
+@pytest.fixture
+def explorer(tiny, row):
+    return explore(tiny, row, n_repeats=REPEATS)
+
+
+@pytest.fixture
+def forward_passes(monkeypatch):
+    """Counts the explorer's forward passes (every one goes through run_cache)."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return run_cache(*args, **kwargs)
+
+    monkeypatch.setattr(explore_module, "run_cache", counting)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def growing(tmp_path_factory):
+    """The tiny model where a run of ' the' drives the sink neuron up (see the module docstring)."""
+    tokenizer = build_tokenizer()
+    model = build_hf_model(tokenizer, mark_head=True)
+    (the,) = tokenizer.encode(" the", add_special_tokens=False)
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        embed[the, 1] = 2 * embed[tokenizer.bos_token_id, 1]
+    path = tmp_path_factory.mktemp("tiny-growing")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return load_model(str(path), device="cpu")
+
+
+def _norm_trace(explorer, name="original"):
+    return next(trace for trace in explorer.norm_figure.data if trace.name == name)
+
+
+def _traces(figure):
+    return [(trace.name, trace.x, trace.y) for trace in figure.data]
+
+
+def test_the_views_show_the_analyses_numbers(tiny, explorer):
+    tokens = repeated_tokens(tiny, "the", REPEATS)
+    assert explorer.neurons == [(SINK_LAYER, SINK_NEURON)] and explorer.sink_layer == SINK_LAYER
+    assert explorer.message.value == "" and explorer.error is None
+    assert torch.allclose(torch.tensor(_norm_trace(explorer).y), resid_norms(tiny, tokens, SINK_LAYER)[0])
+    first_token = attention_received(tiny, tokens).first_token
+    assert torch.allclose(torch.tensor(explorer.attention_figure.data[0].y), first_token)
+    name = f"blocks.{SINK_LAYER}.mlp.hook_post"
+    neuron = run_cache(tiny, tokens, [name])[name][0, :, SINK_NEURON]
+    assert torch.allclose(torch.tensor(explorer.neuron_figure.data[0].y), neuron)
+    assert "<iframe" in explorer.pattern_html.value and "circuitsvis" in explorer.pattern_html.value
+
+
+def test_moving_the_repeat_slider_reruns_and_redraws(tiny, explorer, forward_passes):
+    explorer.repeats.value = 30
+    trace = _norm_trace(explorer)
+    assert len(trace.y) == 31 and list(explorer.norm_figure.layout.xaxis.range) == [0, 30]
+    assert torch.allclose(torch.tensor(trace.y), resid_norms(tiny, repeated_tokens(tiny, "the", 30), SINK_LAYER)[0])
+    assert len(explorer.neuron_figure.data[0].y) == 31
+    assert forward_passes == [(1, 31)] and explorer.last_update_seconds > 0
+
+
+def test_moving_the_layer_or_head_redraws_the_pattern_without_a_forward_pass(tiny, explorer, forward_passes):
+    pattern, attention = explorer.pattern_html.value, _traces(explorer.attention_figure)
+    explorer.layer.value = 4
+    assert explorer.pattern_html.value != pattern and "Layer 4, head 0" in explorer.pattern_html.value
+    assert explorer.attention_figure.layout.shapes[0].x0 == 4
+    assert _traces(explorer.attention_figure) == attention
+    explorer.head.value = 3
+    assert "Layer 4, head 3" in explorer.pattern_html.value
+    assert forward_passes == [] and explorer.error is None
+    name = "blocks.4.attn.hook_pattern"  # what the view draws is the head's own pattern
+    full = run_cache(tiny, repeated_tokens(tiny, "the", REPEATS), [name])[name][0, 3]
+    assert torch.allclose(explorer.runs[0].patterns[4, 3], full, atol=1e-6)
+
+
+def test_a_long_prompt_shows_the_first_and_last_positions_of_the_pattern(explorer):
+    explorer.repeats.value = 100
+    window = pattern_window(101)
+    assert window == [*range(PATTERN_EDGE), *range(101 - PATTERN_EDGE, 101)]
+    assert explorer.runs[0].window == window and explorer.runs[0].patterns.shape[-2:] == (len(window), len(window))
+    assert f"positions 0-{PATTERN_EDGE - 1} and {101 - PATTERN_EDGE}-100 of 101" in explorer.pattern_html.value
+
+
+def test_runs_are_remembered_across_patch_toggles_and_prompts(explorer, forward_passes):
+    explorer.patch_toggle.value = True
+    assert len(forward_passes) == 1  # only the patched run is new
+    explorer.patch_toggle.value = False
+    explorer.patch_toggle.value = True
+    assert len(forward_passes) == 1
+    explorer.repeats.value = 20
+    assert len(forward_passes) == 3  # a new prompt with the patch on: original and patched
+    explorer.repeats.value = REPEATS
+    assert len(forward_passes) == 3
+
+
+def test_the_patch_toggle_adds_patched_traces_and_lowers_the_sink_neuron_on_repeats(growing):
+    explorer = explore(growing, text=CORPUS, n_repeats=60)
+    assert explorer.neurons == [(SINK_LAYER, SINK_NEURON)]
+    before = len(explorer.norm_figure.data)
+    explorer.patch_toggle.value = True
+    assert explorer.error is None and len(explorer.norm_figure.data) == before + 1
+    assert [t.name for t in explorer.neuron_figure.data] == [f"L{SINK_LAYER}.{SINK_NEURON} original",
+                                                             f"L{SINK_LAYER}.{SINK_NEURON} patched"]
+    original, patched = (torch.tensor(t.y) for t in explorer.neuron_figure.data)
+    assert torch.equal(original[:2], patched[:2])  # the first token and the first repeat keep their values
+    assert (patched[2:] < original[2:]).all() and original[-1] > original[1]  # the run grows; the patch holds it
+    assert (torch.tensor(_norm_trace(explorer, "patched").y[2:]) < torch.tensor(_norm_trace(explorer).y[2:])).all()
+    assert [t.name for t in explorer.attention_figure.data if t.name.endswith("first token")] == [
+        "original: first token", "patched: first token"]
+    assert not hasattr(growing, "_sinklens_patch")  # installed for the patched run only
+    explorer.patch_toggle.value = False
+    assert len(explorer.norm_figure.data) == before
+
+
+def test_a_cluster_sequence_draws_from_the_cluster_without_immediate_repeats(tiny, row):
+    explorer = explore(tiny, row, cluster=["the", "you", "we"], n_repeats=REPEATS)
+    explorer.prompt_mode.value = "cluster"
+    ids = explorer.prompt_tokens()[0].tolist()
+    pool = {tiny.tokenizer.encode(f" {w}", add_special_tokens=False)[0] for w in ("the", "you", "we")}
+    assert explorer.cluster_tokens.value == "the, you, we"
+    assert ids[0] == tiny.tokenizer.bos_token_id and len(ids) == REPEATS + 1 and set(ids[1:]) <= pool
+    assert all(a != b for a, b in zip(ids[1:], ids[2:]))
+    assert len(_norm_trace(explorer).y) == REPEATS + 1 and explorer.error is None
+    explorer.cluster_seed.value = 1
+    assert explorer.prompt_tokens()[0].tolist() != ids
+
+
+@pytest.mark.parametrize("control, value, message", [
+    ("word", "", "is empty"),
+    ("word", "xylophone", "tokens for this tokenizer"),
+    ("word", " the", "surrounding whitespace"),
+    ("text", "   ", "the prompt is empty"),
+    ("text", CORPUS * 4, "longer than the context"),
+    ("layer", 6, "layer 6 is out of range"),
+    ("layer", -1, "layer -1 is out of range"),
+    ("head", 4, "head 4 is out of range"),
+    ("cluster_tokens", "the, the", "1 distinct token"),
+    ("cluster_tokens", "the, 99999", "outside the vocabulary"),
+])
+def test_bad_input_shows_one_line_and_leaves_the_figures(explorer, capsys, control, value, message):
+    mode = {"text": "text", "cluster_tokens": "cluster"}.get(control)
+    if mode:
+        explorer.prompt_mode.value = mode
+    figures = [f.to_dict() for f in (explorer.norm_figure, explorer.attention_figure, explorer.neuron_figure)]
+    pattern = explorer.pattern_html.value
+    getattr(explorer, control).value = value  # raises nothing
+    assert message in explorer.message.value and "\n" not in explorer.message.value
+    assert isinstance(explorer.error, SinklensError)
+    assert [f.to_dict() for f in (explorer.norm_figure, explorer.attention_figure, explorer.neuron_figure)] == figures
+    assert explorer.pattern_html.value == pattern
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_good_input_after_a_bad_one_clears_the_message(explorer):
+    explorer.layer.value = 60
+    assert explorer.message.value
+    explorer.layer.value = 1
+    assert explorer.message.value == "" and explorer.error is None and "Layer 1," in explorer.pattern_html.value
+
+
+def test_a_patch_installed_outside_the_explorer_is_refused(tiny, explorer):
+    with explorer.patch.installed(tiny):
+        explorer.repeats.value = 25
+    assert "already installed" in explorer.message.value and len(_norm_trace(explorer).y) == REPEATS + 1
+
+
+def test_without_the_notebook_extra_the_explorer_says_what_to_install(tiny, row, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)
+    with pytest.raises(SinklensError, match=r"notebook extra.*pip install 'sinklens\[notebook\]'"):
+        explore(tiny, row)
+
+
+def test_it_displays_as_one_widget(explorer):
+    bundle = explorer._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.widget.model_id
+
+
+def test_a_patch_for_another_model_is_refused_when_the_explorer_is_built(tiny, row):
+    foreign = dataclasses.replace(patch_for(tiny, [(SINK_LAYER, SINK_NEURON)]), n_layers=12)
+    with pytest.raises(SinklensError, match="does not fit"):
+        explore(tiny, row, patch=foreign)

@@ -1,0 +1,137 @@
+"""Precision, devices and layers on demand: the keywords every command takes, checked before any work,
+and truncated loads that give the whole model's activations on the layers they build."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import arch_config, build_tokenizer
+
+import sinklens as sl
+from sinklens.load.models import placement
+from sinklens.present.cli import main
+
+DEPTH, KEPT = 5, 2
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def checkpoint(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    path = tmp_path_factory.mktemp(request.param)
+    AutoModelForCausalLM.from_config(arch_config(request.param, tokenizer, DEPTH)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+NAMES = [f"blocks.{layer}.{hook}" for layer in range(KEPT)
+         for hook in ("hook_resid_post", "hook_mlp_out", "mlp.hook_post", "attn.hook_pattern")]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_truncated_load_gives_the_whole_models_activations_on_its_layers(checkpoint, dtype):
+    whole = sl.load_model(str(checkpoint), device="cpu", dtype=dtype)
+    early = sl.load_model(str(checkpoint), device="cpu", dtype=dtype, n_layers=KEPT)
+    assert (whole.cfg.n_layers, early.cfg.n_layers, len(early.original_model.model.layers)) == (DEPTH, KEPT, KEPT)
+    tokens = torch.randint(3, whole.cfg.d_vocab, (2, 20), generator=torch.Generator().manual_seed(0))
+    full, truncated = (sl.run_cache(m, tokens, NAMES) for m in (whole, early))
+    for name in NAMES:
+        assert torch.equal(full[name], truncated[name]), name
+    assert placement(early) == {"dtype": dtype, "device": "cpu", "layers_loaded": f"0..{KEPT - 1} of {DEPTH}"}
+    assert placement(whole) == {"dtype": dtype, "device": "cpu"}
+    assert sl.load_model(str(checkpoint), device="cpu", n_layers=DEPTH + 3).cfg.n_layers == DEPTH  # all there is
+
+
+def test_bad_precision_or_device_is_one_clear_line_before_loading(tiny_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sinklens.load.models._load", lambda *a: pytest.fail("loaded the model"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases = [(["table", "--dtype", "float8"], "invalid choice: 'float8'"),
+             (["table", "--device", "cuda"], "device cuda asked for, but this machine has no CUDA GPU"),
+             (["scan", "--device", "cuda:1"], "no CUDA GPU"),
+             (["neurons", "--device", "tpu"], "unknown device 'tpu'. Fix: pass cpu, cuda, cuda:N or auto"),
+             (["evaluate", "--patch", "p.json", "--device", "gpu"], "unknown device 'gpu'")]
+    for args, message in cases:
+        assert main([*args, "--model", str(tiny_dir)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("sinklens: error:") and message in err[0], (args, err)
+    with pytest.raises(sl.SinklensError, match="unknown dtype 'int8'. Fix: pass one of float32, bfloat16, float16"):
+        sl.load_model(str(tiny_dir), dtype="int8")
+    with pytest.raises(sl.SinklensError, match="n_layers=0 builds no layer"):
+        sl.load_model(str(tiny_dir), n_layers=0)
+
+
+def test_auto_without_a_gpu_is_the_cpu(tiny_dir):
+    model = sl.load_model(str(tiny_dir), device="auto")
+    assert placement(model)["device"] == "cpu"
+
+
+@pytest.mark.parametrize("command", [["table", "--n-repeats", "20"], ["neurons"], ["circuit", "--n-repeats", "20"]])
+def test_early_layer_commands_build_only_their_layers_and_find_the_same(command, tiny_dir, long_corpus_file, capsys,
+                                                                         monkeypatch):
+    from sinklens.present.report import ReportConfig
+
+    args = [*command, "--model", str(tiny_dir), "--corpus", str(long_corpus_file), "--corpus-chars", "400",
+            "--max-layer", "4", "--json"]
+    built = []
+    real = sl.load_model
+
+    def recording(*a, **k):
+        model = real(*a, **k)
+        built.append(model.cfg.n_layers)
+        return model
+
+    monkeypatch.setattr("sinklens.present.report.load_model", recording)
+    assert main(args) == 0
+    early = capsys.readouterr().out
+    load = ReportConfig.load_model
+    monkeypatch.setattr(ReportConfig, "load_model", lambda self, verbose=False, **_: load(self, verbose))
+    assert main(args) == 0
+    whole = capsys.readouterr().out
+    assert built == [4, 6] and early.replace('"layers_loaded": "0..3 of 6", ', "") == whole
+
+
+def test_a_checkpoint_whose_index_names_a_missing_shard_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    AutoModelForCausalLM.from_config(arch_config("llama", tokenizer, DEPTH)).save_pretrained(
+        tmp_path, max_shard_size="20KB")
+    tokenizer.save_pretrained(tmp_path)
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].unlink()
+    capsys.readouterr()  # the save's progress bars
+    monkeypatch.setattr("sinklens.load.models._load", lambda *a: pytest.fail("loaded the model"))
+    assert main(["table", "--model", str(tmp_path)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "is incomplete: its index model.safetensors.index.json names 1 missing shard(s), " \
+                              f"{shards[1].name}. Fix: copy or download" in err[0], err
+
+
+def test_every_command_runs_in_bfloat16_and_finds_what_float32_finds(tiny_dir, long_corpus_file, tmp_path, capsys):
+    study = ["--model", str(tiny_dir), "--corpus", str(long_corpus_file), "--corpus-chars", "400"]
+    tables = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main(["table", *study, "--n-repeats", "20", "--dtype", dtype, "--json"]) == 0
+        tables[dtype] = json.loads(capsys.readouterr().out)
+    full, half = tables["float32"], tables["bfloat16"]
+    assert half["dtype"] == "bfloat16" and full["dtype"] == "float32"
+    for key in ("sink_layer", "sink_neurons", "repeats_to_sink"):
+        assert half[key] == full[key], key
+    assert half["first_token"]["id"] == full["first_token"]["id"]
+    assert half["first_token_norm"] == pytest.approx(full["first_token_norm"], rel=0.01)
+    bf16 = ["--dtype", "bfloat16"]
+    assert main(["report", *study, *bf16, "--words", "the", "--n-repeats", "20", "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["model"]["dtype"] == "bfloat16"
+    for command in (["neurons", "--json"], ["sink-layer"], ["circuit", "--n-repeats", "20", "--json"],
+                    ["patch", "--n-repeats", "20", "--out", str(tmp_path / "p.json"), "--json"],
+                    ["scan", "--n-repeats", "20", "--tokens", "60", "--screen-repeats", "4", "--out", str(tmp_path / "s"),
+                     "--json"],
+                    ["attack", "--scan", str(tmp_path / "s"), "--lengths", "8", "--sequences", "4",
+                     "--patch", str(tmp_path / "p.json"), "--json"]):
+        assert main([*command, *study, *bf16]) == 0, command
+    assert json.loads((tmp_path / "s" / "scan.json").read_text())["dtype"] == "bfloat16"
