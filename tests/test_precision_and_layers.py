@@ -135,3 +135,44 @@ def test_every_command_runs_in_bfloat16_and_finds_what_float32_finds(tiny_dir, l
                      "--patch", str(tmp_path / "p.json"), "--json"]):
         assert main([*command, *study, *bf16]) == 0, command
     assert json.loads((tmp_path / "s" / "scan.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_hub_checkpoint_is_fetched_only_for_the_layers_built(tmp_path, monkeypatch):
+    """The hub is played by a local sharded checkpoint: a truncated load asks it for the shards it needs only."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM
+
+    hub = tmp_path / "hub"
+    tokenizer = build_tokenizer()
+    AutoModelForCausalLM.from_config(arch_config("llama", tokenizer, DEPTH)).save_pretrained(hub, max_shard_size="20KB")
+    tokenizer.save_pretrained(hub)
+    fetched = []
+
+    def hf_hub_download(repo, filename, **_):
+        fetched.append(filename)
+        return str(hub / filename)
+
+    def snapshot_download(repo, allow_patterns, **_):
+        folder = tmp_path / "snapshot"
+        folder.mkdir(exist_ok=True)
+        for path in hub.iterdir():
+            if any(fnmatch.fnmatch(path.name, pattern) for pattern in allow_patterns):
+                fetched.append(path.name)
+                shutil.copy(path, folder / path.name)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("SINKLENS_CACHE", str(tmp_path / "cache"))
+    early = sl.load_model("someone/tiny-llama", device="cpu", n_layers=KEPT)
+    index = json.loads((hub / "model.safetensors.index.json").read_text())["weight_map"]
+    needed = {shard for key, shard in index.items() if ".layers." not in key or int(key.split(".")[2]) < KEPT}
+    shards = {name for name in fetched if name.endswith(".safetensors")}
+    assert shards == needed and len(needed) < len(set(index.values()))
+    whole = sl.load_model(str(hub), device="cpu")
+    tokens = torch.randint(3, whole.cfg.d_vocab, (1, 12), generator=torch.Generator().manual_seed(0))
+    names = [f"blocks.{KEPT - 1}.hook_resid_post"]
+    assert torch.equal(sl.run_cache(early, tokens, names)[names[0]], sl.run_cache(whole, tokens, names)[names[0]])

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -230,6 +231,8 @@ def _hf_pair(spec: str, dtype: torch.dtype, device: str, n_layers: int | None):
     elif source.kind == "gguf":
         gguf = Path(source.name)
         location = _converted_gguf(lambda: gguf, f"{gguf.stem}-{sha256_file(gguf)[:16]}")
+    elif source.kind == "hub" and n_layers is not None:
+        location = _hub_early_layers(source.spec, n_layers) or source.name
     else:
         location = source.name
     hf_model, tokenizer, depth = _load_hf(location, source, dtype, device, n_layers)
@@ -237,6 +240,38 @@ def _hf_pair(spec: str, dtype: torch.dtype, device: str, n_layers: int | None):
     source = dataclasses.replace(source, bos_token_id=tokenizer.bos_token_id, n_layers=depth,
                                  layers_loaded=loaded if loaded < depth else None)
     return hf_model, tokenizer, source
+
+
+_LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
+_HUB_SIDE_FILES = ("*.json", "*.model", "*.txt", "*.tiktoken", "*.py")  # config, tokenizer, generation settings
+
+
+def _hub_early_layers(repo: str, n_layers: int) -> Path | None:
+    """A local view of a sharded hub checkpoint holding only what layers ``0..n_layers-1`` need: the shards with
+    the embeddings, those layers, the final norm and the head are downloaded, the others never are, and the
+    view's index names only the tensors kept. None for a checkpoint in one file (it is fetched whole)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        index = json.loads(Path(hf_hub_download(repo, "model.safetensors.index.json",
+                                                local_files_only=offline)).read_text(encoding="utf-8"))
+    except EntryNotFoundError:
+        return None
+    except Exception:  # no network, no such model: the ordinary load says so in one line
+        return None
+    kept = {key: shard for key, shard in index["weight_map"].items()
+            if (match := _LAYER_KEY.search(key)) is None or int(match[1]) < n_layers}
+    folder = Path(snapshot_download(repo, allow_patterns=[*sorted(set(kept.values())), *_HUB_SIDE_FILES],
+                                    local_files_only=offline))
+    view = cache_dir() / "hub-views" / f"{repo.replace('/', '--')}-layers-{n_layers}"
+    with atomic_dir(view) as tmp:
+        for path in folder.iterdir():
+            if path.name != "model.safetensors.index.json":
+                (tmp / path.name).symlink_to(path.resolve())
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": kept}), encoding="utf-8")
+    return view
 
 
 def _load(spec: str, dtype: torch.dtype, device: str, n_ctx: int | None, n_layers: int | None) -> TransformerBridge:
