@@ -205,10 +205,11 @@ def test_bfloat16_finds_what_float32_finds(spec):
     """Half precision, early layers only: the same first token, sink layer(s) and sink neurons; the ablation still
     removes the excess norm; the norms agree within 1% (bfloat16 keeps 8 significant bits, 0.4% per rounding;
     measured 0.14% / 0.48% for the first token's norm on SmolLM2 / Gemma-3) and the repeats' peak within 5% (their
-    growth compounds the rounding; measured 2.4% / 0.4% at 300 repeats, docs/results.md; the test runs 100)."""
+    growth compounds the rounding; measured 2.4% / 0.4% at 300 repeats, docs/results.md; at 100 repeats, mid-growth,
+    SmolLM2's ' dust' peak differs by 20%, so the test runs the 300 measured)."""
     rows = {}
     for dtype in ("float32", "bfloat16"):
-        config = ReportConfig(model=spec, words=["dust"], n_repeats=100, dtype=dtype)
+        config = ReportConfig(model=spec, words=["the", "dust"], n_repeats=300, dtype=dtype)
         rows[dtype] = config.table_row(config.load_model(early_layers_only=True), config.natural_text()).summary()
     full, half = rows["float32"], rows["bfloat16"]
     assert half["dtype"] == "bfloat16" and half["layers_loaded"].startswith("0..14 of ")
