@@ -270,6 +270,10 @@ class Screen(NamedTuple):
     positives: float = 1.0
     seed: int = 0
 
+    def positive(self, short_row: dict, setup: ScanSetup) -> bool:
+        """Whether a token's short run makes it a screen positive."""
+        return screen_score(short_row, setup) >= self.threshold
+
 
 class Written(NamedTuple):
     """What one call of :func:`run_scan` added: tokens screened and tokens run in full."""
@@ -293,6 +297,11 @@ def screen_draws(token_ids: Sequence[int], screen: Screen) -> tuple[set[int], se
     calibration = rng.choice(ids, min(screen.calibration, len(ids)), replace=False)
     eligible = ids[rng.random(len(ids)) < screen.positives]
     return {int(t) for t in calibration}, {int(t) for t in eligible}
+
+
+def _due(token: int, positive: bool, calibration: set[int], eligible: set[int]) -> bool:
+    """Whether a screened scan runs ``token`` in full: a calibration token, or a screen positive drawn for it."""
+    return token in calibration or positive and token in eligible
 
 
 def _row_file(out: Path, kind: str, shard: tuple[int, int]) -> RowFile:
@@ -374,7 +383,7 @@ def run_scan(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[int
                      SCREEN_BATCH, f"screen {label}", progress)
         screened, scores = len(todo), _all_rows(out, "screen")
         calibration, eligible = screen_draws(token_ids, screen)
-        mine = [t for t in mine if t in calibration or t in eligible and screen_score(scores[t], setup) >= screen.threshold]
+        mine = [t for t in mine if _due(t, screen.positive(scores[t], setup), calibration, eligible)]
     done = _all_rows(out)
     todo = [t for t in mine if t not in done]
     _append_rows(model, setup, todo, _row_file(out, "rows", shard), batch_size, f"full runs {label}", progress)
@@ -537,11 +546,10 @@ def merge_scan(out: str | Path, token_ids: Sequence[int] | None = None) -> Vocab
         calibration, eligible = screen_draws(list(screened) if token_ids is None else token_ids, screen)
         rows = {}
         for t, short in screened.items():
-            score = screen_score(short, measured)
-            positive = score >= screen.threshold
+            score, positive = screen_score(short, measured), screen.positive(short, measured)
             rows[t] = {"token_id": t, "text": short["text"], "verified": t in full, "calibration": t in calibration,
                        "screen_score": score, "screen_positive": positive, "screen_peak_ratio": short["peak_ratio"],
-                       "due": t in calibration or positive and t in eligible, **full.get(t, {"reached_sink": positive})}
+                       "due": _due(t, positive, calibration, eligible), **full.get(t, {"reached_sink": positive})}
     wanted = list(rows) if token_ids is None else [t for t in token_ids if t in rows]
     if not wanted:
         raise SinklensError(f"{out} holds no scanned token yet", "run: sinklens scan --out DIR")

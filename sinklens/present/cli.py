@@ -338,7 +338,7 @@ def _study_inputs(args, config: ReportConfig, *, early_layers_only: bool = True)
     """Load the model (only the layers the analysis reads, unless it needs the whole model) and the natural text,
     once the model-free checks have passed."""
     model = config.load_model(verbose=args.verbose, early_layers_only=early_layers_only)
-    return model, _corpus(config)[: config.corpus_chars]
+    return model, config.natural_text()
 
 
 def _report(args) -> None:
@@ -441,7 +441,7 @@ def _circuit(args) -> None:
     if args.contexts is not None and args.contexts < 2:
         raise SinklensError(f"--contexts {args.contexts} is too few", "pass at least 2 corrupted runs")
     model = config.load_model(verbose=args.verbose, early_layers_only=True)
-    corpus = _corpus(config)
+    corpus = config.corpus_text()
     result = first_layer_circuit(model, corpus, words=config.words, n_repeats=config.n_repeats,
                                  first=config.first_token, max_layer=config.max_layer, n_sigma=config.n_sigma,
                                  typical_chars=config.corpus_chars, n_contexts=args.contexts, seed=args.seed,
@@ -535,7 +535,7 @@ def _scan(args) -> None:
     if args.ray is not None and args.shard != (1, 1):
         raise SinklensError("--ray splits the scan into shards itself", "drop --shard, or drop --ray")
     out = check_output_dir(args.out)
-    text = _corpus(config)
+    text = config.corpus_text()
     if args.ray is not None:
         connect_ray(args.ray)
     model = config.load_model(verbose=args.verbose, early_layers_only=True)
@@ -635,7 +635,7 @@ def _attack(args) -> None:
             raise SinklensError(f"{args.scan} is a scan of {setup.model}, not of {model.cfg.model_name}",
                                 "scan this model first: sinklens scan --model SPEC --out DIR")
     else:
-        setup = scan_setup(model, _corpus(config), n_repeats=args.n_repeats,
+        setup = scan_setup(model, config.corpus_text(), n_repeats=args.n_repeats,
                            first=None if config.first_token == AUTO else config.first_token)
         scan = scan_tokens(model, setup, select_tokens(model, args.tokens, seed=args.seed), progress=True)
     result = cluster_attack(model, setup, scan, clustering=args.clustering, lengths=args.lengths,
@@ -648,12 +648,6 @@ def _attack(args) -> None:
           f"reach the sink when repeated alone: {', '.join(repr(t) for t in summary['cluster_tokens'][:15])}")
     print(summary["definition"])
     print(result.rates().to_string(index=False, float_format=lambda x: f"{x:.3g}"))
-
-
-def _corpus(config: ReportConfig) -> str:
-    from sinklens.load.corpus import read_text, shakespeare
-
-    return read_text(config.corpus) if config.corpus else shakespeare()
 
 
 COMMANDS = {"report": _report, "table": _table, "neurons": _neurons, "sink-layer": _sink_layer, "circuit": _circuit,

@@ -90,10 +90,13 @@ class ReportConfig:
         n_layers = self.layers_reached() if early_layers_only else None
         return load_model(self.model, dtype=self.dtype, device=self.device, n_layers=n_layers, verbose=verbose)
 
+    def corpus_text(self) -> str:
+        """The natural text of these settings: the corpus file, or Tiny Shakespeare."""
+        return read_text(self.corpus) if self.corpus else shakespeare()
+
     def natural_text(self) -> str:
-        """The natural text of these settings (the corpus file, or the opening of Tiny Shakespeare), cut to
-        ``corpus_chars``: where the typical norm comes from."""
-        return (read_text(self.corpus) if self.corpus else shakespeare())[: self.corpus_chars]
+        """:meth:`corpus_text` cut to ``corpus_chars``: where the typical norm comes from."""
+        return self.corpus_text()[: self.corpus_chars]
 
     def table_row(self, model: TransformerBridge, text: str, *, progress: bool = False) -> SinkTableRow:
         """This model's Table-1 row with these settings."""
@@ -143,7 +146,7 @@ def run_report(
     config.check()
     out = check_output_dir(out)
     model = model or config.load_model()
-    corpus = read_text(config.corpus) if config.corpus else shakespeare()
+    corpus = config.corpus_text()
     text = corpus[: config.corpus_chars]
     if config.words is not None:
         words_to_tokens(model, config.words)  # a bad word fails before any compute
