@@ -87,7 +87,8 @@ def build_checkpoint(directory: Path) -> None:
 
 
 def bytes_read(directory: Path, n_layers: int | None, dtype: str) -> int:
-    """The bytes of the tensors a model built with its first ``n_layers`` layers holds, in ``dtype``."""
+    """The bytes of the tensors a model built with its first ``n_layers`` layers reads, in ``dtype``: the
+    embeddings and those layers (its head is tied to the embeddings and never run)."""
     from safetensors import safe_open
 
     total = 0
@@ -95,7 +96,8 @@ def bytes_read(directory: Path, n_layers: int | None, dtype: str) -> int:
         with safe_open(path, "pt") as f:
             for key in f.keys():
                 parts = key.split(".")
-                if n_layers is not None and "layers" in parts and int(parts[parts.index("layers") + 1]) >= n_layers:
+                if n_layers is not None and (key.startswith("lm_head.") or
+                                             "layers" in parts and int(parts[parts.index("layers") + 1]) >= n_layers):
                     continue
                 total += torch.Size(f.get_slice(key).get_shape()).numel()
     return total * (4 if dtype == "float32" else 2)

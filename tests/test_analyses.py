@@ -6,6 +6,7 @@ from conftest import CORPUS, N_LAYERS, SINK_LAYER, save_tiny
 
 from sinklens import (
     SinklensError,
+    attention_patterns,
     attention_received,
     attention_score_maps,
     find_sink_layer,
@@ -32,7 +33,24 @@ def test_run_cache_keeps_only_the_named_hooks_and_stops_early(tiny):
     assert not any(k.startswith(("blocks.2.", "blocks.3.")) for k in cache.keys())
     assert cache["blocks.0.mlp.hook_post"].shape == (1, tokens.shape[1], tiny.cfg.d_mlp)
     assert stop_layer(tiny, names) == 2
-    assert stop_layer(tiny, [f"blocks.{N_LAYERS - 1}.hook_resid_post"]) is None
+    assert stop_layer(tiny, [f"blocks.{N_LAYERS - 1}.hook_resid_post"]) == N_LAYERS
+    assert stop_layer(tiny, ["ln_final.hook_normalized"]) is None
+
+
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_a_run_through_the_last_block_stops_before_the_final_norm(tiny, prefixed):
+    """The unembedding is never run for hooks in the blocks (a model built with its first layers only
+    need never read its head), and the cached values are those of the whole forward pass."""
+    tokens = text_tokens(tiny, "Speak, speak. You are all resolved rather to die than to famish?")
+    last = f"blocks.{N_LAYERS - 1}.hook_resid_post"
+    calls = []
+    with tiny.hooks(fwd_hooks=[("unembed.hook_in", lambda x, hook: calls.append(hook.name))]):
+        prefix = shared_prefix(tiny, tokens[:, :4], [last]) if prefixed else None
+        stopped = run_cache(tiny, tokens[:, 4:] if prefixed else tokens, [last], prefix=prefix)[last]
+    assert calls == []
+    _, whole = tiny.run_with_cache(tokens, names_filter=[last, "unembed.hook_in"])
+    assert "unembed.hook_in" in whole  # the unembedding's hook point exists and fires on a whole run
+    torch.testing.assert_close(stopped, whole[last][:, 4:] if prefixed else whole[last])
 
 
 def test_run_cache_reduces_inside_the_hook(tiny):
@@ -165,6 +183,21 @@ def test_attention_score_maps_average_visible_scores(tiny):
     assert maps.to_frame()["score"].notna().all()
     summary = maps.summary()
     assert math.isfinite(summary["mean_score_on_first"][0])
+
+
+def test_attention_patterns_are_every_heads_weights_as_data_and_one_figure(tiny):
+    tokens = repeated_tokens(tiny, "the", 7)
+    patterns = attention_patterns(tiny, tokens, SINK_LAYER)
+    expected = run_cache(tiny, tokens, ["blocks.2.attn.hook_pattern"])["blocks.2.attn.hook_pattern"][0]
+    assert torch.allclose(patterns.patterns, expected)
+    assert patterns.token_labels[0] == "<s>" and len(patterns.token_labels) == 8
+    frame = patterns.to_frame()
+    assert len(frame) == tiny.cfg.n_heads * 8 * 9 // 2  # only the keys a query sees
+    assert frame.groupby(["head", "query_pos"])["weight"].sum().round(5).eq(1).all()
+    fig = patterns.plot()
+    assert len(fig.data) == tiny.cfg.n_heads
+    assert math.isnan(fig.data[0].z[0][1])  # a key after its query is left blank
+    assert len(patterns.summary()["mean_weight_on_first"]) == tiny.cfg.n_heads
 
 
 def test_results_round_trip_through_a_file(tiny, tmp_path):

@@ -46,6 +46,30 @@ def test_a_truncated_load_gives_the_whole_models_activations_on_its_layers(check
     assert sl.load_model(str(checkpoint), device="cpu", n_layers=DEPTH + 3).cfg.n_layers == DEPTH  # all there is
 
 
+@pytest.mark.parametrize("n_layers", [None, KEPT])
+def test_a_converting_load_holds_what_transformers_loads(checkpoint, tmp_path, n_layers):
+    """Loading converts a checkpoint stored in another dtype tensor by tensor as it reads it (so the source
+    bytes never pile up): every weight and buffer is what transformers' own load in that dtype holds."""
+    from transformers import AutoModelForCausalLM
+
+    stored = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).save_pretrained(stored)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (stored / name).write_bytes((checkpoint / name).read_bytes())
+    reference = AutoModelForCausalLM.from_pretrained(stored, dtype=torch.float32)
+    loaded = sl.load_model(str(stored), device="cpu", dtype="float32", n_layers=n_layers).original_model
+    expected = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    held = {name.replace("._original_component", ""): tensor  # the bridge wraps each module it hooks
+            for name, tensor in [*loaded.named_parameters(), *loaded.named_buffers()]}
+    kept = {name for name in expected if not any(f".layers.{layer}." in name for layer in range(n_layers or DEPTH, DEPTH))}
+    if n_layers is not None:  # a model cut short never runs its head: tied to the embeddings, it is not read
+        kept.discard("lm_head.weight")
+        assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    assert kept <= set(held)
+    for name in kept:
+        assert held[name].dtype == expected[name].dtype and torch.equal(held[name], expected[name]), name
+
+
 def test_bad_precision_or_device_is_one_clear_line_before_loading(tiny_dir, capsys, monkeypatch):
     monkeypatch.setattr("sinklens.load.models._load", lambda *a: pytest.fail("loaded the model"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -169,7 +193,8 @@ def test_a_hub_checkpoint_is_fetched_only_for_the_layers_built(tmp_path, monkeyp
     monkeypatch.setenv("SINKLENS_CACHE", str(tmp_path / "cache"))
     early = sl.load_model("someone/tiny-llama", device="cpu", n_layers=KEPT)
     index = json.loads((hub / "model.safetensors.index.json").read_text())["weight_map"]
-    needed = {shard for key, shard in index.items() if ".layers." not in key or int(key.split(".")[2]) < KEPT}
+    needed = {shard for key, shard in index.items()  # the embeddings, the final norm and the layers built; no head
+              if not key.startswith("lm_head.") and (".layers." not in key or int(key.split(".")[2]) < KEPT)}
     shards = {name for name in fetched if name.endswith(".safetensors")}
     assert shards == needed and len(needed) < len(set(index.values()))
     whole = sl.load_model(str(hub), device="cpu")

@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Int
 from transformer_lens import ActivationCache
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from sinklens.errors import SinklensError
 
@@ -49,18 +50,38 @@ def check_layer(model: TransformerBridge, layer: int) -> int:
 
 
 def stop_layer(model: TransformerBridge, names: Sequence[str]) -> int | None:
-    """The ``stop_at_layer`` that still runs every block ``names`` refer to (None: run them all)."""
+    """The block before which a run can stop and still reach every hook in ``names``: one past the
+    deepest block they name (``n_layers`` when that is the last block), or None when a name lies
+    outside the blocks (the final norm, the unembedding) and the whole model must run."""
     blocks = [int(m.group(1)) for n in names if (m := _BLOCK.match(n))]
     if len(blocks) < len(names):
         return None
-    last = max(blocks) + 1
-    return None if last >= model.cfg.n_layers else last
+    return max(blocks) + 1
+
+
+_FINAL_NORM_INPUT = "ln_final.hook_in"
+
+
+def _raise_stop(activation: torch.Tensor, hook) -> None:
+    raise StopAtLayerException(activation)
+
+
+def stopping(model: TransformerBridge, names: Sequence[str]) -> tuple[int | None, list[Hook]]:
+    """How to run ``model`` no further than ``names`` need: the ``stop_at_layer`` to pass TransformerLens
+    and hooks to add. TransformerLens stops only before a block, so a run that needs the last block
+    would go on through the final norm and the unembedding: a vocabulary-sized matmul for nothing, and
+    for a model built with its first layers only (``load_model(n_layers=...)``) a head that need never
+    be read. A hook on the final norm's input ends such a run there instead."""
+    stop = stop_layer(model, names)
+    if stop is None or stop < model.cfg.n_layers:
+        return stop, []
+    return None, ([(_FINAL_NORM_INPUT, _raise_stop)] if _FINAL_NORM_INPUT in model.hook_dict else [])
 
 
 @dataclass(frozen=True)
 class SharedPrefix:
     """Keys and values of a prefix that every row of later runs starts with, computed once
-    (:func:`shared_prefix`); ``stop`` is the ``stop_at_layer`` it was run with."""
+    (:func:`shared_prefix`); ``stop`` is the block it stopped before (:func:`stop_layer`; None: it ran whole)."""
 
     past: Any  # a Hugging Face cache holding each layer's keys and values
     stop: int | None
@@ -75,15 +96,17 @@ def shared_prefix(model: TransformerBridge, tokens: Int[torch.Tensor, "1 prefix"
     if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] < 1:
         raise SinklensError(f"a shared prefix is one row of at least one token, not shape {tuple(tokens.shape)}",
                             "pass tokens[:1, :k]")
-    stop = stop_layer(model, list(names))
+    names = list(names)
+    stop, stoppers = stopping(model, names)
     past = DynamicCache(config=model.original_model.config)
-    with torch.inference_mode():
+    with torch.inference_mode(), model.hooks(fwd_hooks=stoppers):
         model(tokens.to(model.cfg.device), past_key_values=past, stop_at_layer=stop, return_type=None)
-    return SharedPrefix(past, stop)
+    return SharedPrefix(past, stop_layer(model, names))
 
 
-def _continuing(prefix: SharedPrefix, rows: int, stop: int | None):
-    """A copy of the prefix's keys and values for ``rows`` rows (the run appends to it)."""
+def _continuing(prefix: SharedPrefix, rows: int, names: Sequence[str], model: TransformerBridge):
+    """A copy of the prefix's keys and values for ``rows`` rows of a run reading ``names`` (it appends to it)."""
+    stop = stop_layer(model, names)
     if prefix.stop is not None and (stop is None or stop > prefix.stop):
         raise SinklensError("the shared prefix was run through fewer blocks than this run needs",
                             "build it with shared_prefix() from the same hook names")
@@ -120,9 +143,9 @@ def run_cache(
         if (m := _BLOCK.match(name)) is not None:
             check_layer(model, int(m.group(1)))
     tokens = tokens.to(model.cfg.device)
-    stop = stop_layer(model, names)
-    extra = {} if prefix is None else {"past_key_values": _continuing(prefix, tokens.shape[0], stop)}
-    with torch.inference_mode(), model.hooks(fwd_hooks=list(interventions)):
+    stop, stoppers = stopping(model, names)
+    extra = {} if prefix is None else {"past_key_values": _continuing(prefix, tokens.shape[0], names, model)}
+    with torch.inference_mode(), model.hooks(fwd_hooks=[*interventions, *stoppers]):
         if reduce is None:
             _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=stop, **extra)
             return ActivationCache({name: _float32(value) for name, value in cache.items()}, model)

@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens.results import value_type
-from sinklens.run.cache import Hook, stop_layer
+from sinklens.run.cache import Hook, stopping
 
 
 @value_type
@@ -116,8 +116,9 @@ def activation_gradients(
 
     hooks = [(n, make(n, True)) for n in names] + [(n, make(n, False)) for n in metric_names if n not in names]
     all_names = [*names, *metric_names]
+    stop, stoppers = stopping(model, all_names)
     with torch.enable_grad():
-        model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=hooks, stop_at_layer=stop_layer(model, all_names))
+        model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=[*hooks, *stoppers], stop_at_layer=stop)
         value = metric(store)
         grads = torch.autograd.grad(value, [deltas[n] for n in names])
     return {n: g.detach() for n, g in zip(names, grads)}
