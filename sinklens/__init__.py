@@ -27,9 +27,11 @@ from sinklens.analyses.benchmarks import BenchmarkComparison, TextEffect, compar
 from sinklens.analyses.divergence import Divergence, divergence
 from sinklens.analyses.patch_choice import PatchChoice, choose_patch
 from sinklens.analyses.attention import (
+    AttentionPatterns,
     AttentionReceived,
     AttentionScoreMaps,
     attention_heads_view,
+    attention_patterns,
     attention_received,
     attention_score_maps,
     plot_attention_received,
@@ -63,12 +65,12 @@ from sinklens.run.patch import SinkPatch, patch_for
 from sinklens.run.tokens import Token, default_words, first_token, repeated_tokens, text_tokens, word_token
 
 __all__ = [
-    "AblationStudy", "AttentionReceived", "AttentionScoreMaps", "BenchmarkComparison", "ClusterAttack",
+    "AblationStudy", "AttentionPatterns", "AttentionReceived", "AttentionScoreMaps", "BenchmarkComparison", "ClusterAttack",
     "Convergence", "Divergence", "EvaluationConfig", "FirstDetectorNeurons", "FirstLayerCircuit",
     "FirstTokenChoice", "FirstTokenProbe", "HeadBehaviour", "Item", "MarkPatching", "ModelSource", "NormBaseline",
     "PatchChoice", "RepetitionCurves", "ReportConfig", "ScanSetup", "Screen", "SinkLayerResult", "SinkNeuronsResult",
     "SharedPrefix", "SinkExplorer", "SinkPatch", "SinkTableRow", "SinklensError", "TextEffect", "Token", "VocabScan", "ablation_hooks",
-    "ablation_study", "attention", "attention_heads_view", "attention_received", "attention_score_maps",
+    "ablation_study", "attention", "attention_heads_view", "attention_patterns", "attention_received", "attention_score_maps",
     "choose_first_token", "choose_patch", "cluster_attack", "compare_benchmarks", "convergence", "corpus",
     "default_words", "divergence", "explore", "find_sink_layer", "find_sink_neurons", "first_detector_neurons",
     "first_layer_circuit", "first_token", "head_behaviour", "load_hf_model", "load_items", "load_model", "placement",

@@ -8,9 +8,14 @@ the run, the more the neuron fires on it, and the paper's patch (hold the neuron
 repeat's value) lowers the later repeats.
 """
 
+import base64
 import dataclasses
+import shutil
 import sys
 
+import html
+
+import plotly.graph_objects as go
 import pytest
 import torch
 
@@ -25,7 +30,7 @@ from sinklens import (
 )
 from sinklens.analyses.norms import resid_norms
 from sinklens.present import explore as explore_module
-from sinklens.present.explore import PATTERN_EDGE, explore, pattern_window
+from sinklens.present.explore import PATTERN_EDGE, circuitsvis_bundle, explore, pattern_window
 
 from conftest import CORPUS, SINK_LAYER, SINK_NEURON, build_hf_model, build_tokenizer
 
@@ -89,7 +94,16 @@ def test_the_views_show_the_analyses_numbers(tiny, explorer):
     name = f"blocks.{SINK_LAYER}.mlp.hook_post"
     neuron = run_cache(tiny, tokens, [name])[name][0, :, SINK_NEURON]
     assert torch.allclose(torch.tensor(explorer.neuron_figure.data[0].y), neuron)
-    assert "<iframe" in explorer.pattern_html.value and "circuitsvis" in explorer.pattern_html.value
+    assert "<iframe" in explorer.pattern_html.value and "CircuitsVis.render(" in explorer.pattern_html.value
+
+
+def test_the_pattern_view_carries_circuitsvis_and_loads_nothing(explorer):
+    """The head's pattern is drawn by circuitsvis' own bundle, inlined, so it draws offline."""
+    page = explorer.pattern_html.value
+    assert html.escape(circuitsvis_bundle()) in page and "CircuitsVis.AttentionPattern" in page
+    around_the_bundle = page.replace(html.escape(circuitsvis_bundle()), "")
+    assert "unpkg" not in around_the_bundle and "src=" not in around_the_bundle.replace("srcdoc=", "")
+    assert "</script" not in circuitsvis_bundle()  # the inlined bundle cannot end its script element early
 
 
 def test_moving_the_repeat_slider_reruns_and_redraws(tiny, explorer, forward_passes):
@@ -212,9 +226,96 @@ def test_without_the_notebook_extra_the_explorer_says_what_to_install(tiny, row,
         explore(tiny, row)
 
 
-def test_it_displays_as_one_widget(explorer):
+def test_it_opens_on_the_prompt_layer_head_and_patch_state_asked_for(tiny, row, forward_passes):
+    explorer = explore(tiny, row, prompt_mode="text", text=CORPUS[:200], layer=4, head=3, patched=True)
+    assert explorer.error is None and explorer.prompt_mode.value == "text" and explorer.patch_toggle.value
+    assert "Layer 4, head 3" in explorer.pattern_html.value and explorer.attention_figure.layout.shapes[0].x0 == 4
+    assert [run.label for run in explorer.runs] == ["original", "patched"]
+    assert explorer.runs[0].token_texts[1:] == [tiny.tokenizer.decode([t]) for t in
+                                                tiny.tokenizer.encode(CORPUS[:200], add_special_tokens=False)]
+    assert len(forward_passes) == 2  # the prompt, original and patched
+
+
+@pytest.mark.parametrize("opening, message", [
+    (dict(prompt_mode="words"), "unknown prompt mode 'words'"),
+    (dict(layer=6), "layer 6 is out of range"),
+    (dict(head=4), "head 4 is out of range"),
+])
+def test_a_bad_opening_is_refused_before_the_circuit_is_measured(tiny, opening, message, forward_passes):
+    with pytest.raises(SinklensError, match=message):
+        explore(tiny, **opening)
+    assert forward_passes == []
+
+
+def test_opening_patched_without_a_patch_is_refused(tiny, row):
+    no_neurons = dataclasses.replace(row, neurons=dataclasses.replace(row.neurons, n_sink=0))
+    with pytest.raises(SinklensError, match="no patch to open on"):
+        explore(tiny, no_neurons, patched=True)
+
+
+def test_another_view_of_the_same_circuit_measures_nothing_again(explorer, forward_passes):
+    explorer.word.value = "you"
+    forward_passes.clear()
+    view = explorer.opened_at(layer=SINK_LAYER, head=1, patched=True)
+    assert (view.first, view.neurons, view.baseline, view.patch) == (
+        explorer.first, explorer.neurons, explorer.baseline, explorer.patch)
+    assert view.word.value == "you" and view.repeats.value == REPEATS and view.prompt_mode.value == "repeat"
+    assert f"Layer {SINK_LAYER}, head 1" in view.pattern_html.value and len(view.runs) == 2
+    assert forward_passes == [(1, REPEATS + 1)]  # the patched run only: no measurement, the original run is shared
+    text_view = explorer.opened_at(prompt_mode="text", text="First Citizen: speak")
+    assert text_view.prompt_mode.value == "text" and not text_view.patch_toggle.value
+    assert len(_norm_trace(text_view).y) == len(text_view.prompt_tokens()[0])
+
+
+def test_the_static_figure_stacks_the_four_views_as_they_stand(explorer):
+    explorer.patch_toggle.value = True
+    stacked = explorer.static_figure().data
+    views = [*explorer.norm_figure.data, *explorer.attention_figure.data, *explorer.neuron_figure.data]
+    lines, heatmaps = stacked[:len(views)], stacked[len(views):]
+    assert [(t.name, list(t.y)) for t in lines] == [(t.name, list(t.y)) for t in views]
+    assert len({(t.xaxis, t.yaxis) for t in lines}) == 4  # norms, attention's two panels, neurons: each its own axes
+    assert {t.legend for t in lines} == {"legend", "legend2", "legend3"}  # a legend beside each view
+    assert [h.type for h in heatmaps] == ["heatmap"] * 2  # the head's pattern, original and patched
+    layer, head = explorer.layer.value, explorer.head.value
+    for heatmap, run in zip(heatmaps, explorer.runs):
+        assert torch.allclose(torch.tensor(heatmap.z), run.patterns[layer, head])
+
+
+def test_it_displays_as_one_widget_with_a_static_image(explorer):
     bundle = explorer._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.widget.model_id
+    if shutil.which("chromium") is None and "image/png" not in bundle:
+        pytest.skip(f"no chromium for kaleido's static image: {bundle['text/plain']}")
+    assert base64.b64decode(bundle["image/png"]).startswith(b"\x89PNG")
+
+
+def test_an_explorer_that_drew_nothing_says_so_instead_of_an_image(tiny, row):
+    explorer = explore(tiny, row, word="xylophone")
+    assert "tokens for this tokenizer" in explorer.message.value
+    text = explorer._repr_mimebundle_()["text/plain"]
+    assert "no static image" in text and "drawn nothing yet" in text and "xylophone" in text
+
+
+def test_the_word_can_be_a_token_or_a_token_id(tiny, row):
+    """A token whose text does not read back as one mid-text word is shown, and typed, as its id."""
+    (the,) = tiny.tokenizer.encode(" the", add_special_tokens=False)
+    n_piece = next(i for i in range(tiny.cfg.d_vocab) if tiny.tokenizer.decode([i]) == "n")  # no leading space
+    assert explore(tiny, row, word=the, n_repeats=REPEATS).word.value == "the"
+    explorer = explore(tiny, row, word=n_piece, n_repeats=REPEATS)
+    assert explorer.word.value == str(n_piece) and explorer.error is None
+    assert explorer.prompt_tokens()[0, 1:].tolist() == [n_piece] * REPEATS
+    explorer.word.value = "the"
+    assert explorer.prompt_tokens()[0, 1:].tolist() == [the] * REPEATS
+
+
+def test_without_a_static_image_the_plain_text_says_why(explorer, monkeypatch):
+    def no_browser(*args, **kwargs):
+        raise RuntimeError("no Chrome found")
+
+    monkeypatch.setattr(go.Figure, "to_image", no_browser)
+    bundle = explorer._repr_mimebundle_()
+    assert "image/png" not in bundle and "application/vnd.jupyter.widget-view+json" in bundle
+    assert bundle["text/plain"] == "sinklens explorer (no static image of its views: RuntimeError: no Chrome found)"
 
 
 def test_a_patch_for_another_model_is_refused_when_the_explorer_is_built(tiny, row):

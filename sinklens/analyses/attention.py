@@ -212,11 +212,72 @@ def plot_attention_score_maps(*results: AttentionScoreMaps) -> go.Figure:
     return fig
 
 
-def attention_heads_view(model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], layer: int):
-    """A circuitsvis view of every head's attention pattern at ``layer`` (short prompts only)."""
-    import circuitsvis as cv
+@dataclass
+class AttentionPatterns(Result):
+    """Every head's attention pattern at one layer, for one input (the first batch row)."""
 
+    layer: int
+    patterns: Float[torch.Tensor, "head query_pos key_pos"]
+    token_labels: list[str]
+
+    def to_frame(self) -> pd.DataFrame:
+        head, query, key = torch.meshgrid(*(torch.arange(s) for s in self.patterns.shape), indexing="ij")
+        visible = key <= query
+        return pd.DataFrame(
+            {
+                "layer": self.layer,
+                "head": head[visible].tolist(),
+                "query_pos": query[visible].tolist(),
+                "key_pos": key[visible].tolist(),
+                "weight": self.patterns[visible].tolist(),
+            }
+        )
+
+    def plot(self) -> go.Figure:
+        """One heatmap per head (query rows, key columns, weights 0 to 1 on one colour scale); hovering
+        shows the query and key tokens. A figure that renders as a static image too, unlike circuitsvis."""
+        n_heads, n = self.patterns.shape[0], self.patterns.shape[-1]
+        cols = min(n_heads, 3)
+        rows = -(-n_heads // cols)
+        fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {h}" for h in range(n_heads)],
+                            horizontal_spacing=0.04, vertical_spacing=0.06)
+        labels = [f"{i}: {text!r}" for i, text in enumerate(self.token_labels)]
+        hidden = torch.ones(n, n, dtype=torch.bool).triu(1)
+        for head, pattern in enumerate(self.patterns):
+            fig.add_heatmap(z=pattern.masked_fill(hidden, float("nan")).tolist(), x=labels, y=labels,
+                            zmin=0, zmax=1, colorscale="Blues", showscale=head == 0,
+                            hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>",
+                            row=head // cols + 1, col=head % cols + 1)
+        fig.update_xaxes(showticklabels=False)
+        fig.update_yaxes(showticklabels=False, autorange="reversed")
+        fig.update_layout(height=260 * rows + 80, title=f"Attention patterns of layer {self.layer}, "
+                                                         f"every head (rows: queries, columns: keys)")
+        return fig
+
+    def summary(self) -> dict:
+        """Per head: the mean weight on the first token and on the query's own position (queries >= 1)."""
+        on_first = self.patterns[:, 1:, 0].mean(dim=-1)
+        on_itself = self.patterns.diagonal(dim1=-2, dim2=-1)[:, 1:].mean(dim=-1)
+        return {"layer": self.layer, "tokens": self.token_labels, "mean_weight_on_first": on_first.tolist(),
+                "mean_weight_on_itself": on_itself.tolist()}
+
+
+def attention_patterns(
+    model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], layer: int
+) -> AttentionPatterns:
+    """Every head's attention pattern at ``layer`` on the first row of ``tokens`` (short prompts:
+    the result is heads x pos x pos)."""
     name = f"blocks.{check_layer(model, layer)}.attn.hook_pattern"
     pattern = run_cache(model, tokens[:1], [name])[name][0]
     labels = [model.tokenizer.decode([int(t)]) for t in tokens[0]]
-    return cv.attention.attention_patterns(tokens=labels, attention=pattern.cpu())
+    return AttentionPatterns(layer, pattern.float().cpu(), labels)
+
+
+def attention_heads_view(model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], layer: int):
+    """A circuitsvis view of every head's attention pattern at ``layer`` (short prompts only). It needs
+    a live notebook to render (JavaScript); :func:`attention_patterns` gives the same patterns as data and a
+    plotly figure."""
+    import circuitsvis as cv
+
+    patterns = attention_patterns(model, tokens, layer)
+    return cv.attention.attention_patterns(tokens=patterns.token_labels, attention=patterns.patterns)

@@ -9,6 +9,8 @@ layer and a head, and four views update in place:
   report's figure), with the chosen layer marked;
 * the sink neurons' activations (``blocks.L.mlp.hook_post``) along the positions;
 * the chosen head's attention pattern (circuitsvis), on the first and last positions of long prompts.
+  circuitsvis' own browser bundle, shipped in the circuitsvis package, is inlined in the view, so it
+  draws offline (its default HTML loads the bundle from a CDN).
 
 A toggle runs the prompt again with a :class:`~sinklens.run.patch.SinkPatch` installed (by default
 the paper's Listing 1 on the sink neurons found), so every view shows original against patched. The
@@ -31,19 +33,34 @@ Building the explorer (measuring the circuit) took 6.6 s before its first prompt
 
 Bad input (an empty prompt, a word that is not one token, a prompt longer than the context, a
 layer or head out of range) shows one line in the widget and leaves the figures as they were.
+
+An explorer opens on a given prompt mode, layer, head and patch state, and
+:meth:`SinkExplorer.opened_at` opens another view of the same circuit (no measurement, shared runs):
+``analyses/explore.ipynb`` tours the circuit that way, one explorer per stop. Displayed in a
+notebook, the explorer carries a PNG of its views beside the live widget, drawn by kaleido when it
+is displayed (4.9 s for SmolLM2 at 300 repeats on the 2 shared cores, most of it starting
+Chromium), so that a saved notebook shows its views in viewers without a kernel (GitHub, nbviewer,
+``jupyter nbconvert``). With circuitsvis' bundle inlined, moving the layer or the head still takes
+0.05-0.06 s there.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import html
+import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from importlib import resources
 from itertools import cycle
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
@@ -77,7 +94,7 @@ PROMPT_MODES = {"free text": "text", "word x repeats": "repeat", "cluster sequen
 MAX_REPEATS = 2000  # the sliders stop here (or at the context) so that one update stays within seconds
 DEFAULT_REPEATS = 300
 PATTERN_EDGE = 20  # the pattern view shows the first and the last PATTERN_EDGE positions of a longer prompt
-RUNS_KEPT = 8  # forward passes remembered (prompt x patch state)
+RUNS_KEPT = 8  # forward passes remembered (prompt x patch state), by the explorers of one circuit together
 ORIGINAL, PATCHED = "original", "patched"
 COLORS = ("steelblue", "seagreen", "purple", "darkorange", "crimson", "teal")
 
@@ -191,21 +208,129 @@ def _hover_texts(run: PromptRun) -> list[str]:
     return [html.escape(repr(text), quote=False) for text in run.token_texts]
 
 
-def pattern_page(runs: Sequence[PromptRun], layer: int, head: int) -> str:
-    """An HTML page with head ``head`` of ``layer`` drawn by circuitsvis for each run, side by side."""
-    import circuitsvis as cv
+@functools.cache
+def circuitsvis_bundle() -> str:
+    """circuitsvis' prebuilt browser bundle, read from the installed circuitsvis package (the same
+    code its CDN serves), so that the pattern view draws without a network. ``</script`` is escaped
+    so that the bundle can sit inside a ``<script>`` element."""
+    bundle = resources.files("circuitsvis").joinpath("dist", "cdn", "iife.js").read_text(encoding="utf-8")
+    return bundle.replace("</script", "<\\/script")
 
-    window = runs[0].window
-    n = len(runs[0].token_texts)
-    shown = (f"positions {window[0]}-{window[PATTERN_EDGE - 1]} and {window[PATTERN_EDGE]}-{window[-1]} of {n}"
-             if len(window) < n else f"all {n} positions")
-    columns = []
-    for run in runs:
-        labels = [f"{run.token_texts[p]} ({p})" for p in window]
-        view = cv.attention.attention_pattern(tokens=labels, attention=run.patterns[layer, head])
-        columns.append(f"<div style='flex:1'><b>{run.label}</b>{view}</div>")  # str(): the HTML that loads circuitsvis
-    return (f"<p style='font-family:sans-serif'>Layer {layer}, head {head}: {shown}.</p>"
-            f"<div style='display:flex;gap:16px'>{''.join(columns)}</div>")
+
+def _shown_positions(run: PromptRun) -> str:
+    window, n = run.window, len(run.token_texts)
+    if len(window) < n:
+        return f"positions {window[0]}-{window[PATTERN_EDGE - 1]} and {window[PATTERN_EDGE]}-{window[-1]} of {n}"
+    return f"all {n} positions"
+
+
+def _pattern_labels(run: PromptRun) -> list[str]:
+    return [f"{run.token_texts[p]} ({p})" for p in run.window]
+
+
+def pattern_page(runs: Sequence[PromptRun], layer: int, head: int) -> str:
+    """A self-contained HTML page with head ``head`` of ``layer`` drawn by circuitsvis for each run,
+    side by side. circuitsvis' script is inlined (:func:`circuitsvis_bundle`): the page loads nothing."""
+    columns, draws = [], []
+    for i, run in enumerate(runs):
+        props = {"tokens": _pattern_labels(run), "attention": run.patterns[layer, head].tolist()}
+        script_safe = json.dumps(props).replace("<", "\\u003c")  # a token such as "</script>" stays data
+        columns.append(f"<div style='flex:1'><b>{html.escape(run.label)}</b><div id='pattern-{i}'></div></div>")
+        draws.append(f"CircuitsVis.render('pattern-{i}', CircuitsVis.AttentionPattern, {script_safe});")
+    return (f"<!DOCTYPE html><meta charset='utf-8'>"
+            f"<p style='font-family:sans-serif'>Layer {layer}, head {head}: {_shown_positions(runs[0])}.</p>"
+            f"<div style='display:flex;gap:16px'>{''.join(columns)}</div>"
+            f"<script>{circuitsvis_bundle()}</script><script>{''.join(draws)}</script>")
+
+
+def plot_pattern(runs: Sequence[PromptRun], layer: int, head: int) -> go.Figure:
+    """Head ``head`` of ``layer`` as a heatmap per run: the pattern view as a plotly figure, for the
+    explorer's static image."""
+    fig = make_subplots(rows=1, cols=len(runs), subplot_titles=[run.label for run in runs], horizontal_spacing=0.15)
+    for column, run in enumerate(runs, start=1):
+        labels = [html.escape(label, quote=False) for label in _pattern_labels(run)]  # plotly reads tags in labels
+        fig.add_heatmap(z=run.patterns[layer, head].tolist(), x=labels, y=labels, colorscale="Blues", zmin=0,
+                        showscale=False, row=1, col=column)
+    fig.update_yaxes(autorange="reversed", tickfont_size=8, title_text="Query")
+    fig.update_xaxes(tickfont_size=8, title_text="Key")
+    fig.update_layout(title=f"Attention pattern of layer {layer}, head {head} ({_shown_positions(runs[0])})",
+                      height=520)
+    return fig
+
+
+LEGEND_COLUMN = 0.78  # share of a stacked figure's width left of the legends
+BAND_TITLE, BAND_AXIS, STACK_MARGIN = 70, 70, 30  # pixels above a band's plots, below them, around the figure
+
+
+def stack_figures(figures: Sequence[go.Figure], width: int = 1000) -> go.Figure:
+    """Plotly figures one above the other in one figure, each in a band as tall as its own
+    ``height``, keeping its axes, shapes, annotations, title and legend (on its right): several
+    figures as one static image. Each figure's x and y axes are expected in make_subplots' pairs
+    (xN with yN)."""
+    heights = [figure.layout.height or 400 for figure in figures]
+    plot_height = sum(heights)
+    stacked = go.Figure()
+    stacked.update_layout(width=width, height=plot_height + 2 * STACK_MARGIN, template=figures[0].layout.template,
+                          margin=dict(l=70, r=10, t=STACK_MARGIN, b=STACK_MARGIN))
+    band_top, next_number = plot_height, 1
+    for index, figure in enumerate(figures):
+        layout = figure.layout.to_plotly_json()
+        inner_top = (band_top - BAND_TITLE) / plot_height
+        inner_bottom = (band_top - heights[index] + BAND_AXIS) / plot_height
+        title_y = band_top / plot_height
+        band_top -= heights[index]
+        suffixes = sorted({key[5:] for key in layout if re.fullmatch(r"[xy]axis\d*", key)} | {""},
+                          key=lambda suffix: int(suffix or 1))
+        numbers = {suffix: next_number + i for i, suffix in enumerate(suffixes)}  # the pair xN, yN -> a fresh pair
+        next_number += len(suffixes)
+
+        def to_paper(axis: str, value: float, low=inner_bottom, high=inner_top) -> float:
+            return value * LEGEND_COLUMN if axis == "x" else low + value * (high - low)
+
+        def ref(name: str) -> str:
+            axis, _, domain = name.partition(" ")
+            if axis == "paper":
+                return axis
+            number = numbers[axis[1:]]
+            return f"{axis[0]}{'' if number == 1 else number}{' domain' if domain else ''}"
+
+        for suffix in suffixes:
+            for letter in "xy":
+                axis = dict(layout.get(f"{letter}axis{suffix}", {}))
+                axis.setdefault("anchor", f"{'y' if letter == 'x' else 'x'}{suffix}")  # its own pair, not the first
+                axis["domain"] = [to_paper(letter, end) for end in axis.get("domain", (0, 1))]
+                if axis["anchor"] != "free":
+                    axis["anchor"] = ref(axis["anchor"])
+                number = numbers[suffix]
+                stacked.layout[f"{letter}axis{'' if number == 1 else number}"] = axis
+        legend = "legend" if index == 0 else f"legend{index + 1}"
+        for trace in figure.data:
+            trace = trace.to_plotly_json()
+            trace.update(xaxis=ref(trace.get("xaxis", "x")), yaxis=ref(trace.get("yaxis", "y")), legend=legend)
+            stacked.add_trace(trace)
+        stacked.layout[legend] = dict(x=LEGEND_COLUMN + 0.02, y=inner_top, xanchor="left", yanchor="top",
+                                      font_size=11)
+        for shape in layout.get("shapes", ()):
+            shape = dict(shape)
+            for letter in "xy":
+                name = shape.get(f"{letter}ref", letter)
+                shape[f"{letter}ref"] = ref(name)
+                if name == "paper":
+                    for end in (f"{letter}0", f"{letter}1"):
+                        shape[end] = to_paper(letter, shape[end])
+            stacked.add_shape(shape)
+        for note in layout.get("annotations", ()):  # make_subplots' subplot titles among them
+            note = dict(note)
+            for letter in "xy":
+                name = note.get(f"{letter}ref", letter)
+                note[f"{letter}ref"] = ref(name)
+                if name == "paper":
+                    note[letter] = to_paper(letter, note[letter])
+            stacked.add_annotation(note)
+        if figure.layout.title.text:
+            stacked.add_annotation(text=f"<b>{figure.layout.title.text}</b>", x=0, y=title_y, xref="paper",
+                                   yref="paper", xanchor="left", yanchor="top", showarrow=False, font_size=15)
+    return stacked
 
 
 def check_head(model: TransformerBridge, head: int) -> int:
@@ -215,6 +340,14 @@ def check_head(model: TransformerBridge, head: int) -> int:
         raise SinklensError(f"head {head} is out of range: {model.cfg.model_name} has heads 0..{model.cfg.n_heads - 1}",
                             "pass a 0-based head index below n_heads")
     return head
+
+
+def check_opening(model: TransformerBridge, prompt_mode: str, layer: int | None, head: int) -> tuple[int | None, int]:
+    """Raise if the explorer cannot open on ``prompt_mode``, ``layer`` (None: the default) and ``head``."""
+    if prompt_mode not in PROMPT_MODES.values():
+        raise SinklensError(f"unknown prompt mode {prompt_mode!r}",
+                            f"pass one of {', '.join(repr(mode) for mode in PROMPT_MODES.values())}")
+    return (None if layer is None else check_layer(model, layer)), check_head(model, head)
 
 
 def parse_tokens(model: TransformerBridge, entries: str) -> list[int]:
@@ -228,7 +361,8 @@ def parse_tokens(model: TransformerBridge, entries: str) -> list[int]:
 
 
 def _entry(model: TransformerBridge, tok: Token) -> str:
-    """How a token is typed in the cluster box: its word where that reads back as the same token, else its id."""
+    """How a token is typed in the word or cluster box: its word where that reads back as the same
+    token, else its id."""
     try:
         return tok.text.strip() if word_token(model, tok.text.strip()).id == tok.id else str(tok.id)
     except SinklensError:
@@ -244,24 +378,43 @@ class SinkExplorer:
     ``pattern_html``; ``message``, ``status``) are ipywidgets, so code can drive it as a user does.
     ``runs`` holds the forward passes of the prompt shown, ``last_update_seconds`` the time the last
     change took, ``error`` the exception behind the message (None after a good update).
+
+    It opens on ``prompt_mode`` ("text", "repeat" or "cluster"), ``layer`` (default: the one after
+    the sink layer), ``head`` and the patch on or off (``patched``); :meth:`opened_at` makes another
+    explorer of the same circuit that opens elsewhere, without measuring it again. Displayed, it
+    also carries a PNG of its views as they stand (:meth:`static_figure`), which notebook viewers
+    without a kernel show in place of the live widget.
     """
 
     def __init__(self, model: TransformerBridge, *, first: Token, neurons: list[Neuron], baseline: NormBaseline,
-                 patch: SinkPatch | None, text: str, cluster: list[Token], word: str, n_repeats: int):
+                 patch: SinkPatch | None, text: str, cluster: list[Token], word: str | int | Token, n_repeats: int,
+                 prompt_mode: str = "repeat", layer: int | None = None, head: int = 0, patched: bool = False,
+                 memory: OrderedDict[tuple[tuple[int, ...], bool], PromptRun] | None = None):
+        """``memory``: the forward passes of another explorer of the same circuit, shared with it."""
         import ipywidgets as widgets
 
+        layer, head = check_opening(model, prompt_mode, layer, head)
+        if patched and patch is None:
+            raise SinklensError("there is no patch to open on: no sink neurons were found",
+                                "open with patched=False, or pass a patch")
         self.model, self.first, self.neurons, self.baseline, self.patch = model, first, neurons, baseline, patch
         self.sink_layer = baseline.layer
+        if layer is None:
+            layer = min(self.sink_layer + 1, model.cfg.n_layers - 1)
+        self._cluster = cluster
         self.runs: list[PromptRun] = []
+        self._drawn_head: tuple[int, int] | None = None  # the layer and head the views show
         self.error: Exception | None = None
         self.last_update_seconds = 0.0
-        self._remembered: OrderedDict[tuple[tuple[int, ...], bool], PromptRun] = OrderedDict()
+        self._remembered = OrderedDict() if memory is None else memory
         longest = min(model.cfg.n_ctx - 1, MAX_REPEATS)
         later = dict(continuous_update=False)
 
-        self.prompt_mode = widgets.ToggleButtons(options=list(PROMPT_MODES.items()), value="repeat")
+        self.prompt_mode = widgets.ToggleButtons(options=list(PROMPT_MODES.items()), value=prompt_mode)
         self.text = widgets.Textarea(value=text, description="text", layout=widgets.Layout(width="95%"), **later)
-        self.word = widgets.Text(value=word, description="word", **later)
+        if not isinstance(word, str):
+            word = _entry(model, word if isinstance(word, Token) else token(model, word))
+        self.word = widgets.Text(value=word, description="word", placeholder="a word or a token id", **later)
         self.repeats = widgets.IntSlider(value=min(n_repeats, longest), min=1, max=longest,
                                          description="repeats", **later)
         self.cluster_tokens = widgets.Text(value=", ".join(_entry(model, t) for t in cluster), description="cluster",
@@ -270,11 +423,10 @@ class SinkExplorer:
         self.cluster_length = widgets.IntSlider(value=min(n_repeats, longest), min=2, max=longest,
                                                 description="length", **later)
         self.cluster_seed = widgets.IntText(value=0, description="seed", layout=widgets.Layout(width="140px"))
-        self.layer = widgets.IntText(value=min(self.sink_layer + 1, model.cfg.n_layers - 1), description="layer",
-                                     layout=widgets.Layout(width="140px"))
-        self.head = widgets.IntText(value=0, description="head", layout=widgets.Layout(width="140px"))
+        self.layer = widgets.IntText(value=layer, description="layer", layout=widgets.Layout(width="140px"))
+        self.head = widgets.IntText(value=head, description="head", layout=widgets.Layout(width="140px"))
         self.patch_toggle = widgets.ToggleButton(
-            value=False, description="patched" if patch else "no patch", disabled=patch is None, icon="wrench",
+            value=patched, description="patched" if patch else "no patch", disabled=patch is None, icon="wrench",
             tooltip=patch.describe() if patch else "no sink neurons were found, so there is nothing to patch")
         self.message = widgets.HTML()
         self.status = widgets.HTML()
@@ -291,6 +443,7 @@ class SinkExplorer:
             widgets.HBox([self.layer, self.head, self.patch_toggle, self.status]), self.message,
             self.norm_figure, widgets.HBox([self.attention_figure, self.neuron_figure]), self.pattern_html,
         ])
+        self.widget.add_class("sinklens-explorer")  # a handle for styling the explorer and for browser tests
         for control in (self.prompt_mode, self.text, self.word, self.repeats, self.cluster_tokens, self.cluster_length,
                         self.cluster_seed, self.patch_toggle):
             control.observe(lambda _: self._guarded(self._show_prompt), names="value")
@@ -298,8 +451,41 @@ class SinkExplorer:
             control.observe(lambda _: self._guarded(self._show_head), names="value")
         self._guarded(self._show_prompt)
 
+    def opened_at(self, *, prompt_mode: str | None = None, text: str | None = None,
+                  word: str | int | Token | None = None, n_repeats: int | None = None, layer: int | None = None,
+                  head: int = 0, patched: bool = False) -> SinkExplorer:
+        """Another explorer of the same circuit (first token, sink layer and neurons, norms, patch,
+        cluster), opening on another prompt, layer, head or patch state; what is not given is taken
+        from this explorer's controls, except the layer (default: the one after the sink layer),
+        the head (0) and the patch (off). Nothing is measured again, and the two explorers share
+        their forward passes: a prompt either has run opens from memory."""
+        return SinkExplorer(
+            self.model, first=self.first, neurons=self.neurons, baseline=self.baseline, patch=self.patch,
+            text=self.text.value if text is None else text, cluster=self._cluster,
+            word=self.word.value if word is None else word,
+            n_repeats=self.repeats.value if n_repeats is None else n_repeats,
+            prompt_mode=self.prompt_mode.value if prompt_mode is None else prompt_mode,
+            layer=layer, head=head, patched=patched, memory=self._remembered)
+
+    def static_figure(self) -> go.Figure:
+        """The four views as they stand, one above the other in one plotly figure (the head's
+        pattern as heatmaps): what the explorer's PNG shows."""
+        if not self.runs:
+            raise SinklensError("the explorer has drawn nothing yet", f"fix its input: {self.error}")
+        return stack_figures([self.norm_figure, self.attention_figure, self.neuron_figure,
+                              plot_pattern(self.runs, *self._drawn_head)])
+
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        """The live widget, with a PNG of :meth:`static_figure` for notebook viewers without a kernel
+        (rendered by kaleido, which needs a Chrome or Chromium; without one the plain-text form says why)."""
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        try:
+            png = self.static_figure().to_image(format="png")
+        except Exception as exc:  # noqa: BLE001: the live widget works without the image; a viewer shows why
+            bundle["text/plain"] = f"sinklens explorer (no static image of its views: {type(exc).__name__}: {exc})"
+        else:
+            bundle["image/png"] = base64.b64encode(png).decode("ascii")
+        return bundle
 
     def prompt_tokens(self) -> Int[torch.Tensor, "1 pos"]:
         """``[first] + prompt`` from the controls of the chosen prompt mode (a bad prompt raises)."""
@@ -309,7 +495,9 @@ class SinkExplorer:
                 raise SinklensError("the prompt is empty", "type some text, or pick a word and a repeat count")
             return text_tokens(self.model, self.text.value, first=first)
         if mode == "repeat":
-            return repeated_tokens(self.model, self.word.value, self.repeats.value, first=first)
+            entry = self.word.value
+            word = int(entry) if entry.strip().lstrip("-").isdigit() else entry  # a word's own checks name its problem
+            return repeated_tokens(self.model, word, self.repeats.value, first=first)
         pool = parse_tokens(self.model, self.cluster_tokens.value)
         length = self.cluster_length.value
         check_context(self.model, length + 1)
@@ -373,6 +561,7 @@ class SinkExplorer:
             self._draw_head(layer, head)
 
     def _draw_head(self, layer: int, head: int) -> None:
+        self._drawn_head = layer, head
         _redraw(self.attention_figure, plot_first_token_attention(self.runs, layer))
         page = pattern_page(self.runs, layer, head)
         self.pattern_html.value = (f"<iframe srcdoc=\"{html.escape(page)}\" style=\"width:100%;height:640px;"
@@ -395,8 +584,12 @@ def explore(
     first: FirstToken = AUTO,
     patch: SinkPatch | None = None,
     cluster: ClusterAttack | Sequence[int | str] | None = None,
-    word: str = NOTEBOOK_WORD,
+    word: str | int | Token = NOTEBOOK_WORD,
     n_repeats: int = DEFAULT_REPEATS,
+    prompt_mode: str = "repeat",
+    layer: int | None = None,
+    head: int = 0,
+    patched: bool = False,
 ) -> SinkExplorer:
     """A live widget that shows the sink circuit on any prompt, layer and head, with and without a patch.
 
@@ -406,8 +599,12 @@ def explore(
     them, starting from ``first`` ("auto": the token the model makes a sink). ``patch`` is what
     the toggle installs (default: the paper's Listing 1 on the sink neurons). ``cluster`` fills the
     cluster-sequence prompt: a :class:`ClusterAttack`'s cluster, or token ids or one-token words
-    (default: the tokens of "Another one bites the dust"). The widget opens on ``word`` x
-    ``n_repeats``; ``text`` fills its free-text prompt.
+    (default: the tokens of "Another one bites the dust"). ``text`` fills the free-text prompt.
+
+    The widget opens on ``prompt_mode``: "repeat" (``word`` x ``n_repeats``; ``word`` is a word, a
+    token id or a :class:`Token`, and the word box takes a word or a token id), "text" or "cluster";
+    on ``layer`` (default: the one after the sink layer) and ``head``; with the patch on if
+    ``patched``. :meth:`SinkExplorer.opened_at` opens another view of the same circuit.
 
     Needs the ``notebook`` extra (ipywidgets, and anywidget for plotly's FigureWidget).
     """
@@ -416,6 +613,7 @@ def explore(
         import ipywidgets  # noqa: F401
     except ImportError:
         raise SinklensError("the explorer needs the notebook extra", "pip install 'sinklens[notebook]'") from None
+    check_opening(model, prompt_mode, layer, head)  # before the circuit is measured
     natural = shakespeare()[:PAPER_CORPUS_CHARS] if text is None else text
     if row is None:
         choice = choose_first_token(model, natural, given=None if first == AUTO else first)
@@ -435,4 +633,5 @@ def explore(
         cluster = cluster.cluster
     pool = default_words(model) if cluster is None else words_to_tokens(model, cluster)
     return SinkExplorer(model, first=start, neurons=neurons, baseline=baseline, patch=patch, text=natural,
-                        cluster=pool, word=word, n_repeats=n_repeats)
+                        cluster=pool, word=word, n_repeats=n_repeats, prompt_mode=prompt_mode, layer=layer,
+                        head=head, patched=patched)
