@@ -91,13 +91,13 @@ def bytes_read(directory: Path, n_layers: int | None, dtype: str) -> int:
     embeddings and those layers (its head is tied to the embeddings and never run)."""
     from safetensors import safe_open
 
+    from sinklens.load.models import _built
+
     total = 0
     for path in sorted(directory.glob("*.safetensors")):
         with safe_open(path, "pt") as f:
             for key in f.keys():
-                parts = key.split(".")
-                if n_layers is not None and (key.startswith("lm_head.") or
-                                             "layers" in parts and int(parts[parts.index("layers") + 1]) >= n_layers):
+                if n_layers is not None and not _built(key, n_layers):
                     continue
                 total += torch.Size(f.get_slice(key).get_shape()).numel()
     return total * (4 if dtype == "float32" else 2)

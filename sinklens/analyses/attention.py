@@ -270,7 +270,7 @@ def attention_patterns(
     name = f"blocks.{check_layer(model, layer)}.attn.hook_pattern"
     pattern = run_cache(model, tokens[:1], [name])[name][0]
     labels = [model.tokenizer.decode([int(t)]) for t in tokens[0]]
-    return AttentionPatterns(layer, pattern.float().cpu(), labels)
+    return AttentionPatterns(layer, pattern.cpu(), labels)
 
 
 def attention_heads_view(model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], layer: int):

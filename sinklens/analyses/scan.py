@@ -190,7 +190,7 @@ def scan_rows(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[in
         return activation[:, :, [n for l, n in setup.sink_neurons if l == layer]].float()
 
     cache = run_cache(model, tokens, [resid, *posts.values(), detector, layer0], reduce=reduce)
-    lone = run_cache(model, ids[:, None], [layer0])[layer0][:, 0].float()
+    lone = run_cache(model, ids[:, None], [layer0])[layer0][:, 0]
     norms = cache[resid].cpu()
     columns = {l: [n for layer, n in setup.sink_neurons if layer == l] for l in sink_layers}
     neuron_values = torch.stack([cache[posts[l]][:, :, columns[l].index(n)] for l, n in setup.sink_neurons],

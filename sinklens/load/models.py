@@ -244,6 +244,12 @@ def _hf_pair(spec: str, dtype: torch.dtype, device: str, n_layers: int | None):
     return hf_model, tokenizer, source
 
 
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as set now: huggingface_hub reads it once at import, and honouring it at call time
+    too gives an offline user the error at once instead of after the hub's connection retries."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 _LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
 _HEAD_PREFIX = "lm_head."
 
@@ -263,7 +269,7 @@ def _hub_early_layers(repo: str, n_layers: int) -> Path | None:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = _offline()
     try:
         index_file = Path(hf_hub_download(repo, "model.safetensors.index.json", local_files_only=offline))
     except EntryNotFoundError:  # a checkpoint in one file (or, offline, an index never fetched)
@@ -327,9 +333,7 @@ def _load_hf(location: str | Path, source: ModelSource, dtype: torch.dtype, devi
     built with its first ``n_layers`` layers only if given; and the checkpoint's depth."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    # huggingface_hub reads HF_HUB_OFFLINE once at import; honour it at call time too, so an
-    # offline user gets the error at once instead of after the hub's connection retries.
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = _offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline)
         config = AutoConfig.from_pretrained(location, local_files_only=offline)
