@@ -18,7 +18,6 @@ Usage: ``python bench/bench_forwards.py [--what circuit|report|both] [--trials N
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile

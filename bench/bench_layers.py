@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from _harness import print_summary, run_worker
 
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -31,10 +30,10 @@ SHARD_BYTES = 2 * 1024**3
 WORKER = r"""
 import os, sys, time
 from sinklens.errors import SinklensError
-from sinklens.present.report import ReportConfig
+from sinklens.settings import Settings
 directory, dtype, max_layer, early = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "early"
 start = time.perf_counter()
-config = ReportConfig(model=directory, dtype=dtype, max_layer=max_layer, words=["the"], n_repeats=100)
+config = Settings(model=directory, dtype=dtype, max_layer=max_layer, words=["the"], n_repeats=100)
 try:
     config.table_row(config.load_model(early_layers_only=early), config.natural_text())
     outcome = "a row"

@@ -2,81 +2,74 @@
 
 Built on TransformerLens 4 (``TransformerBridge``). The package follows the flow of a study:
 ``load`` (models, data) -> ``run`` (inputs, hooks, caches) -> ``analyses`` (one module each) ->
-``present`` (report, command line). Start with :func:`load_model`, then run an analysis; each
-returns a result with tensors, ``to_frame()``, ``plot()`` and ``summary()``. Every public name is
-importable from here.
+``present`` (report, command line), with the choices every study shares in ``settings``. Start with
+:func:`load_model`, then run an analysis; each returns a result with tensors, ``to_frame()``,
+``plot()`` and ``summary()``. Every public name is importable from here.
+
+``import sinklens`` is cheap: each name is imported from its module on first use (PEP 562), so the
+command line answers ``--help`` and bad arguments before torch or TransformerLens is imported.
 """
 
-from sinklens.analyses import attention
-from sinklens.analyses.ablation import AblationStudy, ablation_study
-from sinklens.analyses.circuit import FirstLayerCircuit, first_layer_circuit
-from sinklens.analyses.convergence import Convergence, convergence
-from sinklens.analyses.first_detector import FirstDetectorNeurons, first_detector_neurons
-from sinklens.analyses.attack import ClusterAttack, cluster_attack
-from sinklens.analyses.scan import (
-    ScanSetup,
-    Screen,
-    VocabScan,
-    merge_scan,
-    run_scan,
-    scan_setup,
-    scan_tokens,
-    select_tokens,
-)
-from sinklens.analyses.benchmarks import BenchmarkComparison, TextEffect, compare_benchmarks, score_items, text_effect
-from sinklens.analyses.divergence import Divergence, divergence
-from sinklens.analyses.patch_choice import PatchChoice, choose_patch
-from sinklens.analyses.attention import (
-    AttentionPatterns,
-    AttentionReceived,
-    AttentionScoreMaps,
-    attention_heads_view,
-    attention_patterns,
-    attention_received,
-    attention_score_maps,
-    plot_attention_received,
-    plot_attention_score_maps,
-)
-from sinklens.analyses.first_token import FirstTokenChoice, choose_first_token
-from sinklens.analyses.heads import HeadBehaviour, head_behaviour
-from sinklens.analyses.mark import MarkPatching, mark_patching
-from sinklens.analyses.norms import (
-    NormBaseline,
-    RepetitionCurves,
-    norm_baseline,
-    plot_repetition_curves,
-    repetition_curves,
-)
-from sinklens.analyses.probe import FirstTokenProbe, train_first_token_probe
-from sinklens.analyses.sink_layer import SinkLayerResult, find_sink_layer
-from sinklens.analyses.sink_neurons import SinkNeuronsResult, find_sink_neurons
-from sinklens.analyses.table import SinkTableRow, sink_table_row
-from sinklens.errors import SinklensError
-from sinklens.load import corpus
-from sinklens.load.benchmarks import Item, load_items
-from sinklens.load.models import ModelSource, load_hf_model, load_model, placement, resolve_model
-from sinklens.present.evaluation import EvaluationConfig, run_evaluation
-from sinklens.present.explore import SinkExplorer, explore
-from sinklens.present.report import ReportConfig, run_report
-from sinklens.results import load_result, save_result
-from sinklens.run.cache import SharedPrefix, run_cache, shared_prefix
-from sinklens.run.interventions import ablation_hooks, mean_activations
-from sinklens.run.patch import SinkPatch, patch_for
-from sinklens.run.tokens import Token, default_words, first_token, repeated_tokens, text_tokens, word_token
+from __future__ import annotations
 
-__all__ = [
-    "AblationStudy", "AttentionPatterns", "AttentionReceived", "AttentionScoreMaps", "BenchmarkComparison", "ClusterAttack",
-    "Convergence", "Divergence", "EvaluationConfig", "FirstDetectorNeurons", "FirstLayerCircuit",
-    "FirstTokenChoice", "FirstTokenProbe", "HeadBehaviour", "Item", "MarkPatching", "ModelSource", "NormBaseline",
-    "PatchChoice", "RepetitionCurves", "ReportConfig", "ScanSetup", "Screen", "SinkLayerResult", "SinkNeuronsResult",
-    "SharedPrefix", "SinkExplorer", "SinkPatch", "SinkTableRow", "SinklensError", "TextEffect", "Token", "VocabScan", "ablation_hooks",
-    "ablation_study", "attention", "attention_heads_view", "attention_patterns", "attention_received", "attention_score_maps",
-    "choose_first_token", "choose_patch", "cluster_attack", "compare_benchmarks", "convergence", "corpus",
-    "default_words", "divergence", "explore", "find_sink_layer", "find_sink_neurons", "first_detector_neurons",
-    "first_layer_circuit", "first_token", "head_behaviour", "load_hf_model", "load_items", "load_model", "placement",
-    "load_result", "mark_patching", "mean_activations", "merge_scan", "norm_baseline", "patch_for",
-    "plot_attention_received", "plot_attention_score_maps", "plot_repetition_curves", "repeated_tokens",
-    "repetition_curves", "resolve_model", "run_cache", "run_evaluation", "run_report", "run_scan", "save_result",
-    "scan_setup", "scan_tokens", "score_items", "select_tokens", "shared_prefix", "sink_table_row", "text_effect", "text_tokens",
-    "train_first_token_probe", "word_token",
-]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "sinklens.analyses.ablation": ("AblationStudy", "ablation_study"),
+    "sinklens.analyses.attack": ("ClusterAttack", "cluster_attack"),
+    "sinklens.analyses.attention": (
+        "AttentionPatterns", "AttentionReceived", "AttentionScoreMaps", "attention_heads_view", "attention_patterns",
+        "attention_received", "attention_score_maps", "plot_attention_received", "plot_attention_score_maps"),
+    "sinklens.analyses.benchmarks": (
+        "BenchmarkComparison", "TextEffect", "compare_benchmarks", "score_items", "text_effect"),
+    "sinklens.analyses.circuit": ("FirstLayerCircuit", "first_layer_circuit"),
+    "sinklens.analyses.convergence": ("Convergence", "convergence"),
+    "sinklens.analyses.divergence": ("Divergence", "divergence"),
+    "sinklens.analyses.first_detector": ("FirstDetectorNeurons", "first_detector_neurons"),
+    "sinklens.analyses.first_token": ("FirstTokenChoice", "choose_first_token"),
+    "sinklens.analyses.heads": ("HeadBehaviour", "head_behaviour"),
+    "sinklens.analyses.mark": ("MarkPatching", "mark_patching"),
+    "sinklens.analyses.norms": (
+        "NormBaseline", "RepetitionCurves", "norm_baseline", "plot_repetition_curves", "repetition_curves"),
+    "sinklens.analyses.patch_choice": ("PatchChoice", "choose_patch"),
+    "sinklens.analyses.probe": ("FirstTokenProbe", "train_first_token_probe"),
+    "sinklens.analyses.scan": (
+        "ScanSetup", "Screen", "VocabScan", "merge_scan", "run_scan", "scan_setup", "scan_tokens", "select_tokens"),
+    "sinklens.analyses.sink_layer": ("SinkLayerResult", "find_sink_layer"),
+    "sinklens.analyses.sink_neurons": ("SinkNeuronsResult", "find_sink_neurons"),
+    "sinklens.analyses.table": ("SinkTableRow", "sink_table_row"),
+    "sinklens.errors": ("SinklensError",),
+    "sinklens.load.benchmarks": ("Item", "load_items"),
+    "sinklens.load.models": ("load_hf_model", "load_model", "placement"),
+    "sinklens.load.sources": ("ModelSource", "resolve_model"),
+    "sinklens.present.evaluation": ("EvaluationConfig", "run_evaluation"),
+    "sinklens.present.explore": ("SinkExplorer", "explore"),
+    "sinklens.present.report": ("run_report",),
+    "sinklens.results": ("load_result", "save_result"),
+    "sinklens.run.cache": ("SharedPrefix", "run_cache", "shared_prefix"),
+    "sinklens.run.interventions": ("ablation_hooks", "mean_activations"),
+    "sinklens.run.patch": ("SinkPatch", "patch_for"),
+    "sinklens.run.tokens": ("Token", "default_words", "first_token", "repeated_tokens", "text_tokens", "word_token"),
+    "sinklens.settings": ("ReportConfig", "Settings"),
+}
+_SUBMODULES = {"attention": "sinklens.analyses.attention", "corpus": "sinklens.load.corpus"}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted([*_HOME, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module the first time it is asked for, and keep it."""
+    if name in _SUBMODULES:
+        value = importlib.import_module(_SUBMODULES[name])
+    elif name in _HOME:
+        value = getattr(importlib.import_module(_HOME[name]), name)
+    else:
+        raise AttributeError(f"module 'sinklens' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

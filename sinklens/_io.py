@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sinklens.errors import SinklensError
+
 
 def cache_dir() -> Path:
     """The sinklens cache: ``$SINKLENS_CACHE``, else ``$XDG_CACHE_HOME/sinklens``, else ``~/.cache/sinklens``."""
@@ -77,3 +79,18 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def check_output_dir(out: str | Path) -> Path:
+    """Raise one clear error unless ``out`` is (or can become) a writable directory."""
+    out = Path(out).expanduser()
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if out.exists() and not out.is_dir():
+        raise SinklensError(f"output path {out} is an existing file, not a directory",
+                            "pass a directory path for --out (it is created if missing)")
+    if existing is not None and not existing.is_dir():
+        raise SinklensError(f"output path {out} lies under {existing}, which is a file", "pass a directory path")
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise SinklensError(f"cannot write to {out}: {existing or out.anchor} is not writable",
+                            "pass a directory you can write to")
+    return out

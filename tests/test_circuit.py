@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import CORPUS, DETECT_HEAD, MARK_HEAD, N_LAYERS, SINK_LAYER, SINK_NEURON, save_tiny
 
 from sinklens import SinklensError, load_model, repeated_tokens, run_cache, text_tokens
 from sinklens.analyses.circuit import first_layer_circuit
@@ -18,8 +19,6 @@ from sinklens.analyses.mark import mark_patching
 from sinklens.analyses.probe import train_first_token_probe
 from sinklens.present.cli import main
 from sinklens.results import load_result, save_result
-
-from conftest import CORPUS, DETECT_HEAD, MARK_HEAD, N_LAYERS, SINK_LAYER, SINK_NEURON, save_tiny
 
 LONG_TEXT = CORPUS * 4  # enough 3-word chunks for the probe
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import SINK_LAYER, SINK_NEURON
 
-from sinklens.present import _page as page_module
+from sinklens import _io as io_module
 from sinklens.present import report as report_module
 from sinklens.present.cli import main
 
@@ -127,7 +127,7 @@ def test_out_must_be_a_writable_directory(study, tmp_path, capsys, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(page_module.os, "access", lambda p, m: False if str(p) == str(locked) else real_access(p, m))
+    monkeypatch.setattr(io_module.os, "access", lambda p, m: False if str(p) == str(locked) else real_access(p, m))
     assert main(["report", *study, "--out", str(locked / "out")]) == 2
     assert "is not writable" in _one_error_line(capsys)
 
@@ -164,3 +164,35 @@ def test_usage_errors_are_one_line_too(capsys):
                           text=True).returncode == 2
     assert main(["table", "--n-repeats", "x"]) == 2
     assert "argument --n-repeats: invalid" in _one_error_line(capsys)
+
+
+HEAVY = ("torch", "transformer_lens", "transformers", "plotly", "pandas", "sklearn")
+
+
+def _modules_loaded(code: str) -> set[str]:
+    """The top-level packages a fresh interpreter has imported after running ``code``."""
+    probe = f"import sys\n{code}\nprint(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    return set(proc.stdout.split())
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["table", "--help"], ["table", "--dtype", "float8"],
+                                  ["scan", "--shard", "3/2"], ["nonsense"]])
+def test_help_and_argument_errors_answer_before_any_heavy_import(argv):
+    loaded = _modules_loaded(f"from sinklens.present.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n"
+                             "    pass")
+    assert "sinklens" in loaded and not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
+def test_import_sinklens_is_lazy_and_keeps_every_public_name():
+    assert not _modules_loaded("import sinklens") & set(HEAVY)
+    import sinklens
+
+    assert sorted(sinklens.__all__) == sorted(set(sinklens.__all__)) and set(sinklens.__all__) <= set(dir(sinklens))
+    for name in sinklens.__all__:
+        assert getattr(sinklens, name) is not None, name
+    from sinklens.run.patch import SinkPatch
+
+    assert sinklens.SinkPatch is SinkPatch and sinklens.ReportConfig is sinklens.Settings
+    with pytest.raises(AttributeError, match="has no attribute 'load_modle'"):
+        sinklens.load_modle  # noqa: B018

@@ -8,19 +8,25 @@ import json
 
 import pytest
 import torch
+from conftest import CORPUS, SINK_LAYER, SINK_NEURON, build_tokenizer
 
-from sinklens.analyses.benchmarks import BenchmarkComparison, ItemScores, accuracy, compare_benchmarks, score_items, text_effect
+from sinklens.analyses.benchmarks import (
+    BenchmarkComparison,
+    ItemScores,
+    accuracy,
+    compare_benchmarks,
+    score_items,
+    text_effect,
+)
 from sinklens.analyses.divergence import Generation, divergence
+from sinklens.analyses.norms import resid_norms
 from sinklens.analyses.patch_choice import kl_divergence
 from sinklens.load.benchmarks import Item
 from sinklens.load.models import load_hf_model
 from sinklens.present import evaluation as evaluation_module
 from sinklens.present.cli import main
 from sinklens.run.patch import SinkPatch, patch_for
-from sinklens.analyses.norms import resid_norms
 from sinklens.run.tokens import repeated_tokens, text_tokens, word_token
-
-from conftest import CORPUS, SINK_LAYER, SINK_NEURON, build_tokenizer
 
 ITEMS = [
     Item("toy", "0", ("First Citizen:",) * 3, (" Before we proceed", " speak", " resolved, resolved."), 0),

@@ -10,14 +10,14 @@ repeat's value) lowers the later repeats.
 
 import base64
 import dataclasses
+import html
 import shutil
 import sys
-
-import html
 
 import plotly.graph_objects as go
 import pytest
 import torch
+from conftest import CORPUS, SINK_LAYER, SINK_NEURON, build_hf_model, build_tokenizer
 
 from sinklens import (
     SinklensError,
@@ -31,8 +31,6 @@ from sinklens import (
 from sinklens.analyses.norms import resid_norms
 from sinklens.present import explore as explore_module
 from sinklens.present.explore import PATTERN_EDGE, circuitsvis_bundle, explore, pattern_window
-
-from conftest import CORPUS, SINK_LAYER, SINK_NEURON, build_hf_model, build_tokenizer
 
 REPEATS = 12
 

@@ -20,7 +20,7 @@ from sinklens import (
     word_token,
 )
 from sinklens.load.corpus import shakespeare
-from sinklens.present.report import PAPER_CORPUS_CHARS
+from sinklens.settings import PAPER_CORPUS_CHARS
 
 pytestmark = pytest.mark.integration
 

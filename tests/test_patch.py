@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
+from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_tiny
 
 from sinklens import SinklensError, load_model, run_cache, text_tokens
 from sinklens.load.models import load_hf_model
 from sinklens.run.patch import SinkPatch, patch_for
-
-from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_tiny
 
 NEURONS = [SINK_NEURON, 7, 11]
 PAIRS = [(SINK_LAYER, n) for n in NEURONS]

@@ -88,15 +88,35 @@ def test_bad_precision_or_device_is_one_clear_line_before_loading(tiny_dir, caps
         sl.load_model(str(tiny_dir), n_layers=0)
 
 
-def test_auto_without_a_gpu_is_the_cpu(tiny_dir):
-    model = sl.load_model(str(tiny_dir), device="auto")
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_auto_hands_accelerate_every_gpu_and_is_the_cpu_without_one(tiny_dir, monkeypatch, gpus):
+    """What ``auto`` asks transformers for, with the machine's GPUs played by torch.cuda: accelerate's device map
+    (with the caps of ``max_memory``) where there are GPUs, the CPU where there is none. The model is then loaded
+    on the CPU either way, as this machine has no GPU; tests/test_gpu.py loads it on real ones."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    asked = {}
+    load = AutoModelForCausalLM.from_pretrained
+
+    def recording(*args, **kwargs):
+        asked.update(kwargs)
+        return load(*args, **{**kwargs, "device_map": "cpu", "max_memory": None})
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
+    caps = {0: "1GiB", 1: "1GiB", "cpu": "8GiB"} if gpus else None
+    model = sl.load_model(str(tiny_dir), device="auto", max_memory=caps)
+    assert (asked["device_map"], asked["max_memory"]) == (("auto", caps) if gpus else ("cpu", None))
     assert placement(model)["device"] == "cpu"
+    with pytest.raises(sl.SinklensError, match="max_memory caps accelerate's device map, but the device is cpu"):
+        sl.load_model(str(tiny_dir), device="cpu", max_memory={"cpu": "8GiB"})
 
 
 @pytest.mark.parametrize("command", [["table", "--n-repeats", "20"], ["neurons"], ["circuit", "--n-repeats", "20"]])
 def test_early_layer_commands_build_only_their_layers_and_find_the_same(command, tiny_dir, long_corpus_file, capsys,
                                                                          monkeypatch):
-    from sinklens.present.report import ReportConfig
+    from sinklens.settings import Settings
 
     args = [*command, "--model", str(tiny_dir), "--corpus", str(long_corpus_file), "--corpus-chars", "400",
             "--max-layer", "4", "--json"]
@@ -108,11 +128,11 @@ def test_early_layer_commands_build_only_their_layers_and_find_the_same(command,
         built.append(model.cfg.n_layers)
         return model
 
-    monkeypatch.setattr("sinklens.present.report.load_model", recording)
+    monkeypatch.setattr("sinklens.load.models.load_model", recording)
     assert main(args) == 0
     early = capsys.readouterr().out
-    load = ReportConfig.load_model
-    monkeypatch.setattr(ReportConfig, "load_model", lambda self, verbose=False, **_: load(self, verbose))
+    load = Settings.load_model
+    monkeypatch.setattr(Settings, "load_model", lambda self, verbose=False, **_: load(self, verbose))
     assert main(args) == 0
     whole = capsys.readouterr().out
     assert built == [4, 6] and early.replace('"layers_loaded": "0..3 of 6", ', "") == whole

@@ -11,18 +11,26 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_tiny
 from pandas.testing import assert_frame_equal
 
 from sinklens.analyses import scan as scan_module
 from sinklens.analyses.attack import cluster_attack, key_clusters, sample_sequences
-from sinklens.analyses.scan import (ScanSetup, Screen, merge_scan, prepare_scan_dir, run_scan, scan_setup, scan_tokens,
-                                    screen_score, select_tokens)
+from sinklens.analyses.scan import (
+    ScanSetup,
+    Screen,
+    merge_scan,
+    prepare_scan_dir,
+    run_scan,
+    scan_setup,
+    scan_tokens,
+    screen_score,
+    select_tokens,
+)
 from sinklens.errors import SinklensError
 from sinklens.load.models import load_model
 from sinklens.present.cli import main
 from sinklens.run.patch import patch_for
-
-from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_tiny
 
 PLANTED = ("Z", "Q", "X")
 N_REPEATS = 24

@@ -39,6 +39,7 @@ from sinklens.errors import SinklensError
 from sinklens.results import Result
 from sinklens.run.cache import run_cache
 from sinklens.run.tokens import check_context
+from sinklens.settings import CLUSTERINGS as CLUSTERING_NAMES
 
 CONDITIONS = ("cluster", "repeat", "random")
 N_CLUSTERS = 32
@@ -63,7 +64,7 @@ def sink_token_clusters(model: TransformerBridge, scan: VocabScan, **_) -> list[
     return [[row["token_id"] for row in scan.rows if row["reached_sink"]]]
 
 
-CLUSTERINGS: dict[str, Callable[..., list[list[int]]]] = {"keys": key_clusters, "sink_tokens": sink_token_clusters}
+CLUSTERINGS: dict[str, Callable[..., list[list[int]]]] = dict(zip(CLUSTERING_NAMES, (key_clusters, sink_token_clusters)))
 
 
 def choose_cluster(clusters: Sequence[Sequence[int]], scan: VocabScan) -> tuple[list[int], float]:

@@ -39,18 +39,27 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens.analyses.convergence import Convergence, convergence
 from sinklens.analyses.first_detector import FirstDetectorNeurons, first_detector_neurons
-from sinklens.analyses.first_token import AUTO, MIN_SINK_RATIO, FirstTokenChoice, choose_first_token
+from sinklens.analyses.first_token import FirstTokenChoice, choose_first_token
 from sinklens.analyses.heads import HeadBehaviour, head_behaviour
 from sinklens.analyses.mark import MIN_EFFECT, MarkPatching, first_token_dependence, mark_patching
 from sinklens.analyses.norms import norm_baseline, repetition_curves
 from sinklens.analyses.probe import FirstTokenProbe, train_first_token_probe
-from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA, find_sink_layer
+from sinklens.analyses.sink_layer import find_sink_layer
 from sinklens.analyses.sink_neurons import SinkNeuronsResult, find_sink_neurons
 from sinklens.analyses.table import SinkTableRow
 from sinklens.errors import SinklensError
 from sinklens.results import Result
-from sinklens.run.tokens import FirstToken, Token, check_context, default_words, encode, repeated_tokens, text_tokens
-from sinklens.run.tokens import words_to_tokens
+from sinklens.run.tokens import (
+    FirstToken,
+    Token,
+    check_context,
+    default_words,
+    encode,
+    repeated_tokens,
+    text_tokens,
+    words_to_tokens,
+)
+from sinklens.settings import AUTO, MIN_SINK_RATIO, PAPER_MAX_LAYER, PAPER_N_SIGMA
 
 TYPICAL_CHARS = 1000  # the paper's typical-norm text: the first 1000 characters
 

@@ -28,14 +28,12 @@ from jaxtyping import Float
 from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens.analyses._figures import with_reference_line
-from sinklens.analyses.sink_layer import PAPER_MAX_LAYER
 from sinklens.errors import SinklensError
 from sinklens.results import Result
 from sinklens.run.cache import run_cache
 from sinklens.run.tokens import FirstToken, Token, bos_token_id, encode, first_token, token
+from sinklens.settings import AUTO, MIN_SINK_RATIO, PAPER_MAX_LAYER
 
-MIN_SINK_RATIO = 10.0
-AUTO = "auto"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
 
 

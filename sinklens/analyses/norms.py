@@ -36,8 +36,7 @@ from sinklens.analyses._figures import with_reference_line
 from sinklens.results import Result
 from sinklens.run.cache import Hook, check_layer, run_cache
 from sinklens.run.tokens import FirstToken, Token, first_token, repeated_tokens, token
-
-SINK_FRACTION = 0.9
+from sinklens.settings import SINK_FRACTION
 
 
 def resid_norms(

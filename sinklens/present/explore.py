@@ -60,21 +60,20 @@ from importlib import resources
 from itertools import cycle
 
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 import torch
 from jaxtyping import Float, Int
+from plotly.subplots import make_subplots
 from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens.analyses.attack import ClusterAttack, sample_sequences
 from sinklens.analyses.attention import EPSILON, AttentionReceived, plot_attention_received, received_by_later_queries
-from sinklens.analyses.first_token import AUTO, choose_first_token
+from sinklens.analyses.first_token import choose_first_token
 from sinklens.analyses.norms import NormBaseline, norm_baseline, sink_threshold
 from sinklens.analyses.sink_layer import find_sink_layer
 from sinklens.analyses.sink_neurons import NOTEBOOK_WORD, find_sink_neurons
 from sinklens.analyses.table import SinkTableRow
 from sinklens.errors import SinklensError
 from sinklens.load.corpus import shakespeare
-from sinklens.present.report import PAPER_CORPUS_CHARS
 from sinklens.run.cache import as_index, check_layer, run_cache
 from sinklens.run.interventions import Neuron, neuron_hook_name
 from sinklens.run.patch import SinkPatch, patch_for
@@ -89,6 +88,7 @@ from sinklens.run.tokens import (
     word_token,
     words_to_tokens,
 )
+from sinklens.settings import AUTO, PAPER_CORPUS_CHARS
 
 PROMPT_MODES = {"free text": "text", "word x repeats": "repeat", "cluster sequence": "cluster"}
 MAX_REPEATS = 2000  # the sliders stop here (or at the context) so that one update stays within seconds

@@ -14,12 +14,8 @@ and ``sink_neurons``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import html
-import json
 from collections.abc import Callable
-from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +23,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from sinklens._io import write_json, write_text
+from sinklens._io import check_output_dir, write_json, write_text
 from sinklens.analyses.ablation import ablation_study
 from sinklens.analyses.attention import (
     attention_received,
@@ -38,106 +34,22 @@ from sinklens.analyses.attention import (
     plot_attention_score_maps,
 )
 from sinklens.analyses.circuit import FirstLayerCircuit, first_layer_circuit
-from sinklens.analyses.first_token import AUTO, MIN_SINK_RATIO
-from sinklens.analyses.norms import SINK_FRACTION, norm_baseline, plot_repetition_curves, repetition_curves
-from sinklens.analyses.sink_layer import PAPER_MAX_LAYER, PAPER_N_SIGMA
-from sinklens.analyses.sink_neurons import MAX_NEURONS, REMOVED_SHARE, SEVERAL_LAYERS, check_criterion
-from sinklens.analyses.table import SinkTableRow, layer_range, sink_table_row
+from sinklens.analyses.norms import norm_baseline, plot_repetition_curves, repetition_curves
+from sinklens.analyses.sink_neurons import SEVERAL_LAYERS
+from sinklens.analyses.table import SinkTableRow, layer_range
 from sinklens.errors import SinklensError
-from sinklens.load.corpus import read_text, shakespeare
-from sinklens.load.models import as_device, as_dtype, load_model, placement, resolve_model
-from sinklens.load.registry import DEFAULT_MODEL, PAPER_TABLE_1
-from sinklens.present._page import Checkpoints, check_output_dir, page, section, versions, versions_text
+from sinklens.load.models import placement
+from sinklens.load.registry import PAPER_TABLE_1
+from sinklens.present._page import Checkpoints, page, section, versions, versions_text
 from sinklens.results import Result
 from sinklens.run.cache import check_layer
 from sinklens.run.tokens import check_context, repeated_tokens, text_tokens, words_to_tokens
 
-PAPER_CORPUS_CHARS = 1000  # the notebook's typical norm uses the first 1000 characters
 TOP_NEURONS_SHOWN = 20
 
 
-@dataclass
-class ReportConfig:
-    """Everything a report depends on; its JSON form keys the resume checkpoints."""
-
-    model: str = DEFAULT_MODEL
-    words: list[str] | None = None  # None: the tokens of "Another one bites the dust"
-    n_repeats: int = 1000
-    first_token: str | int = AUTO  # "auto": the token the model makes a sink (its BOS where that is one)
-    corpus: str | None = None  # a text file; None: the opening of Coriolanus (Tiny Shakespeare)
-    corpus_chars: int = PAPER_CORPUS_CHARS
-    max_layer: int = PAPER_MAX_LAYER
-    n_sigma: float = PAPER_N_SIGMA
-    sink_fraction: float = SINK_FRACTION
-    sink_layer: int | None = None  # None: from the analysis; else measure the curves at this layer
-    layers: list[int] | None = None  # layers to search for sink neurons; None: decided from the data
-    criterion: str = "paper"
-    share: float = REMOVED_SHARE
-    max_neurons: int = MAX_NEURONS
-    min_ratio: float = MIN_SINK_RATIO
-    dtype: str = "float32"
-    device: str | None = None  # None: the first GPU, else the CPU
-
-    def fingerprint(self, model_name: str = "") -> str:
-        """Keys the checkpoints: the settings, the model and the sinklens version that computed them."""
-        key = {**dataclasses.asdict(self), "model_name": model_name, "sinklens": version("sinklens")}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-    def load_model(self, verbose: bool = False, *, early_layers_only: bool = False) -> TransformerBridge:
-        """The model these settings name, in their dtype and on their device; with ``early_layers_only``, built
-        only up to the deepest layer these settings can reach (:meth:`layers_reached`), for the analyses that
-        stop at the sink layer."""
-        n_layers = self.layers_reached() if early_layers_only else None
-        return load_model(self.model, dtype=self.dtype, device=self.device, n_layers=n_layers, verbose=verbose)
-
-    def corpus_text(self) -> str:
-        """The natural text of these settings: the corpus file, or Tiny Shakespeare."""
-        return read_text(self.corpus) if self.corpus else shakespeare()
-
-    def natural_text(self) -> str:
-        """:meth:`corpus_text` cut to ``corpus_chars``: where the typical norm comes from."""
-        return self.corpus_text()[: self.corpus_chars]
-
-    def table_row(self, model: TransformerBridge, text: str, *, progress: bool = False) -> SinkTableRow:
-        """This model's Table-1 row with these settings."""
-        return sink_table_row(
-            model, text, words=self.words, n_repeats=self.n_repeats, first=self.first_token, layers=self.layers,
-            criterion=self.criterion, share=self.share, max_neurons=self.max_neurons, max_layer=self.max_layer,
-            n_sigma=self.n_sigma, min_ratio=self.min_ratio, sink_fraction=self.sink_fraction, progress=progress)
-
-    def layers_reached(self) -> int:
-        """How many layers the early-layer analyses read: the sink-layer search's, or the layers named."""
-        named = [*(self.layers or []), *([] if self.sink_layer is None else [self.sink_layer])]
-        return max([self.max_layer, *(layer + 1 for layer in named)])
-
-    def check(self) -> None:
-        """Checks that need no model, so a bad setting fails before anything is loaded."""
-        resolve_model(self.model)
-        as_dtype(self.dtype)
-        as_device(self.device)
-        if self.words is not None and not self.words:
-            raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
-        if self.n_repeats < 1:
-            raise SinklensError(f"n_repeats must be at least 1, got {self.n_repeats}", "pass a positive number")
-        if self.corpus_chars < 2:
-            raise SinklensError(f"corpus_chars must be at least 2, got {self.corpus_chars}",
-                                "pass enough characters for a first token and a later one")
-        if self.max_layer < 2:
-            raise SinklensError(f"max_layer={self.max_layer} leaves fewer than 2 layers to compare", "pass max_layer >= 2")
-        if self.layers is not None and not self.layers:
-            raise SinklensError("the layer range is empty", "pass at least one layer, e.g. 3-8")
-        for layer in [*(self.layers or []), *([] if self.sink_layer is None else [self.sink_layer])]:
-            if layer < 0:
-                raise SinklensError(f"layer {layer} is negative", "pass 0-based layer indices")
-        check_criterion(None, self.criterion, self.layers)
-        if not 0 < self.share <= 1:
-            raise SinklensError(f"share must be in (0, 1], got {self.share}", "pass a share such as 0.9")
-        if self.corpus:
-            read_text(self.corpus)
-
-
 def run_report(
-    config: ReportConfig, out: str | Path, *, model: TransformerBridge | None = None, progress: bool = False
+    config: Settings, out: str | Path, *, model: TransformerBridge | None = None, progress: bool = False
 ) -> dict[str, Any]:
     """Run every analysis of ``config`` and write ``report.html`` and ``results.json`` into ``out``.
 

@@ -18,13 +18,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sinklens.analyses.scan import Screen, ScanSetup, Written, run_scan
+from sinklens.analyses.scan import ScanSetup, Screen, Written, run_scan
 from sinklens.analyses.table import SinkTableRow
 from sinklens.errors import SinklensError
-from sinklens.present.report import ReportConfig
 from sinklens.results import load_result, save_result
-
-LOCAL = "local"  # --ray without an address: start a Ray instance on this machine
+from sinklens.settings import RAY_LOCAL, Settings
 
 
 @dataclass(frozen=True)
@@ -37,13 +35,13 @@ class PartFailed:
 
 def connect_ray(address: str) -> None:
     """Join the Ray cluster at ``address`` (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``), or start a local
-    instance for :data:`LOCAL`. Missing Ray or an unreachable address is one clear error, before any work
+    instance for :data:`RAY_LOCAL`. Missing Ray or an unreachable address is one clear error, before any work
     (Ray itself would retry an unreachable address for minutes)."""
     try:
         import ray
     except ImportError:
         raise SinklensError("--ray needs Ray, which is not installed", "pip install 'sinklens[ray]'") from None
-    if address not in (LOCAL, "auto"):
+    if address not in (RAY_LOCAL, "auto"):
         host, port = _host_port(address)
         try:
             socket.create_connection((host, port), timeout=5).close()
@@ -52,7 +50,7 @@ def connect_ray(address: str) -> None:
                                 "start it with `ray start --head`, check the address, or pass --ray alone to start "
                                 "a local instance") from None
     try:
-        ray.init(address=None if address == LOCAL else address, ignore_reinit_error=True, log_to_driver=False,
+        ray.init(address=None if address == RAY_LOCAL else address, ignore_reinit_error=True, log_to_driver=False,
                  include_dashboard=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise SinklensError(f"cannot join the Ray cluster at {address} ({str(exc).splitlines()[0][:200]})",
@@ -100,12 +98,12 @@ def _part(name: str, function: Callable, arguments: tuple):
         return PartFailed(name, str(exc))
 
 
-def _row_path(out: Path, config: ReportConfig) -> Path:
+def _row_path(out: Path, config: Settings) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", config.model).strip("_")[-60:]
     return out / "rows" / f"{slug}-{config.fingerprint()}.pt"
 
 
-def table_row_into(config: ReportConfig, out: Path) -> SinkTableRow:
+def table_row_into(config: Settings, out: Path) -> SinkTableRow:
     """One model's Table-1 row, read from ``out`` if a run of the same settings wrote it, else measured (on the
     layers it needs only) and written there."""
     path = _row_path(out, config)
@@ -119,7 +117,7 @@ def table_row_into(config: ReportConfig, out: Path) -> SinkTableRow:
     return row
 
 
-def table_sweep(configs: Sequence[ReportConfig], out: str | Path, *, ray: bool = False
+def table_sweep(configs: Sequence[Settings], out: str | Path, *, ray: bool = False
                 ) -> list[SinkTableRow | PartFailed]:
     """Every model's Table-1 row, in ``configs`` order, through ``out`` (see the module docstring)."""
     out = Path(out)
@@ -127,14 +125,14 @@ def table_sweep(configs: Sequence[ReportConfig], out: str | Path, *, ray: bool =
     return _run_parts(parts, ray=ray, desc="sinklens table")
 
 
-def scan_shard(config: ReportConfig, setup: ScanSetup, token_ids: Sequence[int], out: Path, shard: tuple[int, int],
+def scan_shard(config: Settings, setup: ScanSetup, token_ids: Sequence[int], out: Path, shard: tuple[int, int],
                batch_size: int, screen: Screen | None) -> Written:
     """One shard of a scan whose setup ``out`` already holds, on a model loaded here (the layers it needs only)."""
     model = config.load_model(early_layers_only=True)
     return run_scan(model, setup, token_ids, out, shard=shard, batch_size=batch_size, screen=screen)
 
 
-def scan_shards(config: ReportConfig, setup: ScanSetup, token_ids: Sequence[int], out: str | Path, n_shards: int, *,
+def scan_shards(config: Settings, setup: ScanSetup, token_ids: Sequence[int], out: str | Path, n_shards: int, *,
                 batch_size: int, screen: Screen | None, ray: bool = True) -> list[Written | PartFailed]:
     """Shards ``1/n`` ... ``n/n`` of a scan, each a part (a Ray task with ``ray``)."""
     parts = [(f"shard {i}/{n_shards}", scan_shard, (config, setup, list(token_ids), Path(out), (i, n_shards),

@@ -48,9 +48,9 @@ from torch import nn
 from sinklens._io import write_json
 from sinklens.errors import SinklensError
 from sinklens.results import value_type
+from sinklens.settings import PATCH_HOOKS as HOOKS
+from sinklens.settings import PATCH_VALUES as VALUES
 
-HOOKS = {"up": "hook_pre_linear", "gate": "hook_pre", "post": "hook_post"}
-VALUES = ("first_after_start", "calibrated")
 FORMAT = "sinklens-patch/1"
 
 

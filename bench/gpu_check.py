@@ -1,0 +1,562 @@
+"""sinklens on a GPU, checked in one command: the ``gpu`` tests, and a Table-1 row and a scan of a 7B-shaped model.
+
+    python bench/gpu_check.py --prepare                                   # here: .gpu/, what travels to the GPU
+    python bench/gpu_check.py --dry-run --out gpu_check.json              # here: the same check on the CPU
+    python3 bench/gpu_check.py --install .gpu --out $OUT/gpu_check.json   # on the GPU machine
+
+``--prepare`` builds ``.gpu/``: the wheels of sinklens and of every package it needs that the GPU machine's
+image lacks (``bench/gpu_image.txt``; TransformerLens, plotly, datasets, ...), for that image's Python 3.12,
+installable with ``pip install --no-index --no-deps``, and the natural text the Table-1 row reads. It checks
+that ``.gpu/`` and the working tree together stay under the 64 MiB a device call carries.
+
+The check writes one JSON file (``--out``), rewritten after every part so that a run cut short keeps what it
+measured, and prints one line per part:
+
+* ``requirements``: every package sinklens requires, the version installed and whether it is in range;
+* ``gpu_tests``: ``pytest -m gpu tests/test_gpu.py``, each test's outcome and the numbers it recorded (fused
+  and eager attention, float32 and bfloat16 against the CPU, the patch, ``--device auto`` with and without CPU
+  offload, layers on demand, the benchmark scorer);
+* ``table``: a randomly initialised checkpoint of Llama-2-7B's shape in bfloat16 (32 layers, d_model 4096,
+  d_mlp 11008, 32,000 embeddings) with a sink planted in it (neuron 7890 of layer 1 writes a large vector
+  whenever the BOS token is alone in its residual stream: the answer the row must find), built on the
+  machine. Its Table-1 row (``Settings.table_row``, what ``sinklens table --device cuda --dtype bfloat16``
+  runs) with layers on demand and with the whole model, each in a fresh process: load and row times and the
+  peak GPU memory (``torch.cuda.max_memory_allocated``); and a plain Hugging Face SDPA forward of the same
+  batches (the token batches the row ran, recorded) through the whole model on the same GPU;
+* ``scan``: tokens per second of the vocabulary scan at 1,000 repeats on that model, at the default batch
+  size and a larger one, and the time a whole 32,000-token vocabulary would take at that rate.
+
+``--dry-run`` runs every part on the CPU with a small model of the same construction (the ``gpu`` tests are
+collected and skip), so a change that breaks the check fails a unit test here (``tests/test_bench.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = Path(__file__).with_name("gpu_image.txt")
+DEVICE_CALL_BYTES = 64 * 2**20
+PYTHON = "3.12"
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux1_x86_64")
+# TransformerLens requires these but sinklens never imports them: wandb (for training runs; 20 MB) and
+# transformers-stream-generator (for one model family; an sdist, no wheel)
+NEVER_IMPORTED = {"wandb", "transformers-stream-generator"}
+# Versions carried instead of constraints.txt's: datasets 5.0 asks pyarrow>=21 where 5.2 asks >=24, and which pyarrow
+# the image holds is not known (TransformerLens imports datasets, which imports pyarrow)
+CARRIED = {"datasets": "5.0.0"}
+
+LLAMA_2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+SMALL = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=16, num_attention_heads=4,
+             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
+SINK_LAYER = 1
+SINK_NEURON = {"gpu": 7890, "dry-run": 77}  # Llama-2-7B's first sink neuron, for the full shape
+WORDS = ["the", "you"]
+N_REPEATS = 1000
+SCAN_TOKENS = 64
+VOCABULARY = 32000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prepare", action="store_true", help="build .gpu/ here (wheels, text) and check its size")
+    parser.add_argument("--dry-run", action="store_true", help="run the check on the CPU with a small model")
+    parser.add_argument("--install", type=Path, metavar="DIR",
+                        help="install the wheels of DIR/wheels into a temporary folder first (on the GPU machine)")
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the JSON file of results")
+    parser.add_argument("--work", type=Path, help="where the checkpoint is built (default: a temporary folder)")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(*args.worker)
+    if args.prepare:
+        return prepare(ROOT / ".gpu")
+    if args.install:
+        return install_and_rerun(args.install)
+    return check(args.out, dry_run=args.dry_run, work=args.work)
+
+
+# --- prepare: here --------------------------------------------------------------------------------------------------
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def image_packages() -> set[str]:
+    return {_normal(line) for line in IMAGE.read_text().splitlines() if line.strip() and not line.startswith("#")}
+
+
+def pinned_versions() -> dict[str, str]:
+    """The versions of constraints.txt, which the wheels carried take where they name one."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            pins[_normal(name)] = version.strip()
+    return pins
+
+
+def _requirements(wheel: Path) -> list:
+    """The requirements a wheel declares for Python 3.12 on Linux, without extras."""
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = archive.read(metadata).decode().splitlines()
+    environment = {"python_version": PYTHON, "python_full_version": f"{PYTHON}.3", "sys_platform": "linux",
+                   "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
+                   "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
+    found = []
+    for line in lines:
+        if line.startswith("Requires-Dist:"):
+            requirement = Requirement(line.split(":", 1)[1].strip())
+            if requirement.marker is None or requirement.marker.evaluate(environment):
+                found.append(requirement)
+    return found
+
+
+def _download(requirement: str, folder: Path) -> Path:
+    before = set(folder.glob("*.whl"))
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+               "--python-version", PYTHON, "--implementation", "cp", "--dest", str(folder), requirement]
+    for tag in PLATFORMS:
+        command += ["--platform", tag]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    new = set(folder.glob("*.whl")) - before
+    name = _normal(re.split(r"[<>=!~ \[]", requirement, maxsplit=1)[0])
+    return next(iter(new)) if new else next(w for w in folder.glob("*.whl") if _normal(w.name.split("-")[0]) == name)
+
+
+def prepare(folder: Path) -> int:
+    """Build ``folder``: sinklens' wheel, the wheels of what the GPU image lacks (followed through their own
+    requirements until the image has them), the natural text, and a manifest; then check the size."""
+    import shutil
+
+    wheels = folder / "wheels"
+    shutil.rmtree(folder, ignore_errors=True)
+    wheels.mkdir(parents=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(ROOT)],
+                   check=True, stdout=subprocess.DEVNULL)
+    image, pins = image_packages(), pinned_versions()
+    todo, carried = list(_requirements(next(wheels.glob("sinklens-*.whl")))), {}
+    while todo:
+        requirement = todo.pop()
+        name = _normal(requirement.name)
+        if name in image or name in carried or name in NEVER_IMPORTED:
+            continue
+        version = CARRIED.get(name, pins.get(name))
+        wheel = _download(f"{name}=={version}" if version else str(requirement), wheels)
+        carried[name] = wheel.name
+        todo += _requirements(wheel)
+    from sinklens.load.corpus import shakespeare
+
+    (folder / "coriolanus.txt").write_text(shakespeare(), encoding="utf-8")
+    tree = sum(int(line.split()[3]) for line in subprocess.run(
+        ["git", "ls-tree", "-r", "-l", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+        if line.split()[3] != "-")
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    manifest = {"carried": dict(sorted(carried.items())), "bytes": size, "working_tree_bytes": tree,
+                "image": str(IMAGE.relative_to(ROOT)), "prepared": datetime.now(timezone.utc).isoformat()}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    print(f"{folder}: {len(carried) + 1} wheels ({', '.join(sorted(carried))} and sinklens), {size / 2**20:.1f} MiB; "
+          f"with the working tree ({tree / 2**20:.1f} MiB) {(size + tree) / 2**20:.1f} of {DEVICE_CALL_BYTES // 2**20} MiB")
+    if size + tree > DEVICE_CALL_BYTES:
+        print("too large for a device call: carry fewer wheels", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- the check: on the GPU machine (or here with --dry-run) ---------------------------------------------------------
+
+
+def install_and_rerun(folder: Path) -> int:
+    """Install ``folder/wheels`` into a temporary site folder (nothing of the image is replaced) and run the
+    check again with it on the path, after the repository's own sources."""
+    site = Path(tempfile.mkdtemp(prefix="sinklens-site-"))
+    wheels = sorted(str(w) for w in (folder / "wheels").glob("*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
+                    "--no-cache-dir", "--target", str(site), *wheels], check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(site), os.environ.get("PYTHONPATH", "")]),
+           "SINKLENS_GPU_CORPUS": str(folder / "coriolanus.txt")}
+    rest = [a for a in sys.argv[1:] if a not in ("--install", str(folder), str(folder).rstrip("/"))]
+    return subprocess.run([sys.executable, __file__, *rest], env=env).returncode
+
+
+class Report:
+    """The JSON of results, written again after every part."""
+
+    def __init__(self, path: Path, dry_run: bool):
+        self.path, self.data = path, {"date": datetime.now(timezone.utc).isoformat(), "dry_run": dry_run,
+                                      "command": " ".join([Path(sys.executable).name, *sys.argv])}
+
+    def part(self, name: str, run) -> None:
+        start = time.perf_counter()
+        try:
+            self.data[name] = run()
+        except Exception as exc:  # a part that breaks is a result too; the others still run
+            self.data[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        self.data[name] = {**self.data[name], "part_seconds": round(time.perf_counter() - start, 1)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+        print(f"{name}: {json.dumps(self.data[name])[:600]}", flush=True)
+
+
+def check(out: Path, *, dry_run: bool, work: Path | None) -> int:
+    import torch
+
+    if not dry_run and not torch.cuda.is_available():
+        print("no CUDA GPU here: run with --dry-run", file=sys.stderr)
+        return 2
+    report = Report(out, dry_run)
+    report.part("machine", machine)
+    report.part("requirements", requirements)
+    report.part("gpu_tests", lambda: gpu_tests(out.parent))
+    with tempfile.TemporaryDirectory(prefix="sinklens-gpu-check-", dir=work) as scratch:
+        checkpoint = Path(scratch) / "checkpoint"
+        report.part("checkpoint", lambda: build_checkpoint(checkpoint, "dry-run" if dry_run else "gpu"))
+        device = "cpu" if dry_run else "cuda"
+        report.part("table", lambda: table(checkpoint, device, Path(scratch)))
+        report.part("scan", lambda: report.data["table"].pop("scan"))
+    failed = [name for name, part in report.data.items() if isinstance(part, dict) and "error" in part]
+    tests = report.data["gpu_tests"]
+    print(json.dumps({"bench": "gpu_check", "out": str(out), "parts_failed": failed,
+                      "gpu_tests": {k: tests.get(k) for k in ("passed", "failed", "skipped")}}))
+    return 1 if failed or tests.get("failed") else 0
+
+
+def machine() -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": None if gpu is None else {"name": gpu.name, "memory_gib": round(gpu.total_memory / 2**30, 1),
+                                             "multiprocessors": gpu.multi_processor_count},
+            "cpus": os.cpu_count()}
+
+
+def requirements() -> dict:
+    """Each requirement of sinklens (and of TransformerLens, which it imports), the version installed, and
+    whether it satisfies the range."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    found, missing, outside = {}, [], []
+    for package in ("sinklens", "transformer-lens"):
+        for text in requires(package) or []:
+            requirement = Requirement(text)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            try:
+                installed = version(requirement.name)
+            except PackageNotFoundError:
+                installed = None
+                if _normal(requirement.name) not in NEVER_IMPORTED:
+                    missing.append(requirement.name)
+            ok = installed is not None and requirement.specifier.contains(installed, prereleases=True)
+            if installed is not None and not ok:
+                outside.append(f"{requirement.name} {installed} not {requirement.specifier}")
+            found[f"{package}: {requirement.name}"] = {"range": str(requirement.specifier), "installed": installed,
+                                                       "in_range": ok}
+    import transformer_lens  # noqa: F401  (what must import, whatever the metadata says)
+
+    return {"missing": missing, "outside_range": outside, "packages": found}
+
+
+def gpu_tests(folder: Path) -> dict:
+    """``pytest -m gpu`` on tests/test_gpu.py, each test's outcome and recorded numbers."""
+    xml = folder / "gpu_tests.xml"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q",
+                           "-o", "junit_family=xunit1", f"--junitxml={xml}", "tests/test_gpu.py"],
+                          cwd=ROOT, capture_output=True, text=True)
+    if not xml.is_file():
+        raise RuntimeError(f"pytest wrote no results (exit {proc.returncode}): {proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+    tests, counts = {}, {"passed": 0, "failed": 0, "skipped": 0}
+    for case in ElementTree.parse(xml).iter("testcase"):
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome = "failed"
+                message = (child.get("message") or child.text or "")[:600]
+            elif child.tag == "skipped":
+                outcome, message = "skipped", child.get("message", "")
+        counts[outcome] += 1
+        record = {"outcome": outcome, "seconds": round(float(case.get("time", 0)), 2)}
+        record.update({p.get("name"): p.get("value") for p in case.iter("property")})
+        if outcome != "passed":
+            record["message"] = message
+        tests[case.get("name")] = record
+    xml.unlink()
+    return {**counts, "tests": tests}
+
+
+def build_checkpoint(directory: Path, kind: str) -> dict:
+    """A random Llama of Llama-2-7B's shape (``SMALL`` for the dry run) in bfloat16 with a planted sink, and a
+    byte-level BPE tokenizer trained on the natural text, written as a sharded Hugging Face checkpoint.
+
+    The plant: only the BOS embedding has a component on residual dimension 0, no attention output or MLP
+    writes to that dimension, and neuron ``SINK_NEURON`` of layer ``SINK_LAYER`` reads it (gate and up weights
+    on it alone) and writes a vector 100 times the typical norm there. So the first token's MLP output explodes
+    at that layer, and no other token ever fires the neuron. The weights are calibrated on the model's first
+    layers run in float32 (:func:`_calibrated_sink`)."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    start = time.perf_counter()
+    shape = SMALL if kind == "dry-run" else LLAMA_2_7B
+    neuron = SINK_NEURON[kind]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(shape["vocab_size"], 4000), special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([corpus_text()], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    bos = tokenizer.bos_token_id
+    config = LlamaConfig(**shape, bos_token_id=bos, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"])
+    d, f, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device).manual_seed(0)
+
+    def random(*size):
+        return (torch.randn(size, generator=generator, device=device) * 0.02).to(torch.bfloat16)
+
+    directory.mkdir(parents=True)
+    embed = random(v, d)
+    embed[:, 0] = 0.0
+    embed[bos, 0] = 1.0
+    weight_map, total = {}, 0
+
+    def save(tensors: dict, index: int) -> None:
+        nonlocal total
+        name = f"model-{index:05d}.safetensors"
+        save_file({k: t.cpu().contiguous() for k, t in tensors.items()}, directory / name, metadata={"format": "pt"})
+        weight_map.update({key: name for key in tensors})
+        total += sum(t.numel() * 2 for t in tensors.values())
+
+    early = {"model.embed_tokens.weight": embed}
+    save({"model.embed_tokens.weight": embed, "model.norm.weight": torch.ones(d, dtype=torch.bfloat16),
+          "lm_head.weight": random(v, d)}, 0)
+    for layer in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        tensors = {p + f"self_attn.{x}_proj.weight": random(d, d) for x in "qkvo"}
+        tensors |= {p + "mlp.gate_proj.weight": random(f, d), p + "mlp.up_proj.weight": random(f, d),
+                    p + "mlp.down_proj.weight": random(d, f), p + "input_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
+                    p + "post_attention_layernorm.weight": torch.ones(d, dtype=torch.bfloat16)}
+        tensors[p + "self_attn.o_proj.weight"][0] = 0.0
+        tensors[p + "mlp.down_proj.weight"][0] = 0.0
+        if layer < SINK_LAYER:
+            early |= tensors
+        if layer == SINK_LAYER:
+            for gate in ("gate", "up"):
+                tensors[p + f"mlp.{gate}_proj.weight"][neuron] = 0.0
+            tensors[p + "mlp.down_proj.weight"][:, neuron] = 0.0
+            reads, writes = _calibrated_sink(config, early | tensors, tokenizer, device)
+            for gate in ("gate", "up"):
+                tensors[p + f"mlp.{gate}_proj.weight"][neuron, 0] = reads
+            tensors[p + "mlp.down_proj.weight"][1:, neuron] = writes
+        save(tensors, layer + 1)
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return {"shape": shape, "dtype": "bfloat16", "tokenizer_vocabulary": len(tokenizer), "planted": [SINK_LAYER, neuron],
+            "weights_gb": round(total / 1e9, 2), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _calibrated_sink(config, tensors: dict, tokenizer, device: str) -> tuple[float, float]:
+    """The planted neuron's gate and up weight on dimension 0, and its write on every other dimension: a
+    pre-activation of 20 on the lone BOS token (so ``silu(20) * 20``, about 400, after the gate), and an output
+    100 times the typical residual norm after layer ``SINK_LAYER``, both read off layers ``0..SINK_LAYER`` run
+    in float32 on the BOS token followed by natural text."""
+    import copy
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    short = copy.deepcopy(config)
+    short.num_hidden_layers = SINK_LAYER + 1
+    model = LlamaForCausalLM(short).to(device, torch.float32).eval()
+    model.load_state_dict({k: t.float() for k, t in tensors.items()}, strict=False)
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(corpus_text()[:2000]).input_ids[:200]]], device=device)
+    seen = {}
+
+    def read_bos_input(module, args) -> None:
+        seen["input"] = args[0][0, 0, 0].item()  # the MLP's normalised input, dimension 0, at the BOS token
+
+    def read_output(module, args, output) -> None:
+        seen["output"] = output[0] if isinstance(output, tuple) else output  # the residual stream after the layer
+
+    layer = model.model.layers[SINK_LAYER]
+    handles = [layer.mlp.register_forward_pre_hook(read_bos_input), layer.register_forward_hook(read_output)]
+    with torch.inference_mode():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    typical = float(seen["output"][0, 1:].norm(dim=-1).mean())
+    reads = 20.0 / seen["input"]
+    post = 20.0 * float(torch.nn.functional.silu(torch.tensor(20.0)))
+    writes = 100.0 * typical / (post * (config.hidden_size - 1) ** 0.5)
+    return reads, writes
+
+
+def corpus_text() -> str:
+    given = os.environ.get("SINKLENS_GPU_CORPUS")
+    if given:
+        return Path(given).read_text(encoding="utf-8")
+    from sinklens.load.corpus import shakespeare
+
+    return shakespeare()
+
+
+def _run_worker(*args) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args[0]} failed: {proc.stderr[-1500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(checkpoint: Path, device: str, scratch: Path) -> dict:
+    """The Table-1 row with layers on demand and with the whole model, and the plain forward of its batches."""
+    batches = scratch / "batches.pt"
+    corpus = scratch / "corpus.txt"
+    corpus.write_text(corpus_text(), encoding="utf-8")
+    early = _run_worker("row", checkpoint, device, corpus, "early", batches)
+    whole = _run_worker("row", checkpoint, device, corpus, "whole", scratch / "whole-batches.pt")
+    plain = _run_worker("plain", checkpoint, device, batches)
+    sides = {"layers_on_demand": early, "whole_model": whole, "plain_hf_sdpa": plain}
+    result = {"sides": {k: {key: v for key, v in side.items() if key != "scan"} for k, side in sides.items()},
+              "scan": early["scan"]}
+    for name in ("layers_on_demand", "whole_model"):
+        side = sides[name]
+        result[f"{name}_time_over_plain"] = round(side["row_seconds"] / plain["seconds"], 2)
+        if plain["peak_gpu_bytes"]:  # on a GPU
+            result[f"{name}_peak_memory_over_plain"] = round(side["peak_gpu_bytes"] / plain["peak_gpu_bytes"], 3)
+    planted = early["row"]["sink_layer"] == SINK_LAYER and early["row"]["sink_neurons"] == \
+        [SINK_NEURON["dry-run" if device == "cpu" else "gpu"]]
+    result["found_the_planted_sink"] = planted and early["row"] == whole["row"]
+    return result
+
+
+def worker(kind: str, *args: str) -> int:
+    import torch
+
+    torch.set_grad_enabled(False)
+    result = row_worker(*args) if kind == "row" else plain_worker(*args)
+    print(json.dumps(result))
+    return 0
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_bytes(device: str) -> int | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+
+
+def row_worker(checkpoint: str, device: str, corpus: str, side: str, batches: str) -> dict:
+    """Load the checkpoint (its first layers only, or whole), measure its Table-1 row and record the token
+    batches it ran; with layers on demand, then time the scan."""
+    import torch
+
+    from sinklens.analyses.scan import scan_setup, scan_tokens
+    from sinklens.settings import SCAN_BATCH, Settings
+
+    settings = Settings(model=checkpoint, dtype="bfloat16", device=device, corpus=corpus, words=WORDS,
+                        n_repeats=N_REPEATS)
+    start = time.perf_counter()
+    model = settings.load_model(early_layers_only=side == "early")
+    _synchronize(device)
+    loaded = time.perf_counter()
+    loading_peak = _peak_bytes(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    seen = []
+    decoder = model.original_model.model
+    handle = decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].cpu()) if kwargs.get("input_ids") is not None
+        else None, with_kwargs=True)
+    row = settings.table_row(model).summary()
+    _synchronize(device)
+    done = time.perf_counter()
+    handle.remove()
+    torch.save(seen, batches)
+    result = {"load_seconds": round(loaded - start, 2), "row_seconds": round(done - loaded, 2),
+              "peak_gpu_bytes": _peak_bytes(device), "peak_gpu_bytes_loading": loading_peak,
+              "n_layers_built": model.cfg.n_layers,
+              "batches": len(seen), "tokens": sum(b.numel() for b in seen),
+              "row": {k: row[k] for k in ("sink_layer", "sink_neurons", "first_token_norm", "typical_norm",
+                                          "repeats_to_sink", "first_crossing")}}
+    if side == "early":
+        setup = scan_setup(model, settings.corpus_text(), n_repeats=N_REPEATS)
+        vocabulary = len(model.tokenizer)
+        ids = torch.randperm(vocabulary, generator=torch.Generator().manual_seed(0))[:SCAN_TOKENS].tolist()
+        rates = {}
+        for batch_size in sorted({SCAN_BATCH, 32}):
+            scan_tokens(model, setup, ids[:batch_size], batch_size=batch_size)  # warm-up
+            _synchronize(device)
+            begin = time.perf_counter()
+            scan_tokens(model, setup, ids, batch_size=batch_size)
+            _synchronize(device)
+            rates[str(batch_size)] = SCAN_TOKENS / (time.perf_counter() - begin)
+        best = max(rates.values())
+        result["scan"] = {"n_repeats": N_REPEATS, "tokens_timed": SCAN_TOKENS, "layers_run": setup.layer + 1,
+                          "tokens_per_second_by_batch": {k: round(v, 2) for k, v in rates.items()},
+                          f"exhaustive_{VOCABULARY}_token_minutes": round(VOCABULARY / best / 60, 2)}
+    return result
+
+
+def plain_worker(checkpoint: str, device: str, batches: str) -> dict:
+    """The recorded batches through the whole model as plain Hugging Face runs it (SDPA attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    runs = torch.load(batches)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, device_map=device,
+                                                 attn_implementation="sdpa").eval()
+    _synchronize(device)
+    loaded = time.perf_counter()
+    with torch.inference_mode():
+        model(runs[0][:, :8].to(device))  # warm-up
+        _synchronize(device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        begin = time.perf_counter()
+        for ids in runs:
+            model(ids.to(device))
+        _synchronize(device)
+    return {"load_seconds": round(loaded - start, 2), "seconds": round(time.perf_counter() - begin, 2),
+            "peak_gpu_bytes": _peak_bytes(device),
+            "batches": len(runs), "tokens": sum(b.numel() for b in runs)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""On a CUDA GPU, sinklens gives the CPU's answers: fused and eager attention, float32 and bfloat16, the patch,
+accelerate's device map (whole and offloaded to the CPU), layers on demand and the benchmark scorer.
+
+Every test here carries the ``gpu`` marker and is skipped without CUDA: CI never needs a GPU.
+``python bench/gpu_check.py`` runs them on a GPU machine and records what each measured (the
+``record_property`` values) in its JSON.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CORPUS, SINK_LAYER, SINK_NEURON, arch_config, build_tokenizer
+from test_evaluation import ITEMS
+
+import sinklens as sl
+from sinklens.analyses.benchmarks import score_items
+from sinklens.load.attention import use_fused_attention
+from sinklens.load.models import placement
+from sinklens.settings import Settings
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.py)")]
+
+DEPTH = 6
+NAMES = [f"blocks.{layer}.{hook}" for layer in range(DEPTH)
+         for hook in ("hook_resid_post", "hook_mlp_out", "hook_attn_out", "mlp.hook_post")]
+
+
+def _tokens(model, length: int = 40) -> torch.Tensor:
+    tokens = torch.randint(3, model.cfg.d_vocab, (2, length), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = model.tokenizer.bos_token_id
+    return tokens
+
+
+def _relative_difference(a, b, names) -> float:
+    return max(float((a[n].cpu() - b[n].cpu()).abs().max() / b[n].abs().max().clamp_min(1e-12)) for n in names)
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "gemma3"])
+def arch_dir(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    path = tmp_path_factory.mktemp(request.param)
+    AutoModelForCausalLM.from_config(arch_config(request.param, tokenizer, DEPTH)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_fused_and_eager_attention_agree_on_cuda(arch_dir, record_property):
+    model = sl.load_model(str(arch_dir), device="cuda")
+    tokens = _tokens(model)
+    use_fused_attention(model, False)
+    eager = sl.run_cache(model, tokens, NAMES)
+    assert use_fused_attention(model, True) == DEPTH
+    fused = sl.run_cache(model, tokens, NAMES)
+    assert {block.attn.sinklens_path for block in model.blocks} == {"fused"}
+    difference = _relative_difference(fused, eager, NAMES)
+    record_property("max_relative_difference", difference)
+    assert difference <= 1e-5
+
+
+def test_float32_on_cuda_equals_float32_on_the_cpu(arch_dir, record_property):
+    on_cpu, on_gpu = (sl.load_model(str(arch_dir), device=device) for device in ("cpu", "cuda"))
+    tokens = _tokens(on_cpu)
+    difference = _relative_difference(sl.run_cache(on_gpu, tokens, NAMES), sl.run_cache(on_cpu, tokens, NAMES), NAMES)
+    record_property("max_relative_difference", difference)
+    assert difference <= 1e-4
+
+
+def _row(tiny_dir, long_corpus_file, **placement_):
+    settings = Settings(model=str(tiny_dir), corpus=str(long_corpus_file), corpus_chars=400, words=["the", "you"],
+                        n_repeats=60, **placement_)
+    return settings.table_row(settings.load_model(early_layers_only=True)).summary()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_table_row_on_cuda_finds_what_the_cpu_finds(tiny_dir, long_corpus_file, dtype, record_property):
+    on_cpu = _row(tiny_dir, long_corpus_file, device="cpu")
+    on_gpu = _row(tiny_dir, long_corpus_file, device="cuda", dtype=dtype)
+    assert on_gpu["device"] == "cuda:0" and on_gpu["dtype"] == dtype
+    assert on_gpu["sink_layer"] == on_cpu["sink_layer"] == SINK_LAYER
+    assert on_gpu["sink_neurons"] == on_cpu["sink_neurons"] and SINK_NEURON in on_gpu["sink_neurons"]
+    assert on_gpu["first_token"]["id"] == on_cpu["first_token"]["id"]
+    change = abs(on_gpu["first_token_norm"] / on_cpu["first_token_norm"] - 1)
+    record_property("first_token_norm_relative_change", change)
+    assert change <= (1e-5 if dtype == "float32" else 0.02)
+
+
+@pytest.mark.parametrize("kind", ["bridge", "hf"])
+def test_the_patch_installs_and_uninstalls_on_cuda(tiny_dir, tiny, kind):
+    patch = sl.patch_for(tiny, [(SINK_LAYER, SINK_NEURON), (SINK_LAYER, 7)], hook="gate")
+    model = sl.load_model(str(tiny_dir), device="cuda") if kind == "bridge" else \
+        sl.load_hf_model(str(tiny_dir), device="cuda")[0]
+    tokens = sl.text_tokens(tiny, CORPUS)[:, :32].cuda()
+
+    def logits():
+        with torch.inference_mode():
+            out = model(tokens)
+        return out if kind == "bridge" else out.logits
+
+    before = logits()
+    with patch.installed(model):
+        patched = logits()
+    assert torch.equal(logits(), before) and not torch.allclose(patched, before, atol=1e-4)
+    with patch.installed(tiny), torch.inference_mode():
+        on_cpu = tiny(tokens.cpu())
+    torch.testing.assert_close(patched.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_on_one_gpu_places_the_whole_model_there(tiny_dir, tiny):
+    model = sl.load_model(str(tiny_dir), device="auto")
+    assert {str(p.device) for p in model.original_model.parameters()} == {"cuda:0"}
+    assert placement(model)["device"] == "cuda:0"
+    tokens = _tokens(tiny)
+    difference = _relative_difference(sl.run_cache(model, tokens, NAMES), sl.run_cache(tiny, tokens, NAMES), NAMES)
+    assert difference <= 1e-4
+
+
+def test_auto_offloads_what_max_memory_leaves_off_the_gpu_and_gives_the_cpus_numbers(tiny_dir, tiny, record_property):
+    layer_bytes = sum(p.numel() * 4 for p in tiny.original_model.model.layers[0].parameters())
+    embed_bytes = tiny.original_model.model.embed_tokens.weight.numel() * 4
+    model = sl.load_model(str(tiny_dir), device="auto", max_memory={0: embed_bytes + 3 * layer_bytes, "cpu": 10**9})
+    places = {str(place) for place in model.original_model.hf_device_map.values()}
+    record_property("device_map", str(model.original_model.hf_device_map))
+    assert places == {"0", "cpu"}
+    tokens = _tokens(tiny)
+    difference = _relative_difference(sl.run_cache(model, tokens, NAMES), sl.run_cache(tiny, tokens, NAMES), NAMES)
+    record_property("max_relative_difference", difference)
+    assert difference <= 1e-4
+
+
+def test_layers_on_demand_move_only_their_layers_to_the_gpu(arch_dir, record_property):
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated()
+    early = sl.load_model(str(arch_dir), device="cuda", n_layers=2)
+    early_bytes = torch.cuda.memory_allocated() - start
+    whole = sl.load_model(str(arch_dir), device="cuda")
+    whole_bytes = torch.cuda.memory_allocated() - start - early_bytes
+    weights = {p.data_ptr(): p.numel() * p.element_size() for p in early.original_model.parameters()}
+    record_property("early_over_whole_bytes", early_bytes / whole_bytes)
+    assert all(p.device.type == "cuda" for p in early.original_model.parameters())
+    assert len(early.original_model.model.layers) == 2 and early_bytes < whole_bytes
+    assert early_bytes <= 1.05 * sum(weights.values()) + 2**20  # its weights and buffers, nothing of later layers
+    tokens = _tokens(whole)
+    names = [name for name in NAMES if name.startswith(("blocks.0.", "blocks.1."))]
+    assert _relative_difference(sl.run_cache(early, tokens, names), sl.run_cache(whole, tokens, names), names) == 0.0
+
+
+def test_the_scorer_on_cuda_equals_the_cpus(tiny_dir, record_property):
+    (on_cpu, tokenizer), (on_gpu, _) = (sl.load_hf_model(str(tiny_dir), device=device) for device in ("cpu", "cuda"))
+    cpu_scores, gpu_scores = (score_items(model, tokenizer, ITEMS) for model in (on_cpu, on_gpu))
+    differences = [abs(a - b) for s, t in zip(cpu_scores, gpu_scores) for a, b in zip(s.logprob, t.logprob)]
+    record_property("max_logprob_difference", max(differences))
+    assert max(differences) <= 1e-4
+    assert [s.greedy for s in cpu_scores] == [s.greedy for s in gpu_scores]
+
+
+def test_the_command_line_runs_a_table_row_on_cuda_in_bfloat16(tiny_dir, long_corpus_file, capsys):
+    import json
+
+    from sinklens.present.cli import main
+
+    assert main(["table", "--model", str(tiny_dir), "--corpus", str(long_corpus_file), "--corpus-chars", "400",
+                 "--words", "the", "--n-repeats", "60", "--device", "cuda", "--dtype", "bfloat16", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["device"], row["dtype"], row["sink_layer"]) == ("cuda:0", "bfloat16", SINK_LAYER)
+    assert SINK_NEURON in row["sink_neurons"]
