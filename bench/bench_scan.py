@@ -1,6 +1,6 @@
 """Benchmark: vocabulary-scan throughput (tokens scanned per second), three ways, in one run.
 
-* **sinklens**: :func:`sinklens.analyses.scan.scan_rows`, batched, the forward stopped after the sink
+* **sinklens**: :func:`sinklens.studies.scan.scan_rows`, batched, the forward stopped after the sink
   layer, each hook reduced as it fires (norms, a few neurons);
 * **naive**: one full-model ``run_with_cache`` per token, everything cached, the same numbers read
   from the cache afterwards (what a first notebook would do);
@@ -33,7 +33,7 @@ WORKER = r"""
 mode, model_name, n_tokens, n_repeats, batch, rounds = sys.argv[1:7]
 n_tokens, n_repeats, batch, rounds = int(n_tokens), int(n_repeats), int(batch), int(rounds)
 device = "cuda" if torch.cuda.is_available() else "cpu"
-from sinklens.analyses.scan import ScanSetup, repeated_batch, scan_rows
+from sinklens.studies.scan import ScanSetup, repeated_batch, scan_rows
 
 import sinklens
 from sinklens.load.models import load_hf_model
@@ -96,7 +96,7 @@ def main() -> None:
     if not os.path.exists(args.setup):
         from sinklens import load_model
         from sinklens._io import write_json
-        from sinklens.analyses.scan import scan_setup
+        from sinklens.studies.scan import scan_setup
         from sinklens.load.corpus import shakespeare
 
         write_json(Path(args.setup), scan_setup(load_model(), shakespeare(), n_repeats=args.n_repeats).to_json())

@@ -486,7 +486,7 @@ def row_worker(checkpoint: str, device: str, corpus: str, side: str, batches: st
     batches it ran; with layers on demand, then time the scan."""
     import torch
 
-    from sinklens.analyses.scan import scan_setup, scan_tokens
+    from sinklens.studies.scan import scan_setup, scan_tokens
     from sinklens.settings import SCAN_BATCH, Settings
 
     settings = Settings(model=checkpoint, dtype="bfloat16", device=device, corpus=corpus, words=WORDS,

@@ -2,7 +2,8 @@
 
 Built on TransformerLens 4 (``TransformerBridge``). The package follows the flow of a study:
 ``load`` (models, data) -> ``run`` (inputs, hooks, caches) -> ``analyses`` (one module each) ->
-``present`` (report, command line), with the choices every study shares in ``settings``. Start with
+``studies`` (analyses composed, from one circuit setup) -> ``present`` (report, command line), with the
+choices every study shares in ``settings``. Start with
 :func:`load_model`, then run an analysis; each returns a result with tensors, ``to_frame()``,
 ``plot()`` and ``summary()``. Every public name is importable from here.
 
@@ -17,13 +18,13 @@ from typing import Any
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "sinklens.analyses.ablation": ("AblationStudy", "ablation_study"),
-    "sinklens.analyses.attack": ("ClusterAttack", "cluster_attack"),
+    "sinklens.studies.attack": ("ClusterAttack", "cluster_attack"),
     "sinklens.analyses.attention": (
         "AttentionPatterns", "AttentionReceived", "AttentionScoreMaps", "attention_heads_view", "attention_patterns",
         "attention_received", "attention_score_maps", "plot_attention_received", "plot_attention_score_maps"),
     "sinklens.analyses.benchmarks": (
         "BenchmarkComparison", "TextEffect", "compare_benchmarks", "score_items", "text_effect"),
-    "sinklens.analyses.circuit": ("FirstLayerCircuit", "first_layer_circuit"),
+    "sinklens.studies.circuit": ("FirstLayerCircuit", "first_layer_circuit"),
     "sinklens.analyses.convergence": ("Convergence", "convergence"),
     "sinklens.analyses.divergence": ("Divergence", "divergence"),
     "sinklens.analyses.first_detector": ("FirstDetectorNeurons", "first_detector_neurons"),
@@ -34,11 +35,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "NormBaseline", "RepetitionCurves", "norm_baseline", "plot_repetition_curves", "repetition_curves"),
     "sinklens.analyses.patch_choice": ("PatchChoice", "choose_patch"),
     "sinklens.analyses.probe": ("FirstTokenProbe", "train_first_token_probe"),
-    "sinklens.analyses.scan": (
+    "sinklens.studies.scan": (
         "ScanSetup", "Screen", "VocabScan", "merge_scan", "run_scan", "scan_setup", "scan_tokens", "select_tokens"),
     "sinklens.analyses.sink_layer": ("SinkLayerResult", "find_sink_layer"),
     "sinklens.analyses.sink_neurons": ("SinkNeuronsResult", "find_sink_neurons"),
-    "sinklens.analyses.table": ("SinkTableRow", "sink_table_row"),
+    "sinklens.studies.table": ("SinkTableRow", "sink_table_row"),
     "sinklens.errors": ("SinklensError",),
     "sinklens.load.benchmarks": ("Item", "load_items"),
     "sinklens.load.models": ("load_hf_model", "load_model", "placement"),
@@ -52,6 +53,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "sinklens.run.patch": ("SinkPatch", "patch_for"),
     "sinklens.run.tokens": ("Token", "default_words", "first_token", "repeated_tokens", "text_tokens", "word_token"),
     "sinklens.settings": ("ReportConfig", "Settings"),
+    "sinklens.studies.setup": ("CircuitSetup", "circuit_setup"),
 }
 _SUBMODULES = {"attention": "sinklens.analyses.attention", "corpus": "sinklens.load.corpus"}
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -9,6 +9,7 @@ for ``results.json``. :func:`save_result` / :func:`load_result` round-trip any r
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,17 @@ def save_result(result: Result, path: Path) -> None:
 
 def load_result(path: Path) -> Result:
     return _decode(torch.load(path, weights_only=True))
+
+
+def load_or_compute(path: Path, compute: Callable[[], Result]) -> Result:
+    """The result saved at ``path``, else ``compute()``, saved there: how reports, evaluations and sweeps resume.
+    A file written by an older sinklens, or damaged, is computed again."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            return load_result(path)
+        except Exception:  # an older layout or a torn file: measure it again
+            path.unlink()
+    result = compute()
+    save_result(result, path)
+    return result

@@ -27,7 +27,7 @@ from sinklens.load.sources import check_device, check_dtype_name, resolve_model
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-    from sinklens.analyses.table import SinkTableRow
+    from sinklens.studies.table import SinkTableRow
 
 # The paper's choices, as its notebook makes them.
 PAPER_MAX_LAYER = 15  # the sink layer is searched among layers 0..14
@@ -53,8 +53,9 @@ SCREEN_THRESHOLD = 0.26
 SCREEN_CALIBRATION = 500  # tokens run in full whatever the screen says: about 350 screen negatives on SmolLM2
 
 # Names of the other commands' choices (the functions behind them live with their analyses).
+ATTACK_TOKENS = 400  # the cluster attack's own scan when it is given none
 CLUSTERINGS = ("keys", "sink_tokens")  # the cluster attack: k-means on layer-0 keys, or the sink tokens
-PATCH_HOOKS = {"up": "hook_pre_linear", "gate": "hook_pre", "post": "hook_post"}  # where a patch clamps
+PATCH_HOOKS = {"up": "pre_linear", "gate": "pre", "post": "post"}  # where a patch clamps: the MLP hook it acts on
 PATCH_VALUES = ("first_after_start", "calibrated")  # the value it clamps to
 EVALUATION_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"items": 20, "lambada": 20, "text_tokens": 1024, "words": ("poem",), "chat_copies": 10,
@@ -64,6 +65,12 @@ EVALUATION_PRESETS: dict[str, dict[str, Any]] = {
              "n_repeats": 1000},
 }
 RAY_LOCAL = "local"  # --ray without an address: start a Ray instance on this machine
+
+
+def require_words(words) -> None:
+    """A word list (None: the paper's words) must hold at least one word."""
+    if words is not None and not words:
+        raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
 
 
 def check_criterion_name(criterion: str, layers: int | list[int] | None = None) -> None:
@@ -130,8 +137,7 @@ class Settings:
 
     def check_analysis(self) -> None:
         """The checks of the choices an analysis makes (not of what to load)."""
-        if self.words is not None and not self.words:
-            raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
+        require_words(self.words)
         if self.n_repeats < 1:
             raise SinklensError(f"n_repeats must be at least 1, got {self.n_repeats}", "pass a positive number")
         if self.corpus_chars < 2:
@@ -185,14 +191,10 @@ class Settings:
         return load_model(self.model, dtype=self.dtype, device=self.device, n_layers=n_layers, verbose=verbose)
 
     def table_row(self, model: TransformerBridge, text: str | None = None, *, progress: bool = False) -> SinkTableRow:
-        """This model's Table-1 row with these settings (``text``: the natural text, default :meth:`natural_text`)."""
-        from sinklens.analyses.table import sink_table_row
+        """This model's Table-1 row with these settings (``text``: the natural text, default :meth:`corpus_text`)."""
+        from sinklens.studies.table import sink_table_row
 
-        return sink_table_row(
-            model, self.natural_text() if text is None else text, words=self.words, n_repeats=self.n_repeats,
-            first=self.first_token, layers=self.layers, criterion=self.criterion, share=self.share,
-            max_neurons=self.max_neurons, max_layer=self.max_layer, n_sigma=self.n_sigma, min_ratio=self.min_ratio,
-            sink_fraction=self.sink_fraction, progress=progress)
+        return sink_table_row(model, text, self, progress=progress)
 
 
 ReportConfig = Settings  # the name earlier releases gave these settings, when only the report took them

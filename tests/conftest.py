@@ -174,6 +174,17 @@ def smollm2():
     return load_model("smollm2-135m-instruct", device="cpu")
 
 
+def save_arch(path, architecture: str, n_layers: int):
+    """Write a tiny random model of one architecture (:func:`arch_config`, seeded) and its tokenizer to ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    AutoModelForCausalLM.from_config(arch_config(architecture, tokenizer, n_layers)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def arch_config(architecture: str, tokenizer, n_layers: int):
     """A tiny random config of one architecture (llama, mistral with a sliding window, qwen2 with biased q/k/v,
     gemma3 with sliding and full layers and q/k norms, gpt2)."""

@@ -19,8 +19,17 @@ from sinklens import (
     text_tokens,
 )
 from sinklens.analyses.attention import fig1_inputs, paper_figure_layers
-from sinklens.analyses.norms import first_crossing, repeats_to_stay, resid_norms, sink_threshold
-from sinklens.analyses.sink_layer import RATIO_FALLBACK, SIGMA_RULE, sink_layer_threshold
+from sinklens.analyses.norms import (
+    first_crossing,
+    repeats_to_stay,
+    resid_norms,
+    sink_threshold,
+)
+from sinklens.analyses.sink_layer import (
+    RATIO_FALLBACK,
+    SIGMA_RULE,
+    sink_layer_threshold,
+)
 from sinklens.load.models import load_model
 from sinklens.run.cache import shared_prefix, stop_layer
 

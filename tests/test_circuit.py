@@ -8,17 +8,29 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, DETECT_HEAD, MARK_HEAD, N_LAYERS, SINK_LAYER, SINK_NEURON, save_tiny
+from conftest import (
+    CORPUS,
+    DETECT_HEAD,
+    MARK_HEAD,
+    N_LAYERS,
+    SINK_LAYER,
+    SINK_NEURON,
+    save_tiny,
+)
 
 from sinklens import SinklensError, load_model, repeated_tokens, run_cache, text_tokens
-from sinklens.analyses.circuit import first_layer_circuit
 from sinklens.analyses.convergence import convergence
-from sinklens.analyses.first_detector import _separation, first_detector_neurons, word_chunks
+from sinklens.analyses.first_detector import (
+    _separation,
+    first_detector_neurons,
+    word_chunks,
+)
 from sinklens.analyses.heads import head_behaviour
 from sinklens.analyses.mark import mark_patching
 from sinklens.analyses.probe import train_first_token_probe
 from sinklens.present.cli import main
 from sinklens.results import load_result, save_result
+from sinklens.studies.circuit import first_layer_circuit
 
 LONG_TEXT = CORPUS * 4  # enough 3-word chunks for the probe
 
@@ -181,4 +193,4 @@ def test_circuit_command_names_the_planted_head(marked_dir, tmp_path, capsys):
 def test_circuit_refuses_a_model_without_a_sink(tmp_path):
     model = load_model(str(save_tiny(tmp_path, plant_sink=False)), device="cpu")
     with pytest.raises(SinklensError, match="shows no sink layer"):
-        first_layer_circuit(model, LONG_TEXT, words=["the"], n_repeats=20, typical_chars=400)
+        first_layer_circuit(model, LONG_TEXT, words=["the"], n_repeats=20, corpus_chars=400)

@@ -74,7 +74,7 @@ STUDY = [
     (["--max-layer", "1"], "fewer than 2 layers"),
     (["--criterion", "notebook", "--layers", "3-5"], "ranks the neurons of one layer"),
     (["--layers", "3-x"], "not a layer, a range like 3-8"),
-    (["--share", "2"], "share must be in (0, 1]"),
+    (["--share", "2"], "argument --share: 2 is not a share in (0, 1]"),
     (["--criterion", "vibes"], "invalid choice: 'vibes'"),
 ]
 

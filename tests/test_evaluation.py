@@ -22,6 +22,7 @@ from sinklens.analyses.divergence import Generation, divergence
 from sinklens.analyses.norms import resid_norms
 from sinklens.analyses.patch_choice import kl_divergence
 from sinklens.load.benchmarks import Item
+from sinklens.load import models as models_module
 from sinklens.load.models import load_hf_model
 from sinklens.present import evaluation as evaluation_module
 from sinklens.present.cli import main
@@ -198,11 +199,15 @@ def evaluation_inputs(tiny, tmp_path, monkeypatch):
     return path, calls
 
 
-def test_evaluate_writes_the_evaluation_and_resumes(tiny, tiny_dir, corpus_file, evaluation_inputs, tmp_path, capsys):
+def test_evaluate_writes_the_evaluation_and_resumes(tiny, tiny_dir, corpus_file, evaluation_inputs, tmp_path, capsys,
+                                                   monkeypatch):
     path, calls = evaluation_inputs
+    loads = []
+    monkeypatch.setattr(models_module, "_hf_pair", _counting(loads, models_module._hf_pair))
     out = tmp_path / "evaluation"
     args = ["evaluate", "--model", str(tiny_dir), "--patch", str(path), "--corpus", str(corpus_file), "--out", str(out)]
     assert main(args) == 0
+    assert len(loads) == 1  # one copy of the weights: the bridge, and the Hugging Face model inside it
     assert "Repeated tokens at the sink layer" in capsys.readouterr().out
     results = json.loads((out / "evaluation.json").read_text())
     assert set(results["benchmarks"]) == set(evaluation_module.TASKS)
@@ -223,6 +228,14 @@ def test_evaluate_writes_the_evaluation_and_resumes(tiny, tiny_dir, corpus_file,
     calls.clear()
     assert main(args) == 0  # every step resumes from its checkpoint
     assert calls == [] and json.loads((out / "evaluation.json").read_text())["benchmarks"] == results["benchmarks"]
+
+
+def _counting(calls: list, function):
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    return counted
 
 
 def test_evaluate_bad_input_is_one_line(tiny_dir, evaluation_inputs, tmp_path, capsys, monkeypatch):

@@ -30,7 +30,12 @@ from sinklens import (
 )
 from sinklens.analyses.norms import resid_norms
 from sinklens.present import explore as explore_module
-from sinklens.present.explore import PATTERN_EDGE, circuitsvis_bundle, explore, pattern_window
+from sinklens.present.explore import (
+    PATTERN_EDGE,
+    circuitsvis_bundle,
+    explore,
+    pattern_window,
+)
 
 REPEATS = 12
 
@@ -246,7 +251,7 @@ def test_a_bad_opening_is_refused_before_the_circuit_is_measured(tiny, opening, 
 
 
 def test_opening_patched_without_a_patch_is_refused(tiny, row):
-    no_neurons = dataclasses.replace(row, neurons=dataclasses.replace(row.neurons, n_sink=0))
+    no_neurons = dataclasses.replace(row, setup=dataclasses.replace(row.setup, neurons=dataclasses.replace(row.neurons, n_sink=0)))
     with pytest.raises(SinklensError, match="no patch to open on"):
         explore(tiny, no_neurons, patched=True)
 
@@ -276,7 +281,10 @@ def test_the_static_figure_stacks_the_four_views_as_they_stand(explorer):
     assert [h.type for h in heatmaps] == ["heatmap"] * 2  # the head's pattern, original and patched
     layer, head = explorer.layer.value, explorer.head.value
     for heatmap, run in zip(heatmaps, explorer.runs):
-        assert torch.allclose(torch.tensor(heatmap.z), run.patterns[layer, head])
+        pattern = run.patterns[layer, head]
+        unseen = torch.ones_like(pattern, dtype=torch.bool).triu(1)  # keys after the query: blank
+        assert torch.allclose(torch.tensor(heatmap.z), pattern.masked_fill(unseen, float("nan")), equal_nan=True)
+        assert float(pattern[unseen].abs().max()) == 0.0
 
 
 def test_it_displays_as_one_widget_with_a_static_image(explorer):

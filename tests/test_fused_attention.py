@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import arch_config, build_tokenizer
+from conftest import save_arch
 
 import sinklens as sl
 from sinklens.load.attention import use_fused_attention
@@ -17,14 +17,7 @@ N_LAYERS = 3
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "gemma3", "gpt2"])
 def arch_model(request, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    model = AutoModelForCausalLM.from_config(arch_config(request.param, tokenizer, N_LAYERS)).eval()
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    path = save_arch(tmp_path_factory.mktemp(request.param), request.param, N_LAYERS)
     return request.param, sl.load_model(str(path), device="cpu")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CORPUS, SINK_LAYER, SINK_NEURON, arch_config, build_tokenizer
+from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_arch
 from test_evaluation import ITEMS
 
 import sinklens as sl
@@ -39,14 +39,7 @@ def _relative_difference(a, b, names) -> float:
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "gemma3"])
 def arch_dir(request, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    path = tmp_path_factory.mktemp(request.param)
-    AutoModelForCausalLM.from_config(arch_config(request.param, tokenizer, DEPTH)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_arch(tmp_path_factory.mktemp(request.param), request.param, DEPTH)
 
 
 def test_fused_and_eager_attention_agree_on_cuda(arch_dir, record_property):

@@ -121,7 +121,7 @@ def test_report_runs_on_gemma3(gemma, tmp_path):
 def test_circuit_on_the_default_model(smollm2):
     """The circuit issue's acceptance test: named layer-0 heads beyond their placebo, a traced path, a probe
     above 95% at or below the sink layer, and a convergence that decays."""
-    from sinklens.analyses.circuit import first_layer_circuit
+    from sinklens.studies.circuit import first_layer_circuit
 
     circuit = first_layer_circuit(smollm2, shakespeare(), n_repeats=600)
     s = circuit.summary()
@@ -139,7 +139,7 @@ def test_circuit_on_the_default_model(smollm2):
 
 def test_circuit_on_gemma3(gemma):
     """Gemma-3 makes a sink of <bos> wherever it stands (docs/results.md): no first-token mark to trace."""
-    from sinklens.analyses.circuit import first_layer_circuit
+    from sinklens.studies.circuit import first_layer_circuit
 
     s = first_layer_circuit(gemma, shakespeare(), n_repeats=300).summary()
     assert s["first_token_dependence"]["mark_traced"] is False

@@ -9,7 +9,7 @@ from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_tiny
 
 from sinklens import SinklensError, load_model, run_cache, text_tokens
 from sinklens.load.models import load_hf_model
-from sinklens.run.patch import SinkPatch, patch_for
+from sinklens.run.patch import SinkPatch, installed_patch, patch_for
 
 NEURONS = [SINK_NEURON, 7, 11]
 PAIRS = [(SINK_LAYER, n) for n in NEURONS]
@@ -160,3 +160,23 @@ def test_a_patch_over_two_layers_clamps_each(tiny):
         values = cache[name][0, :, neuron]
         assert torch.equal(values[1:], values[1].expand_as(values[1:]))
     assert "layer 1: [3]; layer 2: [5]" in patch.describe()
+
+
+def test_a_bridge_and_the_model_inside_it_hold_one_patch_between_them(tiny_dir):
+    """The bridge's hook points and the Hugging Face modules inside it are the same computation: a patch installed
+    through one replaces a patch installed through the other, so a clamp is never applied twice."""
+    bridge = load_model(str(tiny_dir), device="cpu")
+    inner = bridge.original_model
+    tokens = _tokens(bridge)
+    up, gate = (patch_for(bridge, PAIRS, hook=hook) for hook in ("up", "gate"))
+    with torch.inference_mode():
+        with gate.installed(bridge):
+            gate_only = inner(tokens).logits
+        with up.installed(inner):
+            up_only = inner(tokens).logits
+        first = up.install(inner)
+        second = gate.install(bridge)  # replaces the first
+        assert first.handles == [] and installed_patch(inner) is second is installed_patch(bridge)
+        assert torch.equal(inner(tokens).logits, gate_only) and not torch.equal(gate_only, up_only)
+        second.remove()
+        assert installed_patch(inner) is None and torch.equal(inner(tokens).logits, bridge(tokens))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import arch_config, build_tokenizer
+from conftest import arch_config, build_tokenizer, save_arch
 
 import sinklens as sl
 from sinklens.load.models import placement
@@ -18,14 +18,7 @@ DEPTH, KEPT = 5, 2
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def checkpoint(request, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    path = tmp_path_factory.mktemp(request.param)
-    AutoModelForCausalLM.from_config(arch_config(request.param, tokenizer, DEPTH)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_arch(tmp_path_factory.mktemp(request.param), request.param, DEPTH)
 
 
 NAMES = [f"blocks.{layer}.{hook}" for layer in range(KEPT)

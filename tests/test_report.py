@@ -51,7 +51,7 @@ def test_report_resumes_from_checkpoints(tiny, config, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("recomputed a checkpointed step")
 
-    monkeypatch.setattr("sinklens.analyses.table.sink_table_row", fail)
+    monkeypatch.setattr("sinklens.studies.table.sink_table_row", fail)
     for name in ("ablation_study", "attention_received", "attention_score_maps", "first_layer_circuit"):
         monkeypatch.setattr(report_module, name, fail)
     assert run_report(config, tmp_path, model=tiny)["sink_layer"] == SINK_LAYER
@@ -61,7 +61,7 @@ def test_report_resumes_from_checkpoints(tiny, config, tmp_path, monkeypatch):
 
 
 def test_report_checks_every_word_before_computing(tiny, config, tmp_path, monkeypatch):
-    monkeypatch.setattr("sinklens.analyses.table.sink_table_row", lambda *a, **k: pytest.fail("computed before checking"))
+    monkeypatch.setattr("sinklens.studies.table.sink_table_row", lambda *a, **k: pytest.fail("computed before checking"))
     bad = ReportConfig(**{**config.__dict__, "words": ["the", "dust"]})
     with pytest.raises(SinklensError, match="'dust' is"):
         run_report(bad, tmp_path, model=tiny)

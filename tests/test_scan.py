@@ -14,9 +14,13 @@ import torch
 from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_tiny
 from pandas.testing import assert_frame_equal
 
-from sinklens.analyses import scan as scan_module
-from sinklens.analyses.attack import cluster_attack, key_clusters, sample_sequences
-from sinklens.analyses.scan import (
+from sinklens.errors import SinklensError
+from sinklens.load.models import load_model
+from sinklens.present.cli import main
+from sinklens.run.patch import patch_for
+from sinklens.studies import scan as scan_module
+from sinklens.studies.attack import cluster_attack, key_clusters, sample_sequences
+from sinklens.studies.scan import (
     ScanSetup,
     Screen,
     merge_scan,
@@ -27,10 +31,6 @@ from sinklens.analyses.scan import (
     screen_score,
     select_tokens,
 )
-from sinklens.errors import SinklensError
-from sinklens.load.models import load_model
-from sinklens.present.cli import main
-from sinklens.run.patch import patch_for
 
 PLANTED = ("Z", "Q", "X")
 N_REPEATS = 24
@@ -134,10 +134,10 @@ def test_shards_merge_to_the_same_table_as_one_run(planted, setup, tokens, whole
 
 
 def test_a_scan_directory_refuses_other_settings(setup, tmp_path):
-    prepare_scan_dir(tmp_path, setup)
+    prepare_scan_dir(tmp_path, setup, None, [5, 6])
     other = ScanSetup.from_json({**setup.to_json(), "n_repeats": setup.n_repeats + 1})
     with pytest.raises(SinklensError, match="other settings \\(n_repeats differ\\)"):
-        prepare_scan_dir(tmp_path, other)
+        prepare_scan_dir(tmp_path, other, None, [5, 6])
 
 
 def test_the_default_sample_is_stratified_by_token_id_and_seeded(planted, tokens):
@@ -195,7 +195,7 @@ def test_scan_and_attack_commands(planted_dir, long_corpus_file, tmp_path, capsy
     ("scan", ["--shard", "3/2"], "the index must be in 1..2"),
     ("scan", ["--shard", "x"], "not a shard like 1/4"),
     ("scan", ["--screen-threshold", "1.5"], "not a number in 0..1"),
-    ("scan", ["--calibration", "-1"], "is negative"),
+    ("scan", ["--calibration", "-1"], "is not a count (it is negative)"),
     ("scan", ["--tokens", "0"], "not a positive number"),
     ("scan", ["--token-ids", "5,x"], "not a list of token ids"),
     ("scan", ["--token-ids", "@no-such-file"], "cannot read no-such-file"),
@@ -361,3 +361,47 @@ def test_running_a_share_of_the_positives_widens_the_interval_and_keeps_the_rest
     assert sampled["missing"] == 0 and sampled["screen"]["n_positives_run"] == frame["verified"].sum()
     assert sampled["ci_low"] < sampled["share_reached_sink"] < sampled["ci_high"]
     assert (frame.loc[~frame["verified"], "reached_sink"]).all()  # unverified: the screen's verdict
+
+
+SCREENED = ["--n-repeats", str(N_REPEATS), "--screen-repeats", "4", "--screen-threshold", "0.5", "--calibration", "12"]
+
+
+def _attack_rows(out, study, capsys) -> pd.DataFrame:
+    """`sinklens attack --scan out`, and the scan table it merged (scan.parquet, rewritten by it)."""
+    assert main(["attack", *study, "--scan", str(out), "--lengths", "8", "--sequences", "4", "--json"]) == 0
+    capsys.readouterr()
+    return pd.read_parquet(out / "scan.parquet")
+
+
+def test_attack_on_an_unfinished_screen_draws_the_calibration_from_the_request(planted, planted_dir, long_corpus_file,
+                                                                              tmp_path, capsys):
+    """A killed scan (here: one of two shards done) leaves a screen without every token: the attack's merge still
+    draws the calibration sample from the tokens the scan asked for, and counts the rest as missing."""
+    study = ["--model", str(planted_dir), "--corpus", str(long_corpus_file)]
+    out = tmp_path / "scan"
+    assert main(["scan", *study, *SCREENED, "--tokens", "80", "--shard", "1/2", "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    request = json.loads((out / "request.json").read_text())["token_ids"]
+    assert len(request) == 80
+    rows = _attack_rows(out, study, capsys)
+    calibration, _ = scan_module.screen_draws(request, Screen(4, 0.5, 12, 1.0, 0))
+    assert len(rows) == 40 and set(rows["token_id"]) < set(request)  # half the request screened
+    assert set(rows.loc[rows["calibration"], "token_id"]) == calibration & set(rows["token_id"])
+    assert merge_scan(out).summary()["missing"] == merge_scan(out, request).summary()["missing"] >= 40
+
+
+def test_attack_on_a_directory_that_served_two_requests_agrees_with_its_summary(planted_dir, long_corpus_file,
+                                                                                tmp_path, capsys):
+    """Two scans into one directory (another sample, the same setup and screen): the attack merges the last
+    request, as the last scan's summary.json reports it, and leaves scan.parquet as that scan wrote it."""
+    study = ["--model", str(planted_dir), "--corpus", str(long_corpus_file)]
+    out = tmp_path / "scan"
+    for sample in ("40", "60"):
+        assert main(["scan", *study, *SCREENED, "--tokens", sample, "--seed", "0", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    written = pd.read_parquet(out / "scan.parquet")
+    rows = _attack_rows(out, study, capsys)
+    assert_frame_equal(rows, written)
+    assert len(rows) == summary["n_tokens"] == 60 and summary["missing"] == 0
+    assert int(rows["calibration"].sum()) == summary["screen"]["n_calibration_negatives_run"] + \
+        int((rows["calibration"] & rows["screen_positive"]).sum())

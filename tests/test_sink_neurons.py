@@ -19,13 +19,18 @@ from conftest import (
 from sinklens import SinklensError, load_model, run_cache, text_tokens
 from sinklens.analyses.ablation import ablation_study, paper_ablation_layers
 from sinklens.analyses.first_token import choose_first_token
-from sinklens.analyses.sink_neurons import NOT_FOUND, SEVERAL_LAYERS, SINGLE_LAYER, find_sink_neurons
-from sinklens.analyses.table import sink_table_row
+from sinklens.analyses.sink_neurons import (
+    NOT_FOUND,
+    SEVERAL_LAYERS,
+    SINGLE_LAYER,
+    find_sink_neurons,
+)
 from sinklens.errors import NoSinkError
 from sinklens.present.cli import main
 from sinklens.results import load_result, save_result
 from sinklens.run.interventions import ablation_hooks, mean_activations
 from sinklens.run.tokens import repeated_tokens
+from sinklens.studies.table import sink_table_row
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,13 @@
 import pytest
 from conftest import save_tiny
 
-from sinklens import SinklensError, first_token, repeated_tokens, text_tokens, word_token
+from sinklens import (
+    SinklensError,
+    first_token,
+    repeated_tokens,
+    text_tokens,
+    word_token,
+)
 from sinklens.load.models import load_model
 from sinklens.run.tokens import default_words, word_token_ids
 

@@ -26,12 +26,18 @@ from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses.attention import received_by_later_queries
 from sinklens.errors import SinklensError
 from sinklens.results import Result
 from sinklens.run.cache import check_layer, run_cache
-from sinklens.run.interventions import Neuron, ablation_hooks, check_neurons, neuron_hook_name
+from sinklens.run.interventions import (
+    Neuron,
+    ablation_hooks,
+    check_neurons,
+    neuron_hook_name,
+)
 
 CONDITIONS = ("intact", "ablated")
 MODES = ("zero", "mean")
@@ -169,8 +175,8 @@ def ablation_study(
                             "compute them for every ablated layer: mean_activations(model, text, layers)")
     sink_layer = max(layer for layer, _ in neurons)
     layers = paper_ablation_layers(model, sink_layer) if layers is None else sorted({check_layer(model, l) for l in layers})
-    norm_names = [f"blocks.{layer}.hook_resid_post" for layer in layers]
-    pattern_names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)] if attention else []
+    norm_names = [get_act_name("resid_post", layer) for layer in layers]
+    pattern_names = [get_act_name("pattern", layer) for layer in range(model.cfg.n_layers)] if attention else []
     neuron_names = sorted({neuron_hook_name(layer) for layer, _ in neurons})
     hooks = ablation_hooks(model, [neurons], values=mean_values if mode == "mean" else None)
 

@@ -25,7 +25,9 @@ import torch
 from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
+from sinklens.analyses._figures import pattern_heatmap
 from sinklens.load.corpus import text_lines
 from sinklens.results import Result
 from sinklens.run.cache import check_layer, run_cache
@@ -95,7 +97,7 @@ def attention_received(
 ) -> AttentionReceived:
     """Measure the attention received per key position in ``layers`` (default: all)."""
     layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
+    names = [get_act_name("pattern", layer) for layer in layers]
     cache = run_cache(model, tokens, names, reduce=lambda _, pattern: received_by_later_queries(pattern))
     return AttentionReceived(label, layers, torch.stack([cache[n] for n in names]), epsilon)
 
@@ -174,7 +176,7 @@ def attention_score_maps(
 ) -> AttentionScoreMaps:
     """Mean pre-softmax score maps of ``tokens`` at ``layers`` (keep inputs short: maps are pos x pos)."""
     layers = [check_layer(model, l) for l in layers]
-    names = [f"blocks.{layer}.attn.hook_attn_scores" for layer in layers]
+    names = [get_act_name("attn_scores", layer) for layer in layers]
     cache = run_cache(model, tokens, names, reduce=lambda _, scores: _mean_visible_scores(scores))
     labels = [model.tokenizer.decode([int(t)]) for t in tokens[0]]
     return AttentionScoreMaps(label, layers, torch.stack([cache[n] for n in names]), labels)
@@ -236,18 +238,15 @@ class AttentionPatterns(Result):
     def plot(self) -> go.Figure:
         """One heatmap per head (query rows, key columns, weights 0 to 1 on one colour scale); hovering
         shows the query and key tokens. A figure that renders as a static image too, unlike circuitsvis."""
-        n_heads, n = self.patterns.shape[0], self.patterns.shape[-1]
+        n_heads = self.patterns.shape[0]
         cols = min(n_heads, 3)
         rows = -(-n_heads // cols)
         fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {h}" for h in range(n_heads)],
                             horizontal_spacing=0.04, vertical_spacing=0.06)
         labels = [f"{i}: {text!r}" for i, text in enumerate(self.token_labels)]
-        hidden = torch.ones(n, n, dtype=torch.bool).triu(1)
         for head, pattern in enumerate(self.patterns):
-            fig.add_heatmap(z=pattern.masked_fill(hidden, float("nan")).tolist(), x=labels, y=labels,
-                            zmin=0, zmax=1, colorscale="Blues", showscale=head == 0,
-                            hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>",
-                            row=head // cols + 1, col=head % cols + 1)
+            fig.add_trace(pattern_heatmap(pattern, labels, show_scale=head == 0), row=head // cols + 1,
+                          col=head % cols + 1)
         fig.update_xaxes(showticklabels=False)
         fig.update_yaxes(showticklabels=False, autorange="reversed")
         fig.update_layout(height=260 * rows + 80, title=f"Attention patterns of layer {self.layer}, "
@@ -267,7 +266,7 @@ def attention_patterns(
 ) -> AttentionPatterns:
     """Every head's attention pattern at ``layer`` on the first row of ``tokens`` (short prompts:
     the result is heads x pos x pos)."""
-    name = f"blocks.{check_layer(model, layer)}.attn.hook_pattern"
+    name = get_act_name("pattern", check_layer(model, layer))
     pattern = run_cache(model, tokens[:1], [name])[name][0]
     labels = [model.tokenizer.decode([int(t)]) for t in tokens[0]]
     return AttentionPatterns(layer, pattern.cpu(), labels)

@@ -33,17 +33,26 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from scipy import stats
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.errors import SinklensError
 from sinklens.results import Result
 from sinklens.run.cache import run_cache
-from sinklens.run.tokens import FirstToken, Token, encode, first_token, word_token, word_token_ids
+from sinklens.run.tokens import (
+    FirstToken,
+    Token,
+    encode,
+    first_token,
+    word_token,
+    word_token_ids,
+)
+from sinklens.settings import require_words
 
 PAPER_WORDS = ("cat", "dog", "the", "bla")
 PAPER_PREFIX = "some prefix: "
 PAPER_REPEATS = 500
 FIT_FROM = 10
-HOOKS = ("blocks.0.hook_attn_out", "blocks.1.hook_resid_pre")
+HOOKS = (get_act_name("attn_out", 0), get_act_name("resid_pre", 1))
 LEAKAGE_SLOPE = -1.0
 
 
@@ -126,8 +135,7 @@ def convergence(
     """
     if words is None:
         words = [w for w in PAPER_WORDS if len(word_token_ids(model, w)) == 1]
-    if not words:
-        raise SinklensError("the word list is empty", "pass at least one word, e.g. the paper's cat, dog, the, bla")
+    require_words(words)
     if n_repeats <= fit_from + 2:
         raise SinklensError(f"{n_repeats} repeats leave nothing to fit from repeat {fit_from}",
                             f"pass n_repeats above {fit_from + 2}")
@@ -135,7 +143,7 @@ def convergence(
     start = first_token(model, first).id
     prefix_ids = encode(model, prefix) if prefix else []
     n_prefix = 1 + len(prefix_ids)
-    names = [*HOOKS, "blocks.0.attn.hook_pattern"]
+    names = [*HOOKS, get_act_name("pattern", 0)]
     l2, cosine, leaked = [], [], []
     for word in tokens:
         run = torch.tensor([[start, *prefix_ids, *[word.id] * n_repeats]])
@@ -143,12 +151,12 @@ def convergence(
         cache = run_cache(model, run, names)
         distances, cosines = [], []
         for hook in HOOKS:
-            reps = cache[hook][0, n_prefix:].float().cpu()
-            alone = lone[hook][0, 0].float().cpu()
+            reps = cache[hook][0, n_prefix:].cpu()
+            alone = lone[hook][0, 0].cpu()
             distances.append((reps - alone).norm(dim=-1))
             cosines.append(1 - torch.nn.functional.cosine_similarity(reps, alone[None], dim=-1))
         l2.append(torch.stack(distances))
         cosine.append(torch.stack(cosines))
-        pattern = cache["blocks.0.attn.hook_pattern"][0].float().cpu()  # [head, query, key]
+        pattern = cache[get_act_name("pattern", 0)][0].cpu()  # [head, query, key]
         leaked.append(pattern[:, n_prefix:, :n_prefix].sum(-1).mean(0))
     return Convergence(tokens, prefix, list(HOOKS), torch.stack(l2), torch.stack(cosine), torch.stack(leaked), fit_from)

@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.errors import SinklensError
 from sinklens.results import Result
@@ -141,9 +142,9 @@ def first_detector_neurons(
     if chunks.shape[0] < 20:
         raise SinklensError(f"the text gives {chunks.shape[0]} three-word chunks of 3+ tokens, too few to rank neurons",
                             "pass a longer natural text (the paper used 1000 chunks)")
-    names = [f"blocks.{layer}.mlp.hook_pre" for layer in layers]
+    names = [get_act_name("pre", layer) for layer in layers]
     cache = run_cache(model, chunks, names)
-    values = torch.stack([cache[n].float().cpu() for n in names])  # [layer, chunk, pos, d_mlp]
+    values = torch.stack([cache[n].cpu() for n in names])  # [layer, chunk, pos, d_mlp]
     n_layers, _, _, d_mlp = values.shape
     flat = values.permute(1, 2, 0, 3).reshape(chunks.shape[0], 3, n_layers * d_mlp)
     auc = _separation(flat[:, 0], flat[:, 1:].reshape(-1, n_layers * d_mlp)).view(n_layers, d_mlp)
@@ -154,5 +155,5 @@ def first_detector_neurons(
     chosen = [(layers[i // d_mlp], i % d_mlp) for i in order]
     top_values = torch.stack([values[layers.index(l), :, :, n] for l, n in chosen])
     along = run_cache(model, repeat, sorted({names[layers.index(l)] for l, _ in chosen}))
-    repeat_values = torch.stack([along[f"blocks.{l}.mlp.hook_pre"][0, :, n].float().cpu() for l, n in chosen])
+    repeat_values = torch.stack([along[get_act_name("pre", l)][0, :, n].cpu() for l, n in chosen])
     return FirstDetectorNeurons(layers, chunks.shape[0], auc, means, chosen, top_values, repeat_label, repeat_values)

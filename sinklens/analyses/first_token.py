@@ -26,12 +26,20 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses._figures import with_reference_line
 from sinklens.errors import SinklensError
 from sinklens.results import Result
 from sinklens.run.cache import run_cache
-from sinklens.run.tokens import FirstToken, Token, bos_token_id, encode, first_token, token
+from sinklens.run.tokens import (
+    FirstToken,
+    Token,
+    bos_token_id,
+    encode,
+    first_token,
+    token,
+)
 from sinklens.settings import AUTO, MIN_SINK_RATIO, PAPER_MAX_LAYER
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
@@ -143,9 +151,9 @@ def choose_first_token(
     candidates = _candidates(model, text_ids, given)
     n_layers = min(max_layer or model.cfg.n_layers, model.cfg.n_layers)
     tokens = torch.tensor([[c.id, *text_ids[1:]] for c, _ in candidates])
-    names = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    names = [get_act_name("resid_post", layer) for layer in range(n_layers)]
     cache = run_cache(model, tokens, names)
-    norms = torch.stack([cache[name].float().norm(dim=-1).cpu() for name in names], dim=1)  # [cand, layer, pos]
+    norms = torch.stack([cache[name].norm(dim=-1).cpu() for name in names], dim=1)  # [cand, layer, pos]
     result = FirstTokenChoice(
         [c for c, _ in candidates], [role for _, role in candidates], norms[:, :, 0], norms[:, :, 1:].mean(dim=-1),
         min_ratio, 0, "",

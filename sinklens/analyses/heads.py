@@ -12,7 +12,7 @@ run of one token), for every query position ``i >= 1``:
   other keys ``1 <= j < i`` it can see (the first key, the sink, left out, and keys a sliding
   window hides), with a 95% t-interval over positions. A negative gap is the paper's "scores its own key low".
 
-These numbers describe behaviour; :mod:`sinklens.analyses.circuit` measures which heads the sink
+These numbers describe behaviour; :mod:`sinklens.studies.circuit` measures which heads the sink
 neurons actually depend on.
 """
 
@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses._stats import mean_interval
 from sinklens.errors import SinklensError
@@ -100,12 +101,12 @@ def head_behaviour(
     if not inputs or any(t.shape[1] < 3 for t in inputs.values()):
         raise SinklensError("head behaviour needs inputs of at least 3 tokens",
                             "pass natural text and a repeated sequence, [first] + tokens")
-    names = [f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_attn_scores"]
+    names = [get_act_name("pattern", layer), get_act_name("attn_scores", layer)]
     rows = {key: [] for key in ("self", "first", "gap", "low", "high")}
     uniform = []
     for tokens in inputs.values():
         cache = run_cache(model, tokens[:1], names)
-        pattern, scores = (cache[n][0].float().cpu() for n in names)  # [head, query, key]
+        pattern, scores = (cache[n][0].cpu() for n in names)  # [head, query, key]
         n = pattern.shape[-1]
         query = torch.arange(1, n)
         rows["self"].append(pattern[:, query, query].mean(-1))

@@ -48,13 +48,20 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses._stats import mean_interval
 from sinklens.errors import SinklensError
 from sinklens.results import Result
 from sinklens.run.cache import run_cache, shared_prefix
 from sinklens.run.interventions import Neuron, check_neurons, neuron_hook_name
-from sinklens.run.patching import Patch, Site, activation_gradients, patch_hooks, read_site
+from sinklens.run.patching import (
+    Patch,
+    Site,
+    activation_gradients,
+    patch_hooks,
+    read_site,
+)
 from sinklens.run.tokens import Token, encode, repeated_tokens, token
 
 MIN_EFFECT = 0.1
@@ -69,10 +76,10 @@ def circuit_sites(model: TransformerBridge, sink_layer: int) -> list[Site]:
     """Every attention layer, head and MLP before the sink neurons (attention of the sink layer included)."""
     sites = []
     for layer in range(sink_layer + 1):
-        sites.append(Site(f"blocks.{layer}.hook_attn_out"))
-        sites += [Site(f"blocks.{layer}.attn.hook_z", h) for h in range(model.cfg.n_heads)]
+        sites.append(Site(get_act_name("attn_out", layer)))
+        sites += [Site(get_act_name("z", layer), h) for h in range(model.cfg.n_heads)]
         if layer < sink_layer:
-            sites.append(Site(f"blocks.{layer}.hook_mlp_out"))
+            sites.append(Site(get_act_name("mlp_out", layer)))
     return sites
 
 
@@ -199,12 +206,12 @@ class SinkMetric:
         self.names = list(self.neurons)
         self.layer = max(by_layer)
         lone = run_cache(model, torch.tensor([[first]]), self.names)
-        self.signs = {name: torch.sign(lone[name][0, 0, idx].float().cpu()) for name, idx in self.neurons.items()}
+        self.signs = {name: torch.sign(lone[name][0, 0, idx].cpu()) for name, idx in self.neurons.items()}
 
     def __call__(self, cache, rows: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         total = torch.zeros(len(rows))
         for name, indices in self.neurons.items():
-            total += (cache[name][list(rows), list(positions)][:, indices].float().cpu() * self.signs[name]).sum(-1)
+            total += (cache[name][list(rows), list(positions)][:, indices].cpu() * self.signs[name]).sum(-1)
         return total
 
     def at_lone_token(self, activations: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -385,7 +392,7 @@ def _repeat_positions(model, result: MarkPatching, first, text_ids, word, n_repe
     word_id = int(repeat[0, -1])
     natural = torch.tensor([[first, *text_ids[:64], word_id]])
     sites = [s for s in result.sites if not s.name.endswith("hook_z")] + [
-        Site(f"blocks.{l}.attn.hook_z", h) for l, h in result.mark_heads()]
+        Site(get_act_name("z", l), h) for l, h in result.mark_heads()]
     names = sorted({s.name for s in sites})
     base = run_cache(model, repeat, names + metric.names)
     donor = run_cache(model, natural, names + metric.names)

@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses._figures import with_reference_line
 from sinklens.results import Result
@@ -43,8 +44,8 @@ def resid_norms(
     model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], layer: int, *, interventions: Sequence[Hook] = ()
 ) -> Float[torch.Tensor, "batch pos"]:
     """L2 norm of ``blocks.{layer}.hook_resid_post`` at every position (under ``interventions``, if any)."""
-    name = f"blocks.{check_layer(model, layer)}.hook_resid_post"
-    return run_cache(model, tokens, [name], interventions=interventions)[name].float().norm(dim=-1).cpu()
+    name = get_act_name("resid_post", check_layer(model, layer))
+    return run_cache(model, tokens, [name], interventions=interventions)[name].norm(dim=-1).cpu()
 
 
 @dataclass

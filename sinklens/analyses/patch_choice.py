@@ -29,6 +29,7 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses.norms import resid_norms
 from sinklens.errors import SinklensError
@@ -36,6 +37,7 @@ from sinklens.results import Result
 from sinklens.run.cache import run_cache
 from sinklens.run.patch import HOOKS, VALUES, SinkPatch, patch_for
 from sinklens.run.tokens import Token, repeated_tokens
+from sinklens.settings import require_words
 
 TARGET_RATIO = 3.0
 FIRST_TOKEN_TOLERANCE = 0.01
@@ -52,9 +54,9 @@ def kl_divergence(
 
 def calibrated_values(model: TransformerBridge, text: Int[torch.Tensor, "1 pos"], neurons, hook: str) -> list[float]:
     """Each neuron's mean at ``hook`` over the later tokens of natural text."""
-    names = {layer: f"blocks.{layer}.mlp.{HOOKS[hook]}" for layer, _ in neurons}
+    names = {layer: get_act_name(HOOKS[hook], layer) for layer, _ in neurons}
     cache = run_cache(model, text, sorted(set(names.values())))
-    return [float(cache[names[layer]][0, 1:, n].float().mean()) for layer, n in neurons]
+    return [float(cache[names[layer]][0, 1:, n].mean()) for layer, n in neurons]
 
 
 @dataclass
@@ -136,8 +138,7 @@ def choose_patch(
     token and on ``reference`` (``[first] + natural text``), and choose one."""
     if not neurons:
         raise SinklensError("there are no sink neurons to patch", "find them first (sinklens table)")
-    if not words:
-        raise SinklensError("the word list is empty", "pass at least one word")
+    require_words(words)
     layer = max(l for l, _ in neurons)
     first = int(reference[0, 0])
     runs = [repeated_tokens(model, w.id, n_repeats, first=first) for w in words]

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses._stats import proportion_interval
 from sinklens.analyses.first_detector import PAPER_SAMPLES, word_chunks
@@ -44,7 +45,7 @@ REPEAT_BINS = (1, 10, 100, 1000, 10_000)
 
 def probe_hook(layer: int | None) -> str:
     """The residual stream a probe reads: the embedding for ``None``, else the output of ``layer``."""
-    return "blocks.0.hook_resid_pre" if layer is None else f"blocks.{layer}.hook_resid_post"
+    return get_act_name("resid_pre", 0) if layer is None else get_act_name("resid_post", layer)
 
 
 @dataclass
@@ -157,7 +158,7 @@ def train_first_token_probe(
     along = run_cache(model, repeat, names)
     weights, biases, means, scales, accuracy, balanced, calls = [], [], [], [], [], [], []
     for layer in layers:
-        features = cache[probe_hook(layer)].float().cpu()  # [chunk, pos, d_model]
+        features = cache[probe_hook(layer)].cpu()  # [chunk, pos, d_model]
         x_train, x_test = features[train].flatten(0, 1).numpy(), features[test].flatten(0, 1).numpy()
         y_train, y_test = labels.repeat(len(train)).numpy(), labels.repeat(len(test)).numpy()
         scaler = StandardScaler().fit(x_train)
@@ -170,7 +171,7 @@ def train_first_token_probe(
         biases.append(float(fit.intercept_[0]))
         means.append(torch.tensor(scaler.mean_, dtype=torch.float32))
         scales.append(torch.tensor(scaler.scale_, dtype=torch.float32))
-        z = (along[probe_hook(layer)][0].float().cpu() - means[-1]) / scales[-1]
+        z = (along[probe_hook(layer)][0].cpu() - means[-1]) / scales[-1]
         calls.append(((z @ weights[-1] + biases[-1]) > 0).float())
     return FirstTokenProbe(layers, torch.stack(weights), torch.tensor(biases), torch.stack(means), torch.stack(scales),
                            torch.tensor(accuracy), torch.tensor(balanced), len(train), len(test), seed, repeat_label,

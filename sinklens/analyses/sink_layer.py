@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses._figures import with_reference_line
 from sinklens.errors import NoSinkError, SinklensError
@@ -132,9 +133,9 @@ def find_sink_layer(
     tokens = torch.tensor([[start.id]]) if reference is None else reference
     if int(tokens[0, 0]) != start.id:
         raise SinklensError("the reference tokens do not start with the first token", "build them with text_tokens()")
-    names = [f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)]
+    names = [get_act_name("mlp_out", layer) for layer in range(n_layers)]
     cache = run_cache(model, tokens, names)
-    norms = torch.stack([cache[n][0].float().norm(dim=-1) for n in names]).cpu()  # [layer, pos]
+    norms = torch.stack([cache[n][0].norm(dim=-1) for n in names]).cpu()  # [layer, pos]
     first_norms = norms[:, 0]
     threshold = sink_layer_threshold(first_norms, n_sigma)
     above = (first_norms > threshold).nonzero().flatten()

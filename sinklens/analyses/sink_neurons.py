@@ -48,6 +48,7 @@ import torch
 from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses.sink_layer import SIGMA_RULE, SinkLayerResult, find_sink_layer
 from sinklens.errors import SinklensError
@@ -55,7 +56,13 @@ from sinklens.results import Result
 from sinklens.run.cache import check_layer, run_cache
 from sinklens.run.interventions import Neuron, ablation_hooks, neuron_hook_name
 from sinklens.run.tokens import Token, repeated_tokens, token
-from sinklens.settings import MAX_NEURONS, PAPER_MAX_LAYER, PAPER_N_SIGMA, REMOVED_SHARE, check_criterion_name
+from sinklens.settings import (
+    MAX_NEURONS,
+    PAPER_MAX_LAYER,
+    PAPER_N_SIGMA,
+    REMOVED_SHARE,
+    check_criterion_name,
+)
 
 NOTEBOOK_WORD = "the"
 NOTEBOOK_K = 2
@@ -326,9 +333,9 @@ def _write_scales(cache, layers: list[int], model: TransformerBridge) -> list[to
     to the residual stream: 1 without a post-MLP norm, ``w / rms`` with one (Gemma's ``ln2_post``)."""
     scales = []
     for layer in layers:
-        if f"blocks.{layer}.ln2_post.hook_in" in cache:
-            raw, normed = cache[f"blocks.{layer}.ln2_post.hook_in"][0, 0], cache[f"blocks.{layer}.ln2_post.hook_out"][0, 0]
-            scales.append(torch.where(raw != 0, normed / raw, torch.zeros_like(raw)).float().cpu())
+        if get_act_name("in", layer, "ln2_post") in cache:
+            raw, normed = cache[get_act_name("in", layer, "ln2_post")][0, 0], cache[get_act_name("out", layer, "ln2_post")][0, 0]
+            scales.append(torch.where(raw != 0, normed / raw, torch.zeros_like(raw)).cpu())
         else:
             scales.append(torch.ones(model.cfg.d_model))
     return scales
@@ -348,16 +355,16 @@ def _search(
     end = layers[-1]
     first = int(reference[0, 0])
     post_norm = [layer for layer in layers if hasattr(model.blocks[layer], "ln2_post")]
-    names = [neuron_hook_name(layer) for layer in layers] + [f"blocks.{end}.hook_resid_post"]
-    names += [f"blocks.{layer}.ln2_post.hook_{side}" for layer in post_norm for side in ("in", "out")]
+    names = [neuron_hook_name(layer) for layer in layers] + [get_act_name("resid_post", end)]
+    names += [get_act_name(side, layer, "ln2_post") for layer in post_norm for side in ("in", "out")]
     cache = run_cache(model, reference, names)
-    resid = cache[f"blocks.{end}.hook_resid_post"][0].float().cpu()
+    resid = cache[get_act_name("resid_post", end)][0].cpu()
     typical = float(resid[1:].norm(dim=-1).mean())
     direction = resid[0] / resid[0].norm()
     paper, direct, text = [], [], []
     w_outs = {layer: model.blocks[layer].mlp.W_out.detach().float().cpu() for layer in layers}
     for layer, scale in zip(layers, _write_scales(cache, layers, model)):
-        post = cache[neuron_hook_name(layer)][0].float().cpu()
+        post = cache[neuron_hook_name(layer)][0].cpu()
         w_out = w_outs[layer] * scale  # what each neuron writes into the residual stream, per unit of activation
         paper.append(post[0].abs() * w_out.norm(dim=-1))
         direct.append(post[0] * (w_out @ direction))
@@ -368,8 +375,8 @@ def _search(
     if len(layers) == 1 and getattr(model.cfg, "gated_mlp", False):
         n_repeats = min(notebook_repeats, model.cfg.n_ctx - 1)  # a side measurement: fit it to the context
         repeat = repeated_tokens(model, notebook_word, n_repeats, first=first)
-        name = f"blocks.{end}.mlp.hook_pre"
-        gate = run_cache(model, repeat, [name])[name][0, -1].float().cpu()
+        name = get_act_name("pre", end)
+        gate = run_cache(model, repeat, [name])[name][0, -1].cpu()
         notebook_scores = gate.abs() * w_outs[end].norm(dim=-1)
         notebook_input = f"{token(model, first).text!r} + {token(model, int(repeat[0, -1])).text!r} x {n_repeats}"
     case = SINGLE_LAYER if len(layers) == 1 else SEVERAL_LAYERS
@@ -380,9 +387,9 @@ def _search(
 
     rows = [candidates[:k] for k in range(len(candidates) + 1)] + [[c] for c in candidates]
     lone = torch.full((len(rows), 1), first, dtype=torch.long)
-    name = f"blocks.{end}.hook_resid_post"
-    norms = run_cache(model, lone, [name], interventions=ablation_hooks(model, rows))[name][:, 0].float().norm(dim=-1)
-    norms = norms.float().cpu()
+    name = get_act_name("resid_post", end)
+    norms = run_cache(model, lone, [name], interventions=ablation_hooks(model, rows))[name][:, 0].norm(dim=-1)
+    norms = norms.cpu()
     cumulative, individual = norms[: len(candidates) + 1], norms[len(candidates) + 1 :]
     removed = _removed_shares(cumulative, cumulative[0], typical)
     passing = (removed[1:] >= share).nonzero().flatten() if cumulative[0] > typical else torch.zeros(0)

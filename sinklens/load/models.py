@@ -127,7 +127,11 @@ def _libraries_quiet(quiet: bool) -> Iterator[None]:
     if not quiet:
         yield
         return
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
     from transformers import modeling_gguf_pytorch_utils as gguf_reader
     from transformers.utils import logging as hf_logging
 
@@ -290,7 +294,12 @@ def _load_hf(location: str | Path, source: ModelSource, dtype: torch.dtype, devi
     """The HF model on ``device``, its weights read straight there (``auto`` hands accelerate a device map over
     every GPU: TransformerLens cannot take a device map together with a ready model, so the map is made here),
     built with its first ``n_layers`` layers only if given; and the checkpoint's depth."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+    )
 
     offline = _offline()
     try:
@@ -343,7 +352,7 @@ def _text_config(config):
 def _truncate(config, n_layers: int) -> None:
     """Make ``config`` describe the first ``n_layers`` layers: the depth, and every per-layer list. The head
     is tied to the embeddings: a model cut short has no meaningful logits, and its runs stop before the
-    final norm (:func:`sinklens.run.cache.stopping`), so its own head need not be read."""
+    final norm (:func:`sinklens.run.cache.forward`), so its own head need not be read."""
     text = _text_config(config)
     depth = text.num_hidden_layers
     for key, value in vars(text).items():

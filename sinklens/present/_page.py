@@ -11,7 +11,7 @@ from pathlib import Path
 from plotly.offline import get_plotlyjs
 
 from sinklens._io import write_text
-from sinklens.results import Result, load_result, save_result
+from sinklens.results import Result, load_or_compute
 
 
 class Checkpoints:
@@ -25,15 +25,7 @@ class Checkpoints:
             write_text(stamp, fingerprint)
 
     def get(self, name: str, compute: Callable[[], Result]) -> Result:
-        path = self.dir / f"{name}.pt"
-        if path.is_file():
-            try:
-                return load_result(path)
-            except Exception:  # written by an older sinklens, or damaged: compute it again
-                path.unlink()
-        result = compute()
-        save_result(result, path)
-        return result
+        return load_or_compute(self.dir / f"{name}.pt", compute)
 
 
 def versions() -> dict[str, str]:

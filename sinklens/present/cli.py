@@ -9,6 +9,7 @@ closed; other libraries' progress bars and notices stay hidden unless ``--verbos
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -21,9 +22,11 @@ from sinklens.errors import SinklensError
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
 from sinklens.load.sources import DTYPE_NAMES
 from sinklens.settings import (
+    ATTACK_TOKENS,
     AUTO,
     CLUSTERINGS,
     CRITERIA,
+    DEFAULT_REPEATS,
     EVALUATION_PRESETS,
     MAX_NEURONS,
     MIN_SINK_RATIO,
@@ -40,6 +43,8 @@ from sinklens.settings import (
     SCREEN_THRESHOLD,
     Settings,
 )
+
+SETTINGS_FIELDS = tuple(field.name for field in dataclasses.fields(Settings) if field.name != "model")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,15 +75,27 @@ def _layers(value: str) -> list[int]:
     return layers
 
 
-def _positive(kind: type) -> Callable[[str], int | float]:
+def _number(kind: type, accept: Callable[[float], bool], what: str) -> Callable[[str], int | float]:
+    """A parser of ``kind`` numbers that refuses a value ``accept`` rejects, saying it is not ``what``."""
     def parse(value: str):
         number = kind(value)
-        if number <= 0:
-            raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+        if not accept(number):
+            raise argparse.ArgumentTypeError(f"{value} is not {what}")
         return number
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _positive(kind: type) -> Callable[[str], int | float]:
+    return _number(kind, lambda n: n > 0, "a positive number")
+
+
+_count = _number(int, lambda n: n >= 0, "a count (it is negative)")
+_share = _number(float, lambda n: 0 <= n <= 1, "a number in 0..1")
+_removed_share = _number(float, lambda n: 0 < n <= 1, "a share in (0, 1]")
+_non_negative = _number(float, lambda n: n >= 0, "0 or more (a threshold below the mean)")
+_above_one = _number(float, lambda n: n > 1, "above 1 (a first token no larger than typical is no sink)")
 
 
 def _token_count(value: str) -> int | None:
@@ -111,20 +128,6 @@ def _shard(value: str) -> tuple[int, int]:
     return index, count
 
 
-def _count(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return number
-
-
-def _share(value: str) -> float:
-    number = float(value)
-    if not 0 <= number <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a number in 0..1")
-    return number
-
-
 def _lengths(value: str) -> tuple[int, ...]:
     try:
         lengths = tuple(int(v) for v in value.split(",") if v.strip())
@@ -154,11 +157,13 @@ def _parser() -> argparse.ArgumentParser:
                              "else the candidate it does), bos, eos, a token id, or a word")
     common.add_argument("--max-layer", type=_positive(int), default=PAPER_MAX_LAYER,
                         help="search layers 0..max-layer-1 for the sink layer (default: %(default)s)")
-    common.add_argument("--n-sigma", type=float, default=PAPER_N_SIGMA,
+    common.add_argument("--n-sigma", type=_non_negative, default=PAPER_N_SIGMA,
                         help="sink layer threshold: mean + n-sigma * std (default: %(default)s)")
     common.add_argument("--corpus", help="natural-text file for the typical norm (default: Tiny Shakespeare's opening)")
     common.add_argument("--corpus-chars", type=_positive(int), default=PAPER_CORPUS_CHARS,
                         help="characters of the corpus to use (default: %(default)s)")
+    common.add_argument("--min-ratio", type=_above_one, default=MIN_SINK_RATIO,
+                        help="a first token is a sink at this multiple of the typical norm (default: %(default)s)")
     common.add_argument("--verbose", action="store_true", help="show other libraries' progress bars and notices")
 
     words = argparse.ArgumentParser(add_help=False)
@@ -172,13 +177,11 @@ def _parser() -> argparse.ArgumentParser:
     neurons.add_argument("--criterion", choices=CRITERIA, default="paper",
                          help="ranking: the paper's neuron output at the first token, or the notebook's gate "
                               "pre-activation at the last repeat (default: %(default)s)")
-    neurons.add_argument("--share", type=float, default=REMOVED_SHARE,
+    neurons.add_argument("--share", type=_removed_share, default=REMOVED_SHARE,
                          help="share of the first token's excess norm the sink neurons' ablation must remove "
                               "(default: %(default)s)")
     neurons.add_argument("--max-neurons", type=_positive(int), default=MAX_NEURONS,
                          help="candidates the filter tries (default: %(default)s)")
-    neurons.add_argument("--min-ratio", type=_positive(float), default=MIN_SINK_RATIO,
-                         help="a first token is a sink at this multiple of the typical norm (default: %(default)s)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -196,13 +199,13 @@ def _parser() -> argparse.ArgumentParser:
     ranked = sub.add_parser("neurons", parents=[common, neurons, as_json],
                             help="rank the sink layer's neurons and find the sink neurons by ablation")
     ranked.add_argument("--top", type=_positive(int), default=10, help="rows of the ranking to print (default: %(default)s)")
-    sub.add_parser("sink-layer", parents=[common], help="print the first-token MLP norms and the sink layer")
-    patch = sub.add_parser("patch", parents=[common, words, as_json],
+    sub.add_parser("sink-layer", parents=[common, as_json], help="print the first-token MLP norms and the sink layer")
+    patch = sub.add_parser("patch", parents=[common, words, neurons, as_json],
                            help="measure the paper's clamp and its variants, and write the chosen patch as JSON")
     patch.add_argument("--out", default="patch.json", help="the patch file to write (default: %(default)s)")
     patch.add_argument("--hook", choices=tuple(PATCH_HOOKS), help="measure only this hook point (default: all)")
     patch.add_argument("--value", choices=PATCH_VALUES, help="measure only this value (default: both)")
-    evaluate = sub.add_parser("evaluate", parents=[placement], help="measure a patch: benchmarks, natural text, norms and divergence, "
+    evaluate = sub.add_parser("evaluate", parents=[placement, as_json], help="measure a patch: benchmarks, natural text, norms and divergence, "
                                                "original vs patched")
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help=f"the model the patch was found on (default: {DEFAULT_MODEL})")
     evaluate.add_argument("--patch", required=True, help="the patch file `sinklens patch` wrote")
@@ -213,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--corpus", help="natural-text file for perplexity and KL (default: Tiny Shakespeare)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the benchmark item sample (default: %(default)s)")
     evaluate.add_argument("--verbose", action="store_true", help="show other libraries' progress bars and notices")
-    scan = sub.add_parser("scan", parents=[common, as_json, on_ray],
+    scan = sub.add_parser("scan", parents=[common, neurons, as_json, on_ray],
                           help="repeat every token (or a stratified sample) and measure which reach the sink")
     scan.add_argument("--out", default="sinklens-scan", help="output directory, shared by shards (default: %(default)s)")
     scan.add_argument("--tokens", type=_token_count, default=2000,
@@ -247,15 +250,15 @@ def _parser() -> argparse.ArgumentParser:
                                                                                    "(default: %(default)s)")
     scan.add_argument("--prefix", default="", help="text between the first token and the repeats (default: none)")
     scan.add_argument("--seed", type=int, default=0, help="seed of the token sample (default: %(default)s)")
-    attack = sub.add_parser("attack", parents=[common, as_json],
+    attack = sub.add_parser("attack", parents=[common, neurons, as_json],
                             help="the cluster attack: non-repeating sequences from one first-layer cluster, with "
                                  "controls")
     attack.add_argument("--scan", help="a scan directory to take tokens and the sink regime from (default: scan "
                                        "--tokens now, in memory)")
-    attack.add_argument("--tokens", type=_token_count, default=400,
-                        help="tokens to scan when no --scan is given (default: %(default)s)")
-    attack.add_argument("--n-repeats", type=_positive(int), default=1000,
-                        help="repeats per token of that scan (default: %(default)s)")
+    attack.add_argument("--tokens", type=_token_count,
+                        help=f"tokens to scan when no --scan is given (default: {ATTACK_TOKENS})")
+    attack.add_argument("--n-repeats", type=_positive(int),
+                        help=f"repeats per token of that scan (default: {DEFAULT_REPEATS})")
     attack.add_argument("--clustering", choices=tuple(CLUSTERINGS), default="keys",
                         help="keys: k-means on layer-0 keys; sink_tokens: the tokens that reach the sink alone "
                              "(default: %(default)s)")
@@ -265,7 +268,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="sequences per condition and length (default: %(default)s)")
     attack.add_argument("--patch", help="a patch file: measure the cluster sequences with it installed too")
     attack.add_argument("--seed", type=int, default=0, help="seed of the sequences and the clustering")
-    circuit = sub.add_parser("circuit", parents=[common, words, as_json],
+    circuit = sub.add_parser("circuit", parents=[common, words, neurons, as_json],
                              help="how the model marks the first token: heads, path to the sink neurons, probe, "
                                   "first-detector neurons, convergence")
     circuit.add_argument("--contexts", type=_positive(int), default=None,
@@ -327,53 +330,56 @@ def _show_sinklens_messages() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _config(args, model: str | None = None) -> Settings:
-    """The settings of a command for ``model`` (default: its only --model, or the default model)."""
+def _settings(args, model: str | None = None) -> Settings:
+    """The settings of a command for ``model`` (default: its only --model, or the default model), checked."""
     models = args.model or [DEFAULT_MODEL]
     if model is None and len(models) > 1:
         raise SinklensError(f"`sinklens {args.command}` takes one --model, got {len(models)}",
                             "pass one --model (only `sinklens table` makes a row per model)")
-    config = Settings(
-        model=model or models[0], words=getattr(args, "words", None), n_repeats=getattr(args, "n_repeats", 1000),
-        first_token=args.first_token, corpus=args.corpus, corpus_chars=args.corpus_chars, max_layer=args.max_layer,
-        n_sigma=args.n_sigma, sink_layer=getattr(args, "sink_layer", None), layers=getattr(args, "layers", None),
-        criterion=getattr(args, "criterion", "paper"), share=getattr(args, "share", REMOVED_SHARE),
-        max_neurons=getattr(args, "max_neurons", MAX_NEURONS), min_ratio=getattr(args, "min_ratio", MIN_SINK_RATIO),
-        dtype=args.dtype, device=args.device,
-    )
-    config.check()
-    return config
+    given = {field: getattr(args, field) for field in SETTINGS_FIELDS if getattr(args, field, None) is not None}
+    settings = Settings(**{**given, "model": model or models[0]})
+    settings.check()
+    return settings
 
 
-def _study_inputs(args, config: Settings, *, early_layers_only: bool = True):
-    """Load the model (only the layers the analysis reads, unless it needs the whole model) and the natural text,
-    once the model-free checks have passed."""
-    model = config.load_model(verbose=args.verbose, early_layers_only=early_layers_only)
-    return model, config.natural_text()
+def _given(args) -> set[str]:
+    """The options of the command line that hold other values than their defaults."""
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    return {a.dest for a in commands._actions if a.dest in vars(args) and getattr(args, a.dest) != a.default}
+
+
+def _load(args, settings: Settings, *, early_layers_only: bool = True):
+    """The model, once the model-free checks have passed: only the layers the analysis reads, unless it needs
+    the whole model."""
+    return settings.load_model(verbose=args.verbose, early_layers_only=early_layers_only)
+
+
+def _print_json(data: dict) -> None:
+    print(json.dumps(data))
 
 
 def _report(args) -> None:
     from sinklens.present.report import run_report
 
-    config = _config(args)
+    settings = _settings(args)
     out = check_output_dir(args.out)
-    results = run_report(config, out, model=config.load_model(verbose=args.verbose), progress=True)
+    results = run_report(settings, out, model=_load(args, settings, early_layers_only=False), progress=True)
     for line in results["summary"]:
         print(line)
     print(f"wrote {Path(out) / 'report.html'} and {Path(out) / 'results.json'}")
 
 
 def _table(args) -> None:
-    from sinklens.analyses.table import SinkTableRow
     from sinklens.present.sweep import PartFailed, connect_ray, table_sweep
+    from sinklens.studies.table import SinkTableRow, sink_table_row
 
-    configs = [_config(args, model) for model in dict.fromkeys(args.model or [DEFAULT_MODEL])]
-    if len(configs) == 1 and args.out is None and args.ray is None:
-        config = configs[0]
-        model, text = _study_inputs(args, config)
-        row = config.table_row(model, text, progress=True)
+    all_settings = [_settings(args, model) for model in dict.fromkeys(args.model or [DEFAULT_MODEL])]
+    if len(all_settings) == 1 and args.out is None and args.ray is None:
+        settings = all_settings[0]
+        row = sink_table_row(_load(args, settings), settings.corpus_text(), settings, progress=True)
         if args.json:
-            print(json.dumps(row.summary()))
+            _print_json(row.summary())
             return
         print(row.to_frame().to_string(index=False))
         print(f"first token: {row.choice.reason}")
@@ -381,14 +387,14 @@ def _table(args) -> None:
     out = check_output_dir(args.out or "sinklens-table")
     if args.ray is not None:
         connect_ray(args.ray)
-    rows = table_sweep(configs, out, ray=args.ray is not None)
+    rows = table_sweep(all_settings, out, ray=args.ray is not None)
     done = [row for row in rows if isinstance(row, SinkTableRow)]
     failed = [row for row in rows if isinstance(row, PartFailed)]
     summaries = [row.summary() if isinstance(row, SinkTableRow) else {"model": row.name, "error": row.error}
                  for row in rows]
     write_json(out / "table.json", {"rows": summaries})
     if args.json:
-        print(json.dumps({"rows": summaries} if len(rows) > 1 else summaries[0]))
+        _print_json({"rows": summaries} if len(rows) > 1 else summaries[0])
     else:
         if done:
             import pandas as pd
@@ -403,26 +409,23 @@ def _table(args) -> None:
                             "only what is missing")
 
 
-def _neurons(args) -> None:
-    from sinklens.analyses.first_token import choose_first_token
-    from sinklens.analyses.sink_neurons import check_criterion, check_layers, find_sink_neurons
-    from sinklens.run.tokens import text_tokens
+def _setup(args, settings: Settings, *, neurons: bool = True, early_layers_only: bool = True):
+    """The model and its circuit setup on the settings' corpus."""
+    from sinklens.studies.setup import circuit_setup
 
-    config = _config(args)
-    model, text = _study_inputs(args, config)
-    check_criterion(model, config.criterion, config.layers)
-    if config.layers is not None:
-        check_layers(model, config.layers)
-    choice = choose_first_token(model, text, given=None if config.first_token == AUTO else config.first_token,
-                                max_layer=config.max_layer, min_ratio=config.min_ratio)
-    result = find_sink_neurons(model, text_tokens(model, text, first=choice.token.id), layers=config.layers,
-                               criterion=config.criterion, share=config.share, max_neurons=config.max_neurons,
-                               max_layer=config.max_layer, n_sigma=config.n_sigma)
+    model = _load(args, settings, early_layers_only=early_layers_only)
+    return model, circuit_setup(model, settings.corpus_text(), settings, neurons=neurons)
+
+
+def _neurons(args) -> None:
+    settings = _settings(args)
+    _, setup = _setup(args, settings)
+    result = setup.neurons
     if args.json:
-        print(json.dumps({"first_token": choice.summary(), **result.summary()}))
+        _print_json({**setup.summary(), **result.summary()})
         return
     print(result.to_frame().head(args.top).to_string(index=False))
-    print(f"first token: {choice.reason}")
+    print(f"first token: {setup.choice.reason}")
     print(f"sink neurons ({result.case}): {result.describe_neurons()}; the first token's norm at layer "
           f"{result.sink_layer}: {result.first_token_norm:.4g} -> {result.first_token_norm_ablated:.4g} ablated "
           f"(typical {result.typical_norm:.4g})")
@@ -432,36 +435,29 @@ def _neurons(args) -> None:
 
 
 def _sink_layer(args) -> None:
-    from sinklens.analyses.first_token import choose_first_token
-    from sinklens.analyses.sink_layer import find_sink_layer
-    from sinklens.run.tokens import text_tokens
-
-    config = _config(args)
-    model, text = _study_inputs(args, config)
-    choice = choose_first_token(model, text, given=None if config.first_token == AUTO else config.first_token,
-                                max_layer=config.max_layer)
-    result = find_sink_layer(model, max_layer=config.max_layer, n_sigma=config.n_sigma,
-                             first=choice.token.id, reference=text_tokens(model, text, first=choice.token.id))
+    settings = _settings(args)
+    _, setup = _setup(args, settings, neurons=False)
+    result = setup.sink
+    if args.json:
+        _print_json({**setup.summary(), "sink_layer_detail": result.summary()})
+        return
     print(result.to_frame().to_string(index=False))
-    print(f"first token: {choice.reason}")
+    print(f"first token: {setup.choice.reason}")
     print(f"sink layer: {result.sink_layer} ({result.method})")
 
 
 def _circuit(args) -> None:
-    from sinklens.analyses.circuit import first_layer_circuit
+    from sinklens.studies.circuit import first_layer_circuit
 
-    config = _config(args)
+    settings = _settings(args)
     if args.contexts is not None and args.contexts < 2:
         raise SinklensError(f"--contexts {args.contexts} is too few", "pass at least 2 corrupted runs")
-    model = config.load_model(verbose=args.verbose, early_layers_only=True)
-    corpus = config.corpus_text()
-    result = first_layer_circuit(model, corpus, words=config.words, n_repeats=config.n_repeats,
-                                 first=config.first_token, max_layer=config.max_layer, n_sigma=config.n_sigma,
-                                 typical_chars=config.corpus_chars, n_contexts=args.contexts, seed=args.seed,
+    model = _load(args, settings)
+    result = first_layer_circuit(model, settings.corpus_text(), settings, n_contexts=args.contexts, seed=args.seed,
                                  progress=True)
     summary = result.summary()
     if args.json:
-        print(json.dumps(summary))
+        _print_json({**summary, "contexts": args.contexts, "seed": args.seed})
         return
     print(f"first token: {summary['first_token']['chosen_by']}")
     print(f"sink neurons: {summary['sink_neurons']} (sink layer {summary['sink_layer']})")
@@ -488,31 +484,24 @@ def _circuit(args) -> None:
 
 
 def _patch(args) -> None:
-    from sinklens.analyses.first_token import choose_first_token
     from sinklens.analyses.patch_choice import choose_patch
-    from sinklens.analyses.sink_neurons import find_sink_neurons
-    from sinklens.run.tokens import check_context, default_words, text_tokens, words_to_tokens
+    from sinklens.run.tokens import check_context, default_words, words_to_tokens
 
-    config = _config(args)
+    settings = _settings(args)
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise SinklensError(f"{out} is a directory", "pass a file name for the patch, e.g. --out patch.json")
     check_output_dir(out.parent)
-    model, text = _study_inputs(args, config, early_layers_only=False)  # the patch is measured on the whole model
-    words = default_words(model) if config.words is None else words_to_tokens(model, config.words)
-    check_context(model, config.n_repeats + 1)
-    choice = choose_first_token(model, text, given=None if config.first_token == AUTO else config.first_token,
-                                max_layer=config.max_layer, min_ratio=config.min_ratio)
-    reference = text_tokens(model, text, first=choice.token.id)
-    neurons = find_sink_neurons(model, reference, max_layer=config.max_layer, n_sigma=config.n_sigma,
-                                notebook_repeats=config.n_repeats)
-    result = choose_patch(model, reference, neurons.sink_neurons, words, n_repeats=config.n_repeats,
+    model, setup = _setup(args, settings, early_layers_only=False)  # the patch is measured on the whole model
+    words = default_words(model) if settings.words is None else words_to_tokens(model, settings.words)
+    check_context(model, settings.n_repeats + 1)
+    result = choose_patch(model, setup.reference, setup.sink_neurons, words, n_repeats=settings.n_repeats,
                           hooks=[args.hook] if args.hook else tuple(PATCH_HOOKS),
                           values=[args.value] if args.value else PATCH_VALUES)
     patch = result.patch
     patch.save(out)
     if args.json:
-        print(json.dumps({"patch": str(out), **patch.to_json()}))
+        _print_json({"patch": str(out), **patch.to_json(), "setup": setup.summary()})
         return
     print(result.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"chosen: {patch.describe()}")
@@ -523,9 +512,13 @@ def _patch(args) -> None:
 def _evaluate(args) -> None:
     from sinklens.present.evaluation import EvaluationConfig, run_evaluation
 
-    config = EvaluationConfig(args.model, args.patch, args.preset, args.corpus, args.seed, args.dtype, args.device)
+    config = EvaluationConfig(model=args.model, patch=args.patch, preset=args.preset, corpus=args.corpus,
+                              seed=args.seed, dtype=args.dtype, device=args.device)
     results = run_evaluation(config, args.out, progress=True, verbose=args.verbose)  # checks inputs before loading
     out = Path(args.out).expanduser()
+    if args.json:
+        _print_json({k: v for k, v in results.items() if k != "summary"})
+        return
     for line in results["summary"]:
         print(line)
     print(f"wrote {out / 'evaluation.html'} and {out / 'evaluation.json'}")
@@ -536,7 +529,16 @@ def _scan(args) -> None:
 
     import pandas as pd
 
-    from sinklens.analyses.scan import (
+    from sinklens.load.models import placement
+    from sinklens.present._page import page, section
+    from sinklens.present.sweep import (
+        PartFailed,
+        connect_ray,
+        default_shards,
+        scan_shards,
+    )
+    from sinklens.run.tokens import check_context, encode
+    from sinklens.studies.scan import (
         Screen,
         check_token_ids,
         merge_scan,
@@ -544,36 +546,33 @@ def _scan(args) -> None:
         run_scan,
         scan_setup,
         select_tokens,
-        stored_setup,
     )
-    from sinklens.present._page import page, section
-    from sinklens.present.sweep import PartFailed, connect_ray, default_shards, scan_shards
-    from sinklens.run.tokens import check_context, encode
+    from sinklens.studies.scan_store import stored_setup
 
-    config = _config(args)
+    settings = _settings(args)
     if args.shards is not None and args.ray is None:
         raise SinklensError("--shards splits a scan into Ray tasks and needs --ray",
                             "add --ray, or run the shards as your own jobs with --shard i/n")
     if args.ray is not None and args.shard != (1, 1):
         raise SinklensError("--ray splits the scan into shards itself", "drop --shard, or drop --ray")
     out = check_output_dir(args.out)
-    text = config.corpus_text()
+    text = settings.corpus_text()
     if args.ray is not None:
         connect_ray(args.ray)
-    model = config.load_model(verbose=args.verbose, early_layers_only=True)
+    model = _load(args, settings)
+    where = placement(model)
     tokens = check_token_ids(model, args.token_ids) if args.token_ids is not None else \
         select_tokens(model, args.tokens, seed=args.seed)
     prefix = tuple(encode(model, args.prefix)) if args.prefix else ()
-    check_context(model, 1 + len(prefix) + args.n_repeats)
-    setup = stored_setup(out, model.cfg.model_name, args.n_repeats, prefix) or scan_setup(
-        model, text, n_repeats=args.n_repeats, prefix=args.prefix,
-        first=None if config.first_token == AUTO else config.first_token)
+    check_context(model, 1 + len(prefix) + settings.n_repeats)
+    setup = stored_setup(out, model.cfg.model_name, dataclasses.asdict(settings), prefix) or scan_setup(
+        model, text, settings, prefix=args.prefix)
     screen = None if args.exhaustive else Screen(args.screen_repeats, args.screen_threshold, args.calibration,
                                                     args.positives, args.seed)
     if args.ray is not None:
-        prepare_scan_dir(out, setup, screen)
+        prepare_scan_dir(out, setup, screen, tokens)
         del model  # each Ray task loads its own
-        parts = scan_shards(config, setup, tokens, out, args.shards or default_shards(), batch_size=args.batch_size,
+        parts = scan_shards(settings, setup, tokens, out, args.shards or default_shards(), batch_size=args.batch_size,
                             screen=screen)
         lost = [part for part in parts if isinstance(part, PartFailed)]
         if lost:
@@ -590,7 +589,7 @@ def _scan(args) -> None:
                                                  "--shard to scan what is missing and merge")
         return
     scan = merge_scan(out, tokens)
-    summary = scan.summary()
+    summary = {**scan.summary(), **where, "batch_size": args.batch_size, "seed": args.seed}
     write_json(out / "summary.json", summary)
     frame = scan.to_frame()
     sections = [
@@ -601,10 +600,10 @@ def _scan(args) -> None:
         section("What the data says about why", "Spearman correlation with the peak norm over typical, 95% interval "
                 "(Fisher z), sample size.", frame=pd.DataFrame(summary["correlations"])),
     ]
-    write_text(out / "scan.html", page(f"sinklens scan: {config.model}", f"Rows: <code>{out / 'scan.parquet'}</code>.",
+    write_text(out / "scan.html", page(f"sinklens scan: {settings.model}", f"Rows: <code>{out / 'scan.parquet'}</code>.",
                                        _scan_lines(summary), sections))
     if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "setup"}))
+        _print_json(summary)
         return
     for line in _scan_lines(summary):
         print(line)
@@ -637,34 +636,38 @@ def _scan_lines(summary: dict) -> list[str]:
 
 
 def _attack(args) -> None:
-    from sinklens.analyses.attack import cluster_attack
-    from sinklens.analyses.scan import ScanSetup, merge_scan, scan_setup, scan_tokens, select_tokens
+    from sinklens.load.models import placement
     from sinklens.run.patch import SinkPatch
     from sinklens.run.tokens import check_context
+    from sinklens.studies.attack import cluster_attack
+    from sinklens.studies.scan import merge_scan, scan_setup, scan_tokens, select_tokens
+    from sinklens.studies.scan_store import stored_setup
 
-    config = _config(args)
+    settings = _settings(args)
     patch = SinkPatch.load(args.patch) if args.patch else None
-    if args.scan and not (Path(args.scan) / "scan.json").is_file():
-        raise SinklensError(f"{args.scan} holds no scan", "run: sinklens scan --out DIR, then pass --scan DIR")
-    model = config.load_model(verbose=args.verbose)
+    if args.scan:
+        if not (Path(args.scan) / "scan.json").is_file():
+            raise SinklensError(f"{args.scan} holds no scan", "run: sinklens scan --out DIR, then pass --scan DIR")
+        if args.tokens is not None:
+            raise SinklensError("--tokens sets the scan made when no --scan is given",
+                                "drop it: the tokens of the scan in --scan DIR are used")
+    model = _load(args, settings, early_layers_only=False)
     if patch is not None:
         patch.check(model.cfg.n_layers, model.cfg.d_mlp, model.cfg.model_name)
     check_context(model, 1 + max(args.lengths))
     if args.scan:
+        given = {k: v for k, v in dataclasses.asdict(settings).items() if k in _given(args)}
+        setup = stored_setup(args.scan, model.cfg.model_name, given)  # the scan's own settings, unless overridden
         scan = merge_scan(args.scan)
-        setup = ScanSetup.from_json(scan.setup)
-        if setup.model != model.cfg.model_name:
-            raise SinklensError(f"{args.scan} is a scan of {setup.model}, not of {model.cfg.model_name}",
-                                "scan this model first: sinklens scan --model SPEC --out DIR")
     else:
-        setup = scan_setup(model, config.corpus_text(), n_repeats=args.n_repeats,
-                           first=None if config.first_token == AUTO else config.first_token)
-        scan = scan_tokens(model, setup, select_tokens(model, args.tokens, seed=args.seed), progress=True)
+        setup = scan_setup(model, settings.corpus_text(), settings)
+        scan = scan_tokens(model, setup, select_tokens(model, args.tokens or ATTACK_TOKENS, seed=args.seed),
+                           progress=True)
     result = cluster_attack(model, setup, scan, clustering=args.clustering, lengths=args.lengths,
                             n_sequences=args.sequences, patch=patch, seed=args.seed, progress=True)
     summary = result.summary()
     if args.json:
-        print(json.dumps(summary))
+        _print_json({**summary, **placement(model), "setup": setup.to_json(), "seed": args.seed})
         return
     print(f"cluster ({args.clustering}): {summary['cluster_size']} tokens, {summary['cluster_sink_share']:.0%} of them "
           f"reach the sink when repeated alone: {', '.join(repr(t) for t in summary['cluster_tokens'][:15])}")

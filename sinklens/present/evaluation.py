@@ -17,9 +17,7 @@ generations with sampled seeds; about an hour for a 135M model on 2 CPU cores).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,63 +28,78 @@ from tqdm.auto import tqdm
 
 from sinklens._io import check_output_dir, write_json, write_text
 from sinklens.analyses.attention import attention_received, plot_attention_received
-from sinklens.analyses.benchmarks import PAPER_TABLE_2, BenchmarkComparison, compare_benchmarks, text_effect
+from sinklens.analyses.benchmarks import (
+    PAPER_TABLE_2,
+    BenchmarkComparison,
+    compare_benchmarks,
+    text_effect,
+)
 from sinklens.analyses.divergence import divergence
-from sinklens.analyses.first_token import choose_first_token
-from sinklens.analyses.norms import norm_baseline, plot_repetition_curves, repetition_curves
+from sinklens.analyses.norms import (
+    norm_baseline,
+    plot_repetition_curves,
+    repetition_curves,
+)
 from sinklens.errors import SinklensError
 from sinklens.load.benchmarks import TASKS, load_items
-from sinklens.load.corpus import read_text, shakespeare
-from sinklens.load.models import as_device, as_dtype, load_hf_model, load_model, placement
+from sinklens.load.models import (
+    placement,
+)
 from sinklens.present._page import Checkpoints, page, section, versions, versions_text
 from sinklens.run.patch import SinkPatch
-from sinklens.run.tokens import check_context, default_words, encode, repeated_tokens, text_tokens, token, word_token
+from sinklens.run.tokens import (
+    check_context,
+    default_words,
+    encode,
+    repeated_tokens,
+    token,
+    word_token,
+)
 from sinklens.settings import EVALUATION_PRESETS as PRESETS
-
-TYPICAL_CHARS = 1000
+from sinklens.settings import Settings
+from sinklens.studies.setup import circuit_setup
 
 
 @dataclass
-class EvaluationConfig:
-    """Everything an evaluation depends on; its JSON form keys the resume checkpoints."""
+class EvaluationConfig(Settings):
+    """Everything an evaluation depends on: the model's settings (its spec, corpus, precision and device, and the
+    first token when the patch names none), the patch file, the preset and the seed of the benchmark items;
+    its JSON form keys the resume checkpoints."""
 
-    model: str
-    patch: str  # the patch file
+    patch: str = "patch.json"  # the file `sinklens patch` wrote
     preset: str = "smoke"
-    corpus: str | None = None
     seed: int = 0
-    dtype: str = "float32"
-    device: str | None = None  # None: the first GPU, else the CPU
 
-    def check(self) -> SinkPatch:
+    def check(self) -> None:
         if self.preset not in PRESETS:
             raise SinklensError(f"unknown preset {self.preset!r}", f"use one of {', '.join(PRESETS)}")
-        as_dtype(self.dtype)
-        as_device(self.device)
-        if self.corpus:
-            read_text(self.corpus)
-        return SinkPatch.load(self.patch)
+        super().check()
+        self.load_patch()
 
-    def fingerprint(self, patch: SinkPatch) -> str:
-        key = {**dataclasses.asdict(self), "patch": patch.to_json(), "sinklens": versions()["sinklens"]}
-        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def load_patch(self) -> SinkPatch:
+        return SinkPatch.load(self.patch)
 
 
 def run_evaluation(config: EvaluationConfig, out: str | Path, *, progress: bool = False, verbose: bool = False
                    ) -> dict[str, Any]:
-    """Measure ``config.patch`` on ``config.model``; write ``evaluation.json`` and ``evaluation.html`` into ``out``."""
-    patch = config.check()
+    """Measure ``config.patch`` on ``config.model``; write ``evaluation.json`` and ``evaluation.html`` into ``out``.
+
+    One copy of the weights serves every measurement: the benchmarks, the natural text and generation run the
+    Hugging Face model inside the bridge (``bridge.original_model``, with the patch installed there), the norms
+    run the bridge; the two share their modules, so they never hold two patches at once."""
+    config.check()
+    patch = config.load_patch()
     out = check_output_dir(out)
     preset = PRESETS[config.preset]
-    bridge = load_model(config.model, dtype=config.dtype, device=config.device, verbose=verbose)
+    bridge = config.load_model(verbose=verbose)
     patch.check(bridge.cfg.n_layers, bridge.cfg.d_mlp, bridge.cfg.model_name)
-    hf, tokenizer = load_hf_model(config.model, dtype=config.dtype, device=config.device, verbose=verbose)
-    corpus = read_text(config.corpus) if config.corpus else shakespeare()
+    hf, tokenizer = bridge.original_model, bridge.tokenizer
+    corpus = config.corpus_text()
     layer = max(patch.layers)
-    first = patch.selection.get("first_token")
-    if first is None:  # a patch built by hand: measure which first token this model makes a sink
-        first = choose_first_token(bridge, corpus).token.id
-    reference = text_tokens(bridge, corpus[:TYPICAL_CHARS], first=first)
+    given = patch.selection.get("first_token")  # None for a patch built by hand: measure which token is a sink
+    setup = circuit_setup(bridge, corpus, config, neurons=False,
+                          first_token=config.first_token if given is None else given)
+    first, reference = setup.first.id, setup.reference
     words = [token(bridge, i) for i in patch.selection["word_ids"]] if patch.selection.get("word_ids") else \
         default_words(bridge)
     generation_words = [word_token(bridge, w) for w in preset["words"]] if preset["words"] else \
@@ -95,7 +108,7 @@ def run_evaluation(config: EvaluationConfig, out: str | Path, *, progress: bool 
                   + preset["new_tokens"])
     # natural text in windows of fresh contexts, so it may be longer than the model's context
     text = torch.tensor([[first, *encode(bridge, corpus)[: preset["text_tokens"] - 1]]])
-    steps = Checkpoints(out, config.fingerprint(patch))
+    steps = Checkpoints(out, config.fingerprint(bridge.cfg.model_name, patch=patch.to_json()))
     with tqdm(total=len(TASKS) + 6, desc="sinklens evaluate", disable=not progress) as bar:
 
         def step(name: str, compute):
@@ -152,6 +165,7 @@ def run_evaluation(config: EvaluationConfig, out: str | Path, *, progress: bool 
         "divergence": generated.summary(),
         "paper_table_2": PAPER_TABLE_2,
         "settings": dataclasses.asdict(config),
+        "setup": setup.summary(),
     }
     results["summary"] = _headline(results, generated)
     write_json(out / "evaluation.json", results)

@@ -64,21 +64,22 @@ import torch
 from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
-from sinklens.analyses.attack import ClusterAttack, sample_sequences
-from sinklens.analyses.attention import EPSILON, AttentionReceived, plot_attention_received, received_by_later_queries
-from sinklens.analyses.first_token import choose_first_token
-from sinklens.analyses.norms import NormBaseline, norm_baseline, sink_threshold
-from sinklens.analyses.sink_layer import find_sink_layer
-from sinklens.analyses.sink_neurons import NOTEBOOK_WORD, find_sink_neurons
-from sinklens.analyses.table import SinkTableRow
+from sinklens.analyses._figures import pattern_heatmap
+from sinklens.analyses.attention import (
+    EPSILON,
+    AttentionReceived,
+    plot_attention_received,
+    received_by_later_queries,
+)
+from sinklens.analyses.norms import NormBaseline, sink_threshold
+from sinklens.analyses.sink_neurons import NOTEBOOK_WORD
 from sinklens.errors import SinklensError
-from sinklens.load.corpus import shakespeare
 from sinklens.run.cache import as_index, check_layer, run_cache
 from sinklens.run.interventions import Neuron, neuron_hook_name
-from sinklens.run.patch import SinkPatch, patch_for
+from sinklens.run.patch import SinkPatch, installed_patch, patch_for
 from sinklens.run.tokens import (
-    FirstToken,
     Token,
     check_context,
     default_words,
@@ -88,7 +89,10 @@ from sinklens.run.tokens import (
     word_token,
     words_to_tokens,
 )
-from sinklens.settings import AUTO, PAPER_CORPUS_CHARS
+from sinklens.settings import Settings
+from sinklens.studies.attack import ClusterAttack, sample_sequences
+from sinklens.studies.setup import circuit_setup
+from sinklens.studies.table import SinkTableRow
 
 PROMPT_MODES = {"free text": "text", "word x repeats": "repeat", "cluster sequence": "cluster"}
 MAX_REPEATS = 2000  # the sliders stop here (or at the context) so that one update stays within seconds
@@ -132,12 +136,12 @@ def run_prompt(
     """Run ``tokens`` once (with ``patch`` installed for this run, if given) and keep what the
     explorer's views show: the sink-layer norms, the attention received per layer, the neurons'
     activations and every head's pattern on :func:`pattern_window`'s positions."""
-    if getattr(model, "_sinklens_patch", None) is not None:  # the "original" run would be patched too
+    if installed_patch(model) is not None:  # the "original" run would be patched too
         raise SinklensError("a sink patch is already installed on this model",
                             "remove it (installed.remove()); the explorer installs its patch for its patched run")
-    norm_name = f"blocks.{check_layer(model, sink_layer)}.hook_resid_post"
+    norm_name = get_act_name("resid_post", check_layer(model, sink_layer))
     layers = list(range(model.cfg.n_layers))
-    pattern_names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
+    pattern_names = [get_act_name("pattern", layer) for layer in layers]
     neuron_layers = sorted({layer for layer, _ in neurons})
     window = pattern_window(tokens.shape[1])
     shown = torch.tensor(window)
@@ -248,9 +252,8 @@ def plot_pattern(runs: Sequence[PromptRun], layer: int, head: int) -> go.Figure:
     explorer's static image."""
     fig = make_subplots(rows=1, cols=len(runs), subplot_titles=[run.label for run in runs], horizontal_spacing=0.15)
     for column, run in enumerate(runs, start=1):
-        labels = [html.escape(label, quote=False) for label in _pattern_labels(run)]  # plotly reads tags in labels
-        fig.add_heatmap(z=run.patterns[layer, head].tolist(), x=labels, y=labels, colorscale="Blues", zmin=0,
-                        showscale=False, row=1, col=column)
+        fig.add_trace(pattern_heatmap(run.patterns[layer, head], _pattern_labels(run), show_scale=column == 1),
+                      row=1, col=column)
     fig.update_yaxes(autorange="reversed", tickfont_size=8, title_text="Query")
     fig.update_xaxes(tickfont_size=8, title_text="Key")
     fig.update_layout(title=f"Attention pattern of layer {layer}, head {head} ({_shown_positions(runs[0])})",
@@ -481,7 +484,7 @@ class SinkExplorer:
         bundle = self.widget._repr_mimebundle_(**kwargs)
         try:
             png = self.static_figure().to_image(format="png")
-        except Exception as exc:  # noqa: BLE001: the live widget works without the image; a viewer shows why
+        except Exception as exc:  # noqa: BLE001 (the live widget works without the image; a viewer shows why)
             bundle["text/plain"] = f"sinklens explorer (no static image of its views: {type(exc).__name__}: {exc})"
         else:
             bundle["image/png"] = base64.b64encode(png).decode("ascii")
@@ -510,7 +513,7 @@ class SinkExplorer:
         self.message.value = "<i>running...</i>"
         try:
             update()
-        except Exception as exc:  # noqa: BLE001: a widget callback has nowhere to raise to but the output area
+        except Exception as exc:  # noqa: BLE001 (a widget callback has nowhere to raise to but the output area)
             self.error = exc
             problem = str(exc) if isinstance(exc, SinklensError) else f"unexpected {type(exc).__name__}: {exc}"
             self.message.value = f"<span style='color:firebrick'>{html.escape(problem)}</span>"
@@ -580,8 +583,8 @@ def explore(
     model: TransformerBridge,
     row: SinkTableRow | None = None,
     *,
+    settings: Settings | None = None,
     text: str | None = None,
-    first: FirstToken = AUTO,
     patch: SinkPatch | None = None,
     cluster: ClusterAttack | Sequence[int | str] | None = None,
     word: str | int | Token = NOTEBOOK_WORD,
@@ -594,9 +597,10 @@ def explore(
     """A live widget that shows the sink circuit on any prompt, layer and head, with and without a patch.
 
     The first token, the sink layer and neurons and the typical norm come from ``row`` (a
-    :func:`~sinklens.analyses.table.sink_table_row` result) or are measured now on ``text``
-    (default: the first 1000 characters of Tiny Shakespeare, the paper's) as the report measures
-    them, starting from ``first`` ("auto": the token the model makes a sink). ``patch`` is what
+    :func:`~sinklens.studies.table.sink_table_row` result) or are measured now on ``text`` (default: the
+    settings' corpus, the first 1000 characters of Tiny Shakespeare as the paper's) by
+    :func:`~sinklens.studies.setup.circuit_setup` with ``settings`` (default: the defaults; ``n_repeats``
+    is the explorer's), as every study measures them. ``patch`` is what
     the toggle installs (default: the paper's Listing 1 on the sink neurons). ``cluster`` fills the
     cluster-sequence prompt: a :class:`ClusterAttack`'s cluster, or token ids or one-token words
     (default: the tokens of "Another one bites the dust"). ``text`` fills the free-text prompt.
@@ -609,22 +613,15 @@ def explore(
     Needs the ``notebook`` extra (ipywidgets, and anywidget for plotly's FigureWidget).
     """
     try:
-        import anywidget  # noqa: F401: plotly's FigureWidget is an anywidget
+        import anywidget  # noqa: F401 (plotly's FigureWidget is an anywidget)
         import ipywidgets  # noqa: F401
     except ImportError:
         raise SinklensError("the explorer needs the notebook extra", "pip install 'sinklens[notebook]'") from None
     check_opening(model, prompt_mode, layer, head)  # before the circuit is measured
-    natural = shakespeare()[:PAPER_CORPUS_CHARS] if text is None else text
-    if row is None:
-        choice = choose_first_token(model, natural, given=None if first == AUTO else first)
-        reference = text_tokens(model, natural, first=choice.token.id)
-        sink = find_sink_layer(model, first=choice.token.id, reference=reference)
-        # the notebook's side ranking is not shown here, so its repeated-word run is kept short
-        found = find_sink_neurons(model, reference, sink=sink, notebook_repeats=n_repeats)
-        start, baseline = choice.token, norm_baseline(model, found.sink_layer, reference)
-    else:
-        start, found, baseline = row.choice.token, row.neurons, row.baseline
-    neurons = found.sink_neurons
+    settings = Settings.of(settings, n_repeats=n_repeats)
+    natural = settings.natural_text() if text is None else text
+    setup = row.setup if row is not None else circuit_setup(model, natural, settings)
+    start, baseline, neurons = setup.first, setup.baseline, setup.sink_neurons
     if patch is None and neurons:
         patch = patch_for(model, neurons)
     elif patch is not None:

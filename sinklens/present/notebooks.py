@@ -146,6 +146,47 @@ def same_up_to_rounding(expected: str, actual: str, rel: float = RELATIVE_TOLERA
                for a, b in zip(NUMBER.findall(expected), NUMBER.findall(actual)))
 
 
+def same_figure(expected, actual, rel: float = RELATIVE_TOLERANCE) -> bool:
+    """True if two plotly figures (as JSON data) are equal once every array of numbers is compared within ``rel`` of
+    the array's largest magnitude. A value near 0 in an array of larger ones (a mean of scores that cancel, say)
+    carries the rounding of the others: float32 kernels that sum in another order (another CPU, another thread
+    count) move it by more than ``rel`` of itself, never by more than ``rel`` of the array."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        return expected.keys() == actual.keys() and all(same_figure(expected[k], actual[k], rel) for k in expected)
+    numbers = _flat_numbers(expected)
+    if numbers is not None and _flat_numbers(actual) is not None and numbers:
+        other = _flat_numbers(actual)
+        scale = max(abs(x) for x in numbers)
+        return len(numbers) == len(other) and all(
+            (a is None) == (b is None) and (a is None or math.isclose(a, b, rel_tol=rel, abs_tol=rel * scale))
+            for a, b in zip(numbers, other))
+    if isinstance(expected, list) and isinstance(actual, list):
+        return len(expected) == len(actual) and all(same_figure(a, b, rel) for a, b in zip(expected, actual))
+    if isinstance(expected, str) and isinstance(actual, str):
+        return same_up_to_rounding(expected, actual, rel)
+    return expected == actual
+
+
+def _flat_numbers(value) -> list[float | None] | None:
+    """A number, or a (nested) list of numbers and blanks, as one flat list; None for anything else."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if not isinstance(value, list):
+        return None
+    flat = []
+    for item in value:
+        if item is None:
+            flat.append(None)
+            continue
+        inner = _flat_numbers(item)
+        if inner is None:
+            return None
+        flat += inner
+    return flat
+
+
 def differences(committed: nbformat.NotebookNode, fresh: nbformat.NotebookNode,
                 rel: float = RELATIVE_TOLERANCE) -> list[str]:
     """Where ``fresh`` (an execution of the same cells) does not reproduce ``committed``'s outputs:
@@ -163,10 +204,16 @@ def differences(committed: nbformat.NotebookNode, fresh: nbformat.NotebookNode,
                          f"became {[sorted(o) for o in new_outputs]}")
             continue
         for old_output, new_output in zip(old_outputs, new_outputs):
-            changed = [kind for kind in old_output if not same_up_to_rounding(old_output[kind], new_output[kind], rel)]
+            changed = [kind for kind in old_output if not _same_output(kind, old_output[kind], new_output[kind], rel)]
             if changed:
                 found.append(f"{where}: {', '.join(changed)} differ")
     return found
+
+
+def _same_output(kind: str, expected: str, actual: str, rel: float) -> bool:
+    if kind == PLOTLY_MIMETYPE:
+        return same_figure(json.loads(expected), json.loads(actual), rel)
+    return same_up_to_rounding(expected, actual, rel)
 
 
 def figure_outputs(notebook: nbformat.NotebookNode) -> list[dict]:

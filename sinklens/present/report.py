@@ -33,17 +33,22 @@ from sinklens.analyses.attention import (
     plot_attention_received,
     plot_attention_score_maps,
 )
-from sinklens.analyses.circuit import FirstLayerCircuit, first_layer_circuit
-from sinklens.analyses.norms import norm_baseline, plot_repetition_curves, repetition_curves
+from sinklens.analyses.norms import (
+    norm_baseline,
+    plot_repetition_curves,
+    repetition_curves,
+)
 from sinklens.analyses.sink_neurons import SEVERAL_LAYERS
-from sinklens.analyses.table import SinkTableRow, layer_range
 from sinklens.errors import SinklensError
 from sinklens.load.models import placement
 from sinklens.load.registry import PAPER_TABLE_1
 from sinklens.present._page import Checkpoints, page, section, versions, versions_text
 from sinklens.results import Result
 from sinklens.run.cache import check_layer
-from sinklens.run.tokens import check_context, repeated_tokens, text_tokens, words_to_tokens
+from sinklens.run.tokens import check_context, repeated_tokens, words_to_tokens
+from sinklens.settings import Settings
+from sinklens.studies.circuit import FirstLayerCircuit, first_layer_circuit
+from sinklens.studies.table import SinkTableRow, layer_range, sink_table_row
 
 TOP_NEURONS_SHOWN = 20
 
@@ -59,7 +64,6 @@ def run_report(
     out = check_output_dir(out)
     model = model or config.load_model()
     corpus = config.corpus_text()
-    text = corpus[: config.corpus_chars]
     if config.words is not None:
         words_to_tokens(model, config.words)  # a bad word fails before any compute
     check_context(model, config.n_repeats + 1)
@@ -74,9 +78,8 @@ def run_report(
             bar.update()
             return result
 
-        row: SinkTableRow = step("table", lambda: config.table_row(model, text))
-        start = row.choice.token.id
-        reference = text_tokens(model, text, first=start)
+        row: SinkTableRow = step("table", lambda: sink_table_row(model, corpus, config))
+        start, reference = row.setup.first.id, row.setup.reference
         curves = row.curves
         if config.sink_layer is not None:
             baseline = norm_baseline(model, config.sink_layer, reference)
@@ -101,9 +104,7 @@ def run_report(
         if row.neurons.sink_neurons:
             try:
                 circuit = step("circuit", lambda: first_layer_circuit(
-                    model, corpus, words=config.words, n_repeats=config.n_repeats, first=start,
-                    max_layer=config.max_layer, n_sigma=config.n_sigma, typical_chars=config.corpus_chars,
-                    table=row))  # the row's first token, sink neurons and curves, measured once
+                    model, corpus, config, table=row))  # the row's circuit setup and curves, measured once
             except SinklensError as exc:  # e.g. a corpus too short for the probe: the rest of the report stands
                 circuit_skipped = str(exc)
 
@@ -130,7 +131,7 @@ def run_report(
         "first_token_norm": curves.baseline.first_token_norm,
         "words": curves.summary()["words"],
         "sink_neurons": row.neurons.summary(),
-        "table_row": {k: v for k, v in table.items() if k not in ("words", "first_token_candidates")},
+        "table_row": {k: v for k, v in table.items() if k not in ("words", "first_token_candidates", "setup")},
         "first_token_candidates": row.choice.summary(),
         "settings": dataclasses.asdict(config),
         "sink_layer_detail": row.sink.summary(),
@@ -138,7 +139,8 @@ def run_report(
         "repetition": {k: v for k, v in curves.summary().items() if k != "words"},
         "repetition_ablated": None if row.curves_ablated is None else row.curves_ablated.summary(),
         "ablation": None if study is None else study.summary(),
-        "circuit": {"skipped": circuit_skipped} if circuit is None else circuit.summary(),
+        "circuit": {"skipped": circuit_skipped} if circuit is None else
+        {k: v for k, v in circuit.summary().items() if k != "setup"},
         "attention": [received_text.summary(), received_repeat.summary()],
         "attention_scores": [regular_maps.summary(), repeat_maps.summary()],
         "paper_table_1": [dataclasses.asdict(r) for r in PAPER_TABLE_1.values()],

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sinklens.analyses.scan import ScanSetup, Screen, Written, run_scan
-from sinklens.analyses.table import SinkTableRow
 from sinklens.errors import SinklensError
-from sinklens.results import load_result, save_result
+from sinklens.results import load_or_compute
 from sinklens.settings import RAY_LOCAL, Settings
+from sinklens.studies.scan import ScanSetup, Screen, Written, run_scan
+from sinklens.studies.table import SinkTableRow
 
 
 @dataclass(frozen=True)
@@ -106,15 +106,7 @@ def _row_path(out: Path, config: Settings) -> Path:
 def table_row_into(config: Settings, out: Path) -> SinkTableRow:
     """One model's Table-1 row, read from ``out`` if a run of the same settings wrote it, else measured (on the
     layers it needs only) and written there."""
-    path = _row_path(out, config)
-    if path.is_file():
-        try:
-            return load_result(path)
-        except Exception:  # written by an older sinklens, or damaged: measure it again
-            path.unlink()
-    row = config.table_row(config.load_model(early_layers_only=True), config.natural_text())
-    save_result(row, path)
-    return row
+    return load_or_compute(_row_path(out, config), lambda: config.table_row(config.load_model(early_layers_only=True)))
 
 
 def table_sweep(configs: Sequence[Settings], out: str | Path, *, ray: bool = False

@@ -66,16 +66,27 @@ def _raise_stop(activation: torch.Tensor, hook) -> None:
     raise StopAtLayerException(activation)
 
 
-def stopping(model: TransformerBridge, names: Sequence[str]) -> tuple[int | None, list[Hook]]:
-    """How to run ``model`` no further than ``names`` need: the ``stop_at_layer`` to pass TransformerLens
-    and hooks to add. TransformerLens stops only before a block, so a run that needs the last block
-    would go on through the final norm and the unembedding: a vocabulary-sized matmul for nothing, and
-    for a model built with its first layers only (``load_model(n_layers=...)``) a head that need never
-    be read. A hook on the final norm's input ends such a run there instead."""
-    stop = stop_layer(model, names)
+def _stop_at(model: TransformerBridge, stop: int | None) -> tuple[int | None, list[Hook]]:
+    """How to run ``model`` no further than block ``stop - 1`` (:func:`stop_layer`; None: the whole model): the
+    ``stop_at_layer`` to pass TransformerLens and hooks to add. TransformerLens stops only before a block, so a run
+    that needs the last block would go on through the final norm and the unembedding: a vocabulary-sized matmul
+    for nothing, and for a model built with its first layers only (``load_model(n_layers=...)``) a head that
+    need never be read. A hook on the final norm's input ends such a run there instead."""
     if stop is None or stop < model.cfg.n_layers:
         return stop, []
     return None, ([(_FINAL_NORM_INPUT, _raise_stop)] if _FINAL_NORM_INPUT in model.hook_dict else [])
+
+
+def forward(model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], names: Sequence[str], *,
+            hooks: Sequence[Hook] = (), prefix: SharedPrefix | None = None, **kwargs: Any) -> None:
+    """The one forward pass every sinklens run makes: ``hooks`` in place, and the run stopped after the deepest
+    block that ``names`` need (:func:`stop_layer`). With ``prefix`` (:func:`shared_prefix`) every row of
+    ``tokens`` continues it. ``kwargs`` go to the model (``past_key_values``, ``return_type``, ...)."""
+    stop = stop_layer(model, names)
+    if prefix is not None:
+        kwargs["past_key_values"] = _continuing(prefix, tokens.shape[0], stop)
+    stop_at, stoppers = _stop_at(model, stop)
+    model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=[*hooks, *stoppers], stop_at_layer=stop_at, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -96,17 +107,15 @@ def shared_prefix(model: TransformerBridge, tokens: Int[torch.Tensor, "1 prefix"
     if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] < 1:
         raise SinklensError(f"a shared prefix is one row of at least one token, not shape {tuple(tokens.shape)}",
                             "pass tokens[:1, :k]")
-    names = list(names)
-    stop, stoppers = stopping(model, names)
     past = DynamicCache(config=model.original_model.config)
-    with torch.inference_mode(), model.hooks(fwd_hooks=stoppers):
-        model(tokens.to(model.cfg.device), past_key_values=past, stop_at_layer=stop, return_type=None)
+    with torch.inference_mode():
+        forward(model, tokens, names, past_key_values=past, return_type=None)
     return SharedPrefix(past, stop_layer(model, names))
 
 
-def _continuing(prefix: SharedPrefix, rows: int, names: Sequence[str], model: TransformerBridge):
-    """A copy of the prefix's keys and values for ``rows`` rows of a run reading ``names`` (it appends to it)."""
-    stop = stop_layer(model, names)
+def _continuing(prefix: SharedPrefix, rows: int, stop: int | None):
+    """A copy of the prefix's keys and values for ``rows`` rows of a run stopping before block ``stop`` (it
+    appends to it)."""
     if prefix.stop is not None and (stop is None or stop > prefix.stop):
         raise SinklensError("the shared prefix was run through fewer blocks than this run needs",
                             "build it with shared_prefix() from the same hook names")
@@ -142,22 +151,16 @@ def run_cache(
     for name in names:
         if (m := _BLOCK.match(name)) is not None:
             check_layer(model, int(m.group(1)))
-    tokens = tokens.to(model.cfg.device)
-    stop, stoppers = stopping(model, names)
-    extra = {} if prefix is None else {"past_key_values": _continuing(prefix, tokens.shape[0], names, model)}
-    with torch.inference_mode(), model.hooks(fwd_hooks=[*interventions, *stoppers]):
-        if reduce is None:
-            _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=stop, **extra)
-            return ActivationCache({name: _float32(value) for name, value in cache.items()}, model)
-        store: dict[str, torch.Tensor] = {}
+    store: dict[str, torch.Tensor] = {}
 
-        def make_hook(name: str):
-            def hook(activation: torch.Tensor, hook) -> None:
-                store[name] = _float32(reduce(name, activation))
+    def make_hook(name: str):
+        def hook(activation: torch.Tensor, hook) -> None:
+            store[name] = _float32(activation if reduce is None else reduce(name, activation))
 
-            return hook
+        return hook
 
-        model.run_with_hooks(tokens, fwd_hooks=[(n, make_hook(n)) for n in names], stop_at_layer=stop, **extra)
+    with torch.inference_mode():
+        forward(model, tokens, names, hooks=[*interventions, *((n, make_hook(n)) for n in names)], prefix=prefix)
     return ActivationCache(store, model)
 
 

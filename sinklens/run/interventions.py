@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.errors import SinklensError
 from sinklens.run.cache import Hook, as_index, check_layer, run_cache
@@ -42,7 +43,7 @@ def check_neurons(model: TransformerBridge, neurons: Sequence[Neuron]) -> list[N
 
 
 def neuron_hook_name(layer: int) -> str:
-    return f"blocks.{layer}.mlp.hook_post"
+    return get_act_name("post", layer)
 
 
 def ablation_hooks(

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformer_lens.utilities import get_act_name
 
 from sinklens._io import write_json
 from sinklens.errors import SinklensError
@@ -93,14 +94,14 @@ class SinkPatch:
 
     def hook_name(self, layer: int) -> str:
         """The TransformerLens hook point the patch edits in ``layer``."""
-        return f"blocks.{layer}.mlp.{HOOKS[self.hook]}"
+        return get_act_name(HOOKS[self.hook], layer)
 
     def describe(self) -> str:
         what = {"up": "up-projection output", "gate": "gate pre-activation", "post": "activation after the gate"}
         value = "the value of the first token after the start" if self.value == "first_after_start" else \
             "their mean over natural text"
         where = "; ".join(f"layer {layer}: {[n for l, n in self.neurons if l == layer]}" for layer in self.layers)
-        return (f"{where}: {what[self.hook]} (mlp.{HOOKS[self.hook]}) clamped to {value} on every position after "
+        return (f"{where}: {what[self.hook]} (mlp.hook_{HOOKS[self.hook]}) clamped to {value} on every position after "
                 "the first")
 
     def check(self, n_layers: int, d_mlp: int, name: str = "") -> None:
@@ -143,14 +144,17 @@ class SinkPatch:
                                 "write it again with: sinklens patch --model SPEC --out patch.json") from None
 
     def install(self, model: nn.Module) -> InstalledPatch:
-        """Install on a ``TransformerBridge`` or a Hugging Face causal LM (see the module docstring)."""
-        current = getattr(model, "_sinklens_patch", None)
+        """Install on a ``TransformerBridge`` or a Hugging Face causal LM (see the module docstring). A bridge and
+        the Hugging Face model inside it (``bridge.original_model``) share their modules, so they hold one patch
+        between them: installing on either replaces what either held."""
+        weights = _weights(model)
+        current = installed_patch(model)
         if current is not None:
-            if current.patch == self:
+            if current.patch == self and current.model is model:
                 return current
             current.remove()
         installed = InstalledPatch(self, model)
-        model._sinklens_patch = installed
+        weights._sinklens_patch = installed
         return installed
 
     @contextmanager
@@ -163,8 +167,18 @@ class SinkPatch:
             handle.remove()
 
 
+def installed_patch(model: nn.Module) -> InstalledPatch | None:
+    """The patch installed on ``model`` (or on the bridge or Hugging Face model sharing its modules), if any."""
+    return getattr(_weights(model), "_sinklens_patch", None)
+
+
+def _weights(model: nn.Module) -> nn.Module:
+    """The Hugging Face model that holds ``model``'s modules: itself, or the one a TransformerBridge wraps."""
+    return getattr(model, "original_model", model)
+
+
 def _decoder(model: nn.Module) -> nn.Module:
-    hf = getattr(model, "original_model", model)
+    hf = _weights(model)
     try:
         return hf.get_decoder()
     except AttributeError:
@@ -212,8 +226,8 @@ class InstalledPatch:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        if getattr(self.model, "_sinklens_patch", None) is self:
-            del self.model._sinklens_patch
+        if installed_patch(self.model) is self:
+            del _weights(self.model)._sinklens_patch
 
     def _track(self, module, args, kwargs) -> None:
         """Read each row's position of every token in this forward, relative to its first real token."""

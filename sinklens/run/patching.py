@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens.results import value_type
-from sinklens.run.cache import Hook, stopping
+from sinklens.run.cache import Hook, forward
 
 
 @value_type
@@ -115,10 +115,8 @@ def activation_gradients(
         return hook
 
     hooks = [(n, make(n, True)) for n in names] + [(n, make(n, False)) for n in metric_names if n not in names]
-    all_names = [*names, *metric_names]
-    stop, stoppers = stopping(model, all_names)
     with torch.enable_grad():
-        model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=[*hooks, *stoppers], stop_at_layer=stop)
+        forward(model, tokens, [*names, *metric_names], hooks=hooks)
         value = metric(store)
         grads = torch.autograd.grad(value, [deltas[n] for n in names])
     return {n: g.detach() for n, g in zip(names, grads)}

@@ -18,6 +18,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens.errors import SinklensError
 from sinklens.results import value_type
+from sinklens.settings import require_words
 
 FirstToken = str | int
 """``"bos"`` (default), ``"eos"``, a token id, or a word placed at the start of the text."""
@@ -157,4 +158,6 @@ def default_words(model: TransformerBridge, phrase: str = "Another one bites the
 
 
 def words_to_tokens(model: TransformerBridge, words: Sequence[str | int], *, leading_space: bool = True) -> list[Token]:
+    """One token per word (a word or a token id); an empty list is an error."""
+    require_words(words)
     return [token(model, w) if isinstance(w, int) else word_token(model, w, leading_space=leading_space) for w in words]

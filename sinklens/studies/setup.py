@@ -24,10 +24,41 @@ from transformer_lens.model_bridge import TransformerBridge
 from sinklens.analyses.first_token import FirstTokenChoice, choose_first_token
 from sinklens.analyses.norms import NormBaseline, norm_baseline
 from sinklens.analyses.sink_layer import SinkLayerResult, find_sink_layer
-from sinklens.analyses.sink_neurons import SinkNeuronsResult, check_criterion, check_layers, find_sink_neurons
+from sinklens.analyses.sink_neurons import (
+    SinkNeuronsResult,
+    check_criterion,
+    check_layers,
+    find_sink_neurons,
+)
 from sinklens.results import Result
-from sinklens.run.tokens import Token, check_context, encode, text_tokens
+from sinklens.run.tokens import Token, text_tokens
 from sinklens.settings import Settings
+
+
+class OnSetup:
+    """What a study's result tells of the circuit setup it started from (its ``setup`` field)."""
+
+    setup: CircuitSetup
+
+    @property
+    def model(self) -> str:
+        return self.setup.model
+
+    @property
+    def choice(self) -> FirstTokenChoice:
+        return self.setup.choice
+
+    @property
+    def sink(self) -> SinkLayerResult:
+        return self.setup.sink
+
+    @property
+    def neurons(self) -> SinkNeuronsResult:
+        return self.setup.neurons
+
+    @property
+    def baseline(self) -> NormBaseline:
+        return self.setup.baseline
 
 
 @dataclass
@@ -79,11 +110,13 @@ class CircuitSetup(Result):
             "first_token": {"id": self.first.id, "text": self.first.text, "chosen_by": self.choice.reason},
             "sink_found": self.sink_found,
             "sink_layer": self.sink_layer,
-            "sink_layer_rule": {"layer": self.sink.sink_layer, "method": self.sink.method},
+            "sink_layer_rule": self.sink.summary(),
             "sink_neurons": [list(n) for n in self.sink_neurons],
             "typical_norm": self.baseline.typical_norm,
             "first_token_norm": self.baseline.first_token_norm,
             "reference_tokens": int(self.reference.shape[1]),
+            "first_token_candidates": self.choice.summary(),
+            "neurons": None if self.neurons is None else self.neurons.summary(),
             "settings": self.settings,
         }
 
@@ -104,17 +137,17 @@ def circuit_setup(
     (``layers``, ``criterion``, ``share``, ``max_neurons``; the notebook's criterion ranks at the last of
     ``n_repeats`` repeats); ``choices`` replace its fields (``circuit_setup(model, n_sigma=1.5)``). With
     ``neurons=False`` only the first token and the sink layer are measured. The model's own dtype and
-    device are used; the settings' ``model``, ``dtype`` and ``device`` name what to load, not this model."""
+    device are used; the settings' ``model``, ``dtype`` and ``device`` name what to load, not this model. Text
+    longer than the model's context is cut to it."""
     settings = Settings.of(settings, **choices)
     settings.check_analysis()
     typical_text = (settings.corpus_text() if text is None else text)[: settings.corpus_chars]
-    check_context(model, len(encode(model, typical_text)) + 1)
     check_criterion(model, settings.criterion, settings.layers)
     if settings.layers is not None:
         check_layers(model, settings.layers)
     choice = choose_first_token(model, typical_text, given=settings.given_first_token, max_layer=settings.max_layer,
                                 min_ratio=settings.min_ratio)
-    reference = text_tokens(model, typical_text, first=choice.token.id)
+    reference = text_tokens(model, typical_text, first=choice.token.id, max_tokens=model.cfg.n_ctx)
     sink = find_sink_layer(model, first=choice.token.id, max_layer=settings.max_layer, n_sigma=settings.n_sigma,
                            reference=reference)
     found = find_sink_neurons(model, reference, layers=settings.layers, criterion=settings.criterion,

@@ -13,39 +13,23 @@ still made (on the tokenizer's BOS, or the most sink-like candidate), so the num
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from sinklens.analyses.first_token import FirstTokenChoice, choose_first_token
-from sinklens.analyses.norms import NormBaseline, RepetitionCurves, norm_baseline, repetition_curves
-from sinklens.analyses.sink_layer import SinkLayerResult, find_sink_layer
-from sinklens.analyses.sink_neurons import (
-    SINGLE_LAYER,
-    SinkNeuronsResult,
-    check_criterion,
-    check_layers,
-    find_sink_neurons,
-)
-from sinklens.errors import SinklensError
+from sinklens.analyses.norms import RepetitionCurves, repetition_curves
+from sinklens.analyses.sink_neurons import SINGLE_LAYER
 from sinklens.load.models import placement
 from sinklens.load.registry import PAPER_TABLE_1, paper_record
 from sinklens.results import Result
 from sinklens.run.interventions import ablation_hooks
-from sinklens.run.tokens import FirstToken, check_context, default_words, encode, text_tokens, words_to_tokens
-from sinklens.settings import (
-    AUTO,
-    MAX_NEURONS,
-    MIN_SINK_RATIO,
-    PAPER_MAX_LAYER,
-    PAPER_N_SIGMA,
-    REMOVED_SHARE,
-    SINK_FRACTION,
-)
+from sinklens.run.tokens import check_context, default_words, words_to_tokens
+from sinklens.settings import Settings
+from sinklens.studies.setup import CircuitSetup, OnSetup, circuit_setup
 
 ABLATED = "sink neurons ablated"
 NO_SINK = "no sink found"
@@ -56,14 +40,10 @@ def layer_range(layers: list[int]) -> str:
 
 
 @dataclass
-class SinkTableRow(Result):
+class SinkTableRow(OnSetup, Result):
     """The chain behind one Table-1 row (``curves_ablated`` is None when no sink neurons were found)."""
 
-    model: str
-    choice: FirstTokenChoice
-    sink: SinkLayerResult
-    neurons: SinkNeuronsResult
-    baseline: NormBaseline
+    setup: CircuitSetup
     curves: RepetitionCurves
     curves_ablated: RepetitionCurves | None
     placement: dict[str, str] = field(default_factory=dict)  # dtype, device, layers loaded (load.models.placement)
@@ -140,6 +120,7 @@ class SinkTableRow(Result):
                 for i, w in enumerate(curves.summary()["words"])
             ],
             "first_token_candidates": self.choice.summary()["candidates"],
+            "setup": self.setup.summary(),
             "paper_table_1": None if record is None else {
                 "repeats": record.repeats, "sink_layer": record.sink_layer, "sink_neurons": list(record.sink_neurons)},
         }
@@ -147,53 +128,33 @@ class SinkTableRow(Result):
 
 def sink_table_row(
     model: TransformerBridge,
-    text: str,
+    text: str | None = None,
+    settings: Settings | None = None,
     *,
-    words: Sequence[str | int] | None = None,
-    n_repeats: int = 1000,
-    first: FirstToken = AUTO,
-    layers: int | Sequence[int] | None = None,
-    criterion: str = "paper",
-    share: float = REMOVED_SHARE,
-    max_neurons: int = MAX_NEURONS,
-    max_layer: int | None = PAPER_MAX_LAYER,
-    n_sigma: float = PAPER_N_SIGMA,
-    min_ratio: float = MIN_SINK_RATIO,
-    sink_fraction: float = SINK_FRACTION,
+    setup: CircuitSetup | None = None,
     progress: bool = False,
+    **choices: Any,
 ) -> SinkTableRow:
-    """Measure one Table-1 row. ``text`` is natural text for the typical norm (the paper: the first
-    1000 characters of Tiny Shakespeare); ``words`` default to the tokens of "Another one bites the dust"."""
-    if words is not None and not words:
-        raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
-    tokens = default_words(model) if words is None else words_to_tokens(model, words)
-    check_context(model, n_repeats + 1)  # a too-long run or a bad setting fails before any forward pass
-    check_context(model, len(encode(model, text)) + 1)
-    check_criterion(model, criterion, layers)
-    if layers is not None:
-        check_layers(model, layers)
-    source = getattr(model, "sinklens_source", None)
-    name = source.name if source else model.cfg.model_name
-    with tqdm(total=5, desc="sinklens table", disable=not progress) as steps:
-        choice = choose_first_token(model, text, given=None if first == AUTO else first, max_layer=max_layer,
-                                    min_ratio=min_ratio)
-        start = choice.token.id
+    """Measure one Table-1 row. ``text`` is natural text (default: the settings' corpus; the paper: Tiny
+    Shakespeare), its first ``corpus_chars`` characters giving the typical norm; ``settings`` (or ``choices``
+    in place of its fields, :meth:`~sinklens.settings.Settings.of`) decide the circuit setup
+    (:func:`~sinklens.studies.setup.circuit_setup`; pass ``setup`` to reuse one measured with the same
+    settings) and the repeated ``words`` (default: the tokens of "Another one bites the dust"), ``n_repeats``
+    and ``sink_fraction``."""
+    settings = Settings.of(settings, **choices)
+    settings.check_analysis()
+    tokens = default_words(model) if settings.words is None else words_to_tokens(model, settings.words)
+    check_context(model, settings.n_repeats + 1)  # a too-long run or a bad setting fails before any forward pass
+    with tqdm(total=3, desc="sinklens table", disable=not progress) as steps:
+        setup = setup or circuit_setup(model, text, settings)
         steps.update()
-        reference = text_tokens(model, text, first=start)
-        sink = find_sink_layer(model, first=start, max_layer=max_layer, n_sigma=n_sigma, reference=reference)
-        steps.update()
-        neurons = find_sink_neurons(model, reference, layers=layers, criterion=criterion, share=share,
-                                    max_neurons=max_neurons, notebook_repeats=n_repeats, sink=sink)
-        steps.update()
-        layer = neurons.sink_layer
-        baseline = norm_baseline(model, layer, reference)
-        curves = repetition_curves(model, tokens, layer=layer, baseline=baseline, n_repeats=n_repeats, first=start,
-                                   sink_fraction=sink_fraction)
+        curves_of = dict(layer=setup.sink_layer, baseline=setup.baseline, n_repeats=settings.n_repeats,
+                         first=setup.first.id, sink_fraction=settings.sink_fraction)
+        curves = repetition_curves(model, tokens, **curves_of)
         steps.update()
         ablated = None
-        if neurons.sink_neurons and choice.sink_found:
-            ablated = repetition_curves(model, tokens, layer=layer, baseline=baseline, n_repeats=n_repeats,
-                                        first=start, sink_fraction=sink_fraction, interventions=ablation_hooks(model, [neurons.sink_neurons]),
-                                        condition=ABLATED)
+        if setup.sink_neurons and setup.sink_found:
+            ablated = repetition_curves(model, tokens, **curves_of, condition=ABLATED,
+                                        interventions=ablation_hooks(model, [setup.sink_neurons]))
         steps.update()
-    return SinkTableRow(name, choice, sink, neurons, baseline, curves, ablated, placement(model))
+    return SinkTableRow(setup, curves, ablated, placement(model))

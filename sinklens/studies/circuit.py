@@ -27,8 +27,8 @@ mark, and the result says so with those numbers instead of patching.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -36,41 +36,41 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses.convergence import Convergence, convergence
-from sinklens.analyses.first_detector import FirstDetectorNeurons, first_detector_neurons
-from sinklens.analyses.first_token import FirstTokenChoice, choose_first_token
+from sinklens.analyses.first_detector import (
+    FirstDetectorNeurons,
+    first_detector_neurons,
+)
 from sinklens.analyses.heads import HeadBehaviour, head_behaviour
-from sinklens.analyses.mark import MIN_EFFECT, MarkPatching, first_token_dependence, mark_patching
-from sinklens.analyses.norms import norm_baseline, repetition_curves
+from sinklens.analyses.mark import (
+    MIN_EFFECT,
+    MarkPatching,
+    first_token_dependence,
+    mark_patching,
+)
+from sinklens.analyses.norms import repetition_curves
 from sinklens.analyses.probe import FirstTokenProbe, train_first_token_probe
-from sinklens.analyses.sink_layer import find_sink_layer
-from sinklens.analyses.sink_neurons import SinkNeuronsResult, find_sink_neurons
-from sinklens.analyses.table import SinkTableRow
 from sinklens.errors import SinklensError
 from sinklens.results import Result
 from sinklens.run.tokens import (
-    FirstToken,
     Token,
     check_context,
     default_words,
-    encode,
     repeated_tokens,
-    text_tokens,
     words_to_tokens,
 )
-from sinklens.settings import AUTO, MIN_SINK_RATIO, PAPER_MAX_LAYER, PAPER_N_SIGMA
-
-TYPICAL_CHARS = 1000  # the paper's typical-norm text: the first 1000 characters
+from sinklens.settings import Settings
+from sinklens.studies.setup import CircuitSetup, OnSetup, circuit_setup
+from sinklens.studies.table import SinkTableRow
 
 
 @dataclass
-class FirstLayerCircuit(Result):
+class FirstLayerCircuit(OnSetup, Result):
     """Every piece of the explanation on one model (see the module docstring)."""
 
-    model: str
-    choice: FirstTokenChoice
-    neurons: SinkNeuronsResult
+    setup: CircuitSetup
     repeat_word: Token
     heads: HeadBehaviour
     lone_metric: float  # the sink neurons' signed activation on the lone first token ...
@@ -96,7 +96,7 @@ class FirstLayerCircuit(Result):
         if self.mark is None:
             return behaviour
         effects = self.mark.to_frame()
-        effects = effects[effects["hook"] == "blocks.0.attn.hook_z"]
+        effects = effects[effects["hook"] == get_act_name("z", 0)]
         effects = effects.assign(head=effects["index"].astype(int)).drop(columns=["hook", "index", "component"])
         frame = behaviour.merge(effects, on="head")
         frame["detect_others"] = [(0, h) in self.detect_others_heads for h in frame["head"]]
@@ -131,56 +131,47 @@ class FirstLayerCircuit(Result):
             "probe_by_repeats": self.probe.first_share_on_repeats(),
             "convergence": self.convergence.summary()["words"],
             "repeat_word": self.repeat_word.text,
+            "setup": self.setup.summary(),
         }
 
 
 def first_layer_circuit(
     model: TransformerBridge,
-    text: str,
+    text: str | None = None,
+    settings: Settings | None = None,
     *,
-    words: Sequence[str | int] | None = None,
-    n_repeats: int = 1000,
-    first: FirstToken = AUTO,
-    max_layer: int | None = PAPER_MAX_LAYER,
-    n_sigma: float = PAPER_N_SIGMA,
-    min_ratio: float = MIN_SINK_RATIO,
-    typical_chars: int = TYPICAL_CHARS,
+    table: SinkTableRow | None = None,
     n_contexts: int | None = None,
     seed: int = 0,
-    table: SinkTableRow | None = None,
     progress: bool = False,
+    **choices: Any,
 ) -> FirstLayerCircuit:
-    """Run the whole explanation on ``model``. ``text`` is natural text: its first ``typical_chars``
-    characters give the typical norm and the corrupted runs, all of it the probe's and the
-    first-detector's chunks. The repeated word is the one of ``words`` (default: the tokens of
-    "Another one bites the dust") with the largest norm at the sink layer after ``n_repeats`` repeats.
+    """Run the whole explanation on ``model``. ``text`` is natural text (default: the settings' corpus): its
+    first ``corpus_chars`` characters give the circuit setup (:func:`~sinklens.studies.setup.circuit_setup`)
+    and the corrupted runs, all of it the probe's and the first-detector's chunks. ``settings`` (or
+    ``choices`` in place of its fields) decide the setup and the repeated word: the one of ``words`` (default:
+    the tokens of "Another one bites the dust") with the largest norm at the sink layer after ``n_repeats``
+    repeats.
 
-    ``table``: the Table-1 row of the same model, text, words and repeats (:func:`sink_table_row`), whose
-    first token, sink neurons and norm curves are then reused instead of measured again."""
-    tokens = default_words(model) if words is None else words_to_tokens(model, words)
-    if not tokens:
-        raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
-    check_context(model, n_repeats + 1)
-    typical_text = text[:typical_chars]
-    check_context(model, len(encode(model, typical_text)) + 1)
-    name = getattr(getattr(model, "sinklens_source", None), "name", model.cfg.model_name)
+    ``table``: the Table-1 row of the same model, text and settings (:func:`sink_table_row`), whose circuit
+    setup and norm curves are then reused instead of measured again."""
+    settings = Settings.of(settings, **choices)
+    settings.check_analysis()
+    text = settings.corpus_text() if text is None else text
+    tokens = default_words(model) if settings.words is None else words_to_tokens(model, settings.words)
+    check_context(model, settings.n_repeats + 1)
+    typical_text = text[: settings.corpus_chars]
+    n_repeats = settings.n_repeats
     with tqdm(total=7, desc="sinklens circuit", disable=not progress) as bar:
-        choice = table.choice if table is not None else choose_first_token(
-            model, typical_text, given=None if first == AUTO else first, max_layer=max_layer, min_ratio=min_ratio)
-        start = choice.token.id
-        reference = text_tokens(model, typical_text, first=start)
-        if table is None:
-            sink = find_sink_layer(model, first=start, max_layer=max_layer, n_sigma=n_sigma, reference=reference)
-            neurons = find_sink_neurons(model, reference, sink=sink, notebook_repeats=n_repeats)
-        else:
-            neurons = table.neurons
-        if not neurons.sink_neurons:
-            raise SinklensError(f"no sink neurons found on {name} ({neurons.case}; first token: {choice.reason})",
-                                "there is no sink to explain; see sinklens table for the numbers")
+        setup = table.setup if table is not None else circuit_setup(model, text, settings)
+        start, reference = setup.first.id, setup.reference
+        if not setup.sink_neurons:
+            raise SinklensError(f"no sink neurons found on {setup.model} ({setup.neurons.case}; first token: "
+                                f"{setup.choice.reason})", "there is no sink to explain; see sinklens table for the numbers")
         bar.update()
-        layer = neurons.sink_layer
+        layer = setup.sink_layer
         curves = table.curves if table is not None else repetition_curves(
-            model, tokens, layer=layer, baseline=norm_baseline(model, layer, reference), n_repeats=n_repeats, first=start)
+            model, tokens, layer=layer, baseline=setup.baseline, n_repeats=n_repeats, first=start)
         word = curves.words[max(range(len(tokens)), key=lambda i: curves.max_norms[i])]
         repeat = repeated_tokens(model, word.id, n_repeats, first=start)
         label = f"{word.text!r} x {n_repeats}"
@@ -188,10 +179,10 @@ def first_layer_circuit(
         heads = head_behaviour(model, {"natural text": reference, label: repeat})
         bar.update()
         contexts = {} if n_contexts is None else {"n_contexts": n_contexts}
-        lone, later = first_token_dependence(model, start, typical_text, neurons.sink_neurons, **contexts)
+        lone, later = first_token_dependence(model, start, typical_text, setup.sink_neurons, **contexts)
         mark = None
         if lone - float(later.max()) > MIN_EFFECT * abs(lone):  # else the sink does not need the token to be first
-            mark = mark_patching(model, start, typical_text, neurons.sink_neurons, repeat_word=word.id,
+            mark = mark_patching(model, start, typical_text, setup.sink_neurons, repeat_word=word.id,
                                  n_repeats=n_repeats, seed=seed, **contexts)
         bar.update()
         detectors = first_detector_neurons(model, text, repeat, sink_layer=layer, repeat_label=label)
@@ -200,4 +191,4 @@ def first_layer_circuit(
         bar.update()
         converged = convergence(model, first=start)
         bar.update()
-    return FirstLayerCircuit(name, choice, neurons, word, heads, lone, later, mark, detectors, probe, converged)
+    return FirstLayerCircuit(setup, word, heads, lone, later, mark, detectors, probe, converged)

@@ -34,11 +34,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -49,91 +48,76 @@ from plotly.subplots import make_subplots
 from scipy import stats
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
-from sinklens._io import write_json
 from sinklens.analyses._stats import proportion_interval
-from sinklens.analyses.norms import first_crossing, repeats_to_stay, resid_norms, sink_threshold
+from sinklens.analyses.first_detector import first_detector_neurons
+from sinklens.analyses.norms import (
+    first_crossing,
+    repeats_to_stay,
+    resid_norms,
+    sink_threshold,
+)
 from sinklens.errors import SinklensError
 from sinklens.load.models import placement
 from sinklens.results import Result
 from sinklens.run.cache import run_cache
-from sinklens.run.tokens import check_context, encode
-from sinklens.settings import SCAN_BATCH, SCREEN_CALIBRATION, SCREEN_REPEATS, SCREEN_THRESHOLD
+from sinklens.run.tokens import check_context, encode, repeated_tokens
+from sinklens.settings import SCAN_BATCH, Settings
+from sinklens.studies.scan_store import (
+    SETUP_FILE,
+    TABLE_FILE,
+    RowFile,
+    ScanSetup,
+    Screen,
+    all_rows,
+    prepare_scan_dir,
+    row_file,
+    scan_settings,
+    screen_score,
+    stored_request,
+    stored_screen,
+)
+from sinklens.studies.setup import CircuitSetup, circuit_setup
 
 N_STRATA = 10
-SETUP_FILE = "scan.json"
-SCREEN_FILE = "screen.json"
-TABLE_FILE = "scan.parquet"
 SCREEN_BATCH = 32  # tokens per short run: 29.9, 27.4 and 26.6 ms per token at batches of 16, 32 and 64
 FEATURES = ("token_id", "embedding_norm", "first_detector_score", "layer0_lone_cosine")
 
 
-@dataclass(frozen=True)
-class ScanSetup:
-    """What every row of a scan depends on (stored as ``scan.json`` beside the rows)."""
-
-    model: str
-    first_token: int
-    prefix: tuple[int, ...]
-    n_repeats: int
-    layer: int  # where norms are read: the (last) sink layer
-    sink_neurons: tuple[tuple[int, int], ...]
-    typical_norm: float
-    first_token_norm: float
-    sink_neuron_first: tuple[float, ...]  # each sink neuron's activation on the first token
-    detector: tuple[int, int]  # the top first-detector neuron (layer, index), read at hook_pre
-    detector_first: float  # its mean value at position 0 / position 1 of natural-text chunks
-    detector_later: float
-    dtype: str = "float32"  # the model's precision (statistics are float32 whatever it is)
-
-    @property
-    def threshold(self) -> float:
-        return sink_threshold(self.first_token_norm, self.typical_norm)
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data["prefix"], data["sink_neurons"] = list(self.prefix), [list(n) for n in self.sink_neurons]
-        data["detector"], data["sink_neuron_first"] = list(self.detector), list(self.sink_neuron_first)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict) -> ScanSetup:
-        return cls(**{**data, "prefix": tuple(data["prefix"]), "detector": tuple(data["detector"]),
-                      "sink_neurons": tuple(tuple(n) for n in data["sink_neurons"]),
-                      "sink_neuron_first": tuple(data["sink_neuron_first"])})
-
-
-def scan_setup(model: TransformerBridge, text: str, *, n_repeats: int = 1000, prefix: str = "",
-               first: str | int | None = None) -> ScanSetup:
-    """Measure what the scan needs once: the first token the model makes a sink, the sink neurons and
-    their layer, the typical and first-token norms there, and the top first-detector neuron."""
-    from sinklens.analyses.first_detector import first_detector_neurons
-    from sinklens.analyses.first_token import choose_first_token
-    from sinklens.analyses.sink_neurons import find_sink_neurons
-    from sinklens.run.tokens import repeated_tokens, text_tokens
-
-    choice = choose_first_token(model, text, given=first)
-    reference = text_tokens(model, text[:1000], first=choice.token.id, max_tokens=model.cfg.n_ctx)
-    neurons = find_sink_neurons(model, reference, notebook_repeats=min(n_repeats, 1000))
-    if not neurons.sink_neurons:
-        raise SinklensError(f"{model.cfg.model_name} has no sink neurons to scan for",
+def scan_setup(model: TransformerBridge, text: str | None = None, settings: Settings | None = None, *,
+               prefix: str = "", setup: CircuitSetup | None = None, **choices: Any) -> ScanSetup:
+    """Measure what the scan needs once: the circuit setup (:func:`~sinklens.studies.setup.circuit_setup` on
+    natural ``text`` with ``settings``, or ``choices`` in place of its fields; ``settings.n_repeats`` is the
+    scan's repeats), the sink neurons' activation on the first token, the typical and first-token norms at
+    the (last) sink layer, and the top first-detector neuron (read on the whole ``text``). ``setup`` reuses a
+    circuit setup measured with the same settings."""
+    settings = Settings.of(settings, **choices)
+    text = settings.corpus_text() if text is None else text
+    setup = setup or circuit_setup(model, text, settings)
+    if not setup.sink_found:
+        raise SinklensError(f"{setup.model} has no sink to scan for: {setup.choice.reason}",
+                            "check `sinklens table`: the scan measures repeats against the first token's sink")
+    if not setup.sink_neurons:
+        raise SinklensError(f"{setup.model} has no sink neurons to scan for",
                             "check `sinklens neurons`: the scan needs a sink")
     prefix_ids = tuple(encode(model, prefix)) if prefix else ()
-    check_context(model, 1 + len(prefix_ids) + n_repeats)
-    layer = max(l for l, _ in neurons.sink_neurons)
+    check_context(model, 1 + len(prefix_ids) + settings.n_repeats)
+    layer = max(l for l, _ in setup.sink_neurons)
+    reference, first = setup.reference, setup.first.id
     norms = resid_norms(model, reference, layer)[0]
-    names = sorted({f"blocks.{l}.mlp.hook_post" for l, _ in neurons.sink_neurons})
+    names = sorted({get_act_name("post", l) for l, _ in setup.sink_neurons})
     cache = run_cache(model, reference[:, :1], names)
-    sink_first = tuple(float(cache[f"blocks.{l}.mlp.hook_post"][0, 0, n]) for l, n in neurons.sink_neurons)
-    detectors = first_detector_neurons(model, text, repeated_tokens(model, reference[0, 1].item(), 8,
-                                                                    first=choice.token.id), sink_layer=layer, top=1)
+    sink_first = tuple(float(cache[get_act_name("post", l)][0, 0, n]) for l, n in setup.sink_neurons)
+    detectors = first_detector_neurons(model, text, repeated_tokens(model, reference[0, 1].item(), 8, first=first),
+                                       sink_layer=layer, top=1)
     (d_layer, d_neuron), = detectors.top
     index = detectors.layers.index(d_layer)
     return ScanSetup(
-        model.cfg.model_name, choice.token.id, prefix_ids, n_repeats, layer,
-        tuple((int(l), int(n)) for l, n in neurons.sink_neurons), float(norms[1:].mean()), float(norms[0]), sink_first,
+        model.cfg.model_name, first, prefix_ids, settings.n_repeats, layer,
+        tuple((int(l), int(n)) for l, n in setup.sink_neurons), float(norms[1:].mean()), float(norms[0]), sink_first,
         (int(d_layer), int(d_neuron)), float(detectors.means[0, index, d_neuron]),
-        float(detectors.means[1, index, d_neuron]), placement(model)["dtype"])
+        float(detectors.means[1, index, d_neuron]), placement(model)["dtype"], scan_settings(setup.settings))
 
 
 def select_tokens(model: TransformerBridge, n: int | None = None, *, seed: int = 0) -> list[int]:
@@ -168,10 +152,10 @@ def scan_rows(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[in
     tokens = repeated_batch(setup, ids[:, None].expand(-1, setup.n_repeats))
     sink_layers = sorted({l for l, _ in setup.sink_neurons})
     d_layer, d_neuron = setup.detector
-    resid = f"blocks.{setup.layer}.hook_resid_post"
-    posts = {l: f"blocks.{l}.mlp.hook_post" for l in sink_layers}
-    detector = f"blocks.{d_layer}.mlp.hook_pre"
-    layer0 = "blocks.0.hook_resid_post"
+    resid = get_act_name("resid_post", setup.layer)
+    posts = {l: get_act_name("post", l) for l in sink_layers}
+    detector = get_act_name("pre", d_layer)
+    layer0 = get_act_name("resid_post", 0)
 
     def reduce(name: str, activation: torch.Tensor) -> torch.Tensor:
         if name == resid:
@@ -210,75 +194,11 @@ def scan_rows(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[in
     return rows
 
 
-class RowFile:
-    """One shard's rows as JSON lines; appends survive a kill (a torn last line is cut on reopening)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def rows(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        rows = []
-        text = self.path.read_text(encoding="utf-8")
-        for line in text.split("\n")[:-1]:  # a last segment without its newline is a torn write
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        return rows
-
-    def append(self, rows: Iterable[dict]) -> None:
-        self._cut_torn_tail()
-        with self.path.open("a", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _cut_torn_tail(self) -> None:
-        if not self.path.is_file():
-            return
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end != len(data):
-            with self.path.open("r+b") as f:
-                f.truncate(end)
-
-
-class Screen(NamedTuple):
-    """The cheap first pass of a screened scan (stored as ``screen.json`` beside the rows).
-
-    Every token asked for is run with ``n_repeats`` repeats only, and its screen score is how far that
-    short run's peak norm at the sink layer went from the typical norm toward the first token's, in
-    log space (:func:`screen_score`: 0 at the typical norm, 1 at the first token's; the sink regime
-    starts at 0.9). Tokens scoring at least ``threshold`` are run in full, and so is a seeded random
-    sample of ``calibration`` tokens of the request whatever their score: the sample's screen negatives
-    measure what the screen misses, so the share over the request is estimated with an interval and
-    the screen's recall is measured on every run, never assumed. ``positives`` below 1 runs only that
-    share of the screen positives in full (drawn at random), trading a wider interval for time.
-    """
-
-    n_repeats: int = SCREEN_REPEATS
-    threshold: float = SCREEN_THRESHOLD
-    calibration: int = SCREEN_CALIBRATION
-    positives: float = 1.0
-    seed: int = 0
-
-    def positive(self, short_row: dict, setup: ScanSetup) -> bool:
-        """Whether a token's short run makes it a screen positive."""
-        return screen_score(short_row, setup) >= self.threshold
-
-
 class Written(NamedTuple):
     """What one call of :func:`run_scan` added: tokens screened and tokens run in full."""
 
     screened: int
     full: int
-
-
-def screen_score(row: dict, setup: ScanSetup) -> float:
-    """How far a row's peak norm went from the typical norm toward the first token's, in log space."""
-    return math.log(max(row["peak_ratio"], 1e-12)) / math.log(setup.first_token_norm / setup.typical_norm)
 
 
 def screen_draws(token_ids: Sequence[int], screen: Screen) -> tuple[set[int], set[int]]:
@@ -298,62 +218,6 @@ def _due(token: int, positive: bool, calibration: set[int], eligible: set[int]) 
     return token in calibration or positive and token in eligible
 
 
-def _row_file(out: Path, kind: str, shard: tuple[int, int]) -> RowFile:
-    return RowFile(out / f"{kind}-{shard[0]}-of-{shard[1]}.jsonl")
-
-
-def _all_rows(out: Path, kind: str = "rows") -> dict[int, dict]:
-    """Every shard's rows of one kind (``rows``: full runs, ``screen``: screen runs), each token once."""
-    rows: dict[int, dict] = {}
-    for path in sorted(out.glob(f"{kind}-*.jsonl")):
-        for row in RowFile(path).rows():
-            rows.setdefault(row["token_id"], row)
-    return rows
-
-
-def stored_setup(out: str | Path, model: str, n_repeats: int, prefix: tuple[int, ...]) -> ScanSetup | None:
-    """The setup of the scan already in ``out`` (so shards and resumed runs share one, measured once), after
-    checking that it was made on ``model`` with the same repeats and prefix; None if ``out`` holds no scan."""
-    path = Path(out) / SETUP_FILE
-    if not path.is_file():
-        return None
-    stored = ScanSetup.from_json(json.loads(path.read_text(encoding="utf-8")))
-    if (stored.model, stored.n_repeats, stored.prefix) != (model, n_repeats, tuple(prefix)):
-        raise SinklensError(f"{out} holds a scan of {stored.model} at {stored.n_repeats} repeats with another prefix or "
-                            "model than asked", "use another --out, or the settings of the scan already there")
-    return stored
-
-
-def _stored_screen(out: Path) -> Screen | None:
-    path = out / SCREEN_FILE
-    return Screen(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
-
-
-def prepare_scan_dir(out: Path, setup: ScanSetup, screen: Screen | None = None) -> None:
-    """Record ``setup`` and ``screen`` in ``out``, or check that the scan already there has the same ones
-    (a directory holds either an exhaustive scan or a screened one, never both)."""
-    path = out / SETUP_FILE
-    if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored != setup.to_json():
-            differ = sorted(k for k in stored if stored.get(k) != setup.to_json().get(k))
-            raise SinklensError(f"{out} holds a scan with other settings ({', '.join(differ)} differ)",
-                                "use another --out, or the settings of the scan already there")
-    stored_screen = _stored_screen(out)
-    if screen is None and stored_screen is not None:
-        raise SinklensError(f"{out} holds a screened scan", "drop --exhaustive, or use another --out")
-    if screen is not None and stored_screen is None and any(out.glob("rows-*.jsonl")):
-        raise SinklensError(f"{out} holds an exhaustive scan", "pass --exhaustive, or use another --out")
-    if screen is not None and stored_screen is not None and stored_screen != screen:
-        differ = [k for k in Screen._fields if getattr(stored_screen, k) != getattr(screen, k)]
-        raise SinklensError(f"{out} holds a scan with another screen ({', '.join(differ)} differ)",
-                            "use another --out, or the screen settings of the scan already there")
-    if not path.is_file():
-        write_json(path, setup.to_json())
-    if screen is not None and stored_screen is None:
-        write_json(out / SCREEN_FILE, screen._asdict())
-
-
 def run_scan(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[int], out: str | Path, *,
              shard: tuple[int, int] = (1, 1), batch_size: int = SCAN_BATCH, screen: Screen | None = None,
              progress: bool = False) -> Written:
@@ -366,21 +230,21 @@ def run_scan(model: TransformerBridge, setup: ScanSetup, token_ids: Sequence[int
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    prepare_scan_dir(out, setup, screen)
+    prepare_scan_dir(out, setup, screen, token_ids)
     mine = list(token_ids)[shard[0] - 1 :: shard[1]]
     label = f"shard {shard[0]}/{shard[1]}"
     screened = 0
     if screen is not None:
-        done = _all_rows(out, "screen")
+        done = all_rows(out, "screen")
         todo = [t for t in mine if t not in done]
-        _append_rows(model, replace(setup, n_repeats=screen.n_repeats), todo, _row_file(out, "screen", shard),
+        _append_rows(model, replace(setup, n_repeats=screen.n_repeats), todo, row_file(out, "screen", shard),
                      SCREEN_BATCH, f"screen {label}", progress)
-        screened, scores = len(todo), _all_rows(out, "screen")
+        screened, scores = len(todo), all_rows(out, "screen")
         calibration, eligible = screen_draws(token_ids, screen)
         mine = [t for t in mine if _due(t, screen.positive(scores[t], setup), calibration, eligible)]
-    done = _all_rows(out)
+    done = all_rows(out)
     todo = [t for t in mine if t not in done]
-    _append_rows(model, setup, todo, _row_file(out, "rows", shard), batch_size, f"full runs {label}", progress)
+    _append_rows(model, setup, todo, row_file(out, "rows", shard), batch_size, f"full runs {label}", progress)
     return Written(screened, len(todo))
 
 
@@ -524,19 +388,23 @@ def _known(value: float) -> float | None:
 
 
 def merge_scan(out: str | Path, token_ids: Sequence[int] | None = None) -> VocabScan:
-    """Every shard's rows in ``out`` as one table (restricted to ``token_ids``, the tokens asked for, if given;
-    else every token the directory holds), written to ``out/scan.parquet`` atomically."""
+    """Every shard's rows in ``out`` as one table, for the tokens asked for: ``token_ids``, else the latest
+    request recorded in ``out`` (else, for a directory that recorded none, every token it holds). A screened
+    scan's calibration sample is drawn from that request, as :func:`run_scan` drew it. Written to
+    ``out/scan.parquet`` atomically."""
     from sinklens._io import atomic_path
 
     out = Path(out)
     if not (out / SETUP_FILE).is_file():
         raise SinklensError(f"{out} holds no scan", "run: sinklens scan --out DIR")
     setup = json.loads((out / SETUP_FILE).read_text(encoding="utf-8"))
-    full, screen = _all_rows(out), _stored_screen(out)
+    full, screen = all_rows(out), stored_screen(out)
+    if token_ids is None:
+        token_ids = stored_request(out)
     if screen is None:
         rows = {t: {**row, "verified": True} for t, row in full.items()}
     else:
-        measured, screened = ScanSetup.from_json(setup), _all_rows(out, "screen")
+        measured, screened = ScanSetup.from_json(setup), all_rows(out, "screen")
         calibration, eligible = screen_draws(list(screened) if token_ids is None else token_ids, screen)
         rows = {}
         for t, short in screened.items():

@@ -31,15 +31,16 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses._stats import proportion_interval
 from sinklens.analyses.norms import resid_norms
-from sinklens.analyses.scan import ScanSetup, VocabScan, repeated_batch
 from sinklens.errors import SinklensError
 from sinklens.results import Result
 from sinklens.run.cache import run_cache
 from sinklens.run.tokens import check_context
 from sinklens.settings import CLUSTERINGS as CLUSTERING_NAMES
+from sinklens.studies.scan import ScanSetup, VocabScan, repeated_batch
 
 CONDITIONS = ("cluster", "repeat", "random")
 N_CLUSTERS = 32
@@ -51,8 +52,8 @@ def key_clusters(model: TransformerBridge, scan: VocabScan, *, n_clusters: int =
     from sklearn.cluster import KMeans
 
     ids = torch.tensor([row["token_id"] for row in scan.rows])
-    name = "blocks.0.attn.hook_k"
-    keys = torch.cat([run_cache(model, ids[i : i + 512, None], [name])[name][:, 0].float().cpu()
+    name = get_act_name("k", 0)
+    keys = torch.cat([run_cache(model, ids[i : i + 512, None], [name])[name][:, 0].cpu()
                       for i in range(0, len(ids), 512)])  # [token, head, d_head]
     features = torch.nn.functional.normalize(keys, dim=-1).flatten(1).numpy()
     labels = KMeans(n_clusters=min(n_clusters, len(ids)), n_init=10, random_state=seed).fit_predict(features)
