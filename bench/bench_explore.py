@@ -1,60 +1,79 @@
-"""Benchmark: seconds per update of the live explorer (``sl.explore``) on the default model.
+"""The live explorer and the sink census against a plain Hugging Face forward pass of the same tokens.
 
-Builds the explorer on ``' the'`` x 1000 (the first token, sink layer and neurons and typical
-norm are measured then), then drives it as a user does and records ``last_update_seconds`` for
-each change: a new prompt (the repeat slider, the word; one forward pass that reads every layer's
-attention pattern), a layer and a head move (redrawn from memory), the patch turned on (its own
-forward pass), off and on again (from memory), and the slider moved with the patch on (two forward
-passes). For scale it times a plain Hugging Face forward pass of the same 1001 tokens (the model's
-default attention, best of 2) under the same load. Prints one JSON object on its last line.
+    python bench/bench_explore.py [--rounds 3]
 
-Usage: ``python bench/bench_explore.py``.
+On the default model: the explorer (``sl.explore``) is built on ``' the'`` x 1000, then each round moves it to a
+new 1,001-token prompt with the patch off (the word box: ``' dust'``, then ``' the'`` again, each a forward pass
+since memory holds a few runs only: the runs are cleared first) and reads ``last_update_seconds``; beside it, in
+the same process and round, the same tokens go through a plain Hugging Face model in SDPA (``load_hf_model``, a
+separate copy, the whole model to the logits). The census (``find_sinks``, the circuit setup given) of the first
+1,000 tokens of the natural text is timed against the plain forward of those tokens the same way. Also printed:
+moving the head (from memory) and the layer (one forward pass). Ratios are medians over the rounds; the last line
+is one JSON object with ``update_ratio`` (target <= 1.2) and ``census_ratio`` (target <= 2).
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import statistics
 import time
 
 import torch
+from _harness import print_summary
 
 import sinklens as sl
 from sinklens.present.explore import explore
+from sinklens.studies.census import find_sinks
+
+
+def _plain_seconds(hf_model, tokens: torch.Tensor) -> float:
+    with torch.inference_mode():
+        start = time.perf_counter()
+        hf_model(tokens)
+        return time.perf_counter() - start
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
     model = sl.load_model()
-    start = time.perf_counter()
+    hf_model, _ = sl.load_hf_model()
     explorer = explore(model, word="the", n_repeats=1000)
-    seconds = {"build (measures the circuit, then ' the' x 1000)": time.perf_counter() - start,
-               "' the' x 1000": explorer.last_update_seconds}
-    steps = [
-        ("' the' x 300", explorer.repeats, 300),
-        ("' dust' x 300", explorer.word, "dust"),
-        ("' dust' x 1000", explorer.repeats, 1000),
-        ("layer move", explorer.layer, explorer.layer.value + 1),
-        ("head move", explorer.head, explorer.head.value + 1),
-        ("patch on, ' dust' x 1000 (its run only)", explorer.patch_toggle, True),
-        ("patch off (from memory)", explorer.patch_toggle, False),
-        ("patch on again (from memory)", explorer.patch_toggle, True),
-        ("' dust' x 500, patch on (two runs)", explorer.repeats, 500),
-    ]
-    for name, control, value in steps:
-        control.value = value
-        if explorer.error is not None:
-            raise explorer.error
-        seconds[name] = explorer.last_update_seconds
-    tokens = sl.repeated_tokens(model, "the", 1000, first=explorer.first.id)
-    plain = []
-    with torch.inference_mode():
-        for _ in range(2):
-            begin = time.perf_counter()
-            model.original_model(tokens)
-            plain.append(time.perf_counter() - begin)
-    seconds["plain HF forward, 1001 tokens"] = min(plain)
-    for name, value in seconds.items():
-        print(f"{name:50s} {value:6.2f} s")
-    print(json.dumps({"model": model.cfg.model_name, "seconds": {k: round(v, 3) for k, v in seconds.items()}}))
+    setup = sl.circuit_setup(model)
+    text = sl.text_tokens(model, sl.corpus.shakespeare()[:8000], first=setup.first.id, max_tokens=1000)
+    _plain_seconds(hf_model, text)  # warm-up
+    updates, census, plain_prompt, plain_text, head, layer = [], [], [], [], [], []
+    for _ in range(args.rounds):
+        for word in ("dust", "the"):
+            explorer._remembered.clear()
+            explorer.word.value = word
+            if explorer.error is not None:
+                raise explorer.error
+            updates.append(explorer.last_update_seconds)
+            plain_prompt.append(_plain_seconds(hf_model, explorer.prompt_tokens()))
+        explorer.head.value = (explorer.head.value + 1) % model.cfg.n_heads
+        head.append(explorer.last_update_seconds)
+        explorer.layer.value = (explorer.layer.value + 1) % model.cfg.n_layers
+        layer.append(explorer.last_update_seconds)
+        start = time.perf_counter()
+        find_sinks(model, text, setup=setup)
+        census.append(time.perf_counter() - start)
+        plain_text.append(_plain_seconds(hf_model, text))
+    update_ratios = [u / p for u, p in zip(updates, plain_prompt)]
+    census_ratios = [c / p for c, p in zip(census, plain_text)]
+    median = statistics.median
+    print(f"new 1,001-token prompt, patch off: median {median(updates):.2f} s; plain HF SDPA forward "
+          f"{median(plain_prompt):.2f} s; ratio {median(update_ratios):.2f}x (range {min(update_ratios):.2f}-"
+          f"{max(update_ratios):.2f}; target <= 1.2x)")
+    print(f"census of 1,000 tokens of natural text: median {median(census):.2f} s; plain forward {median(plain_text):.2f}"
+          f" s; ratio {median(census_ratios):.2f}x (range {min(census_ratios):.2f}-{max(census_ratios):.2f}; target <= 2x)")
+    print(f"moving the head (from memory): {median(head):.3f} s; moving the layer (a forward pass): {median(layer):.2f} s")
+    print_summary("explore", update_ratio=round(median(update_ratios), 3), census_ratio=round(median(census_ratios), 3),
+                  update_seconds=round(median(updates), 3), plain_seconds=round(median(plain_prompt), 3),
+                  census_seconds=round(median(census), 3), head_seconds=round(median(head), 3),
+                  layer_seconds=round(median(layer), 3), targets={"update_ratio": "<= 1.2", "census_ratio": "<= 2"})
 
 
 if __name__ == "__main__":

@@ -96,8 +96,8 @@ def main() -> None:
     if not os.path.exists(args.setup):
         from sinklens import load_model
         from sinklens._io import write_json
-        from sinklens.studies.scan import scan_setup
         from sinklens.load.corpus import shakespeare
+        from sinklens.studies.scan import scan_setup
 
         write_json(Path(args.setup), scan_setup(load_model(), shakespeare(), n_repeats=args.n_repeats).to_json())
     setup = json.loads(Path(args.setup).read_text())

@@ -486,8 +486,8 @@ def row_worker(checkpoint: str, device: str, corpus: str, side: str, batches: st
     batches it ran; with layers on demand, then time the scan."""
     import torch
 
-    from sinklens.studies.scan import scan_setup, scan_tokens
     from sinklens.settings import SCAN_BATCH, Settings
+    from sinklens.studies.scan import scan_setup, scan_tokens
 
     settings = Settings(model=checkpoint, dtype="bfloat16", device=device, corpus=corpus, words=WORDS,
                         n_repeats=N_REPEATS)

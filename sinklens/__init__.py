@@ -51,9 +51,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "sinklens.run.cache": ("SharedPrefix", "run_cache", "shared_prefix"),
     "sinklens.run.interventions": ("ablation_hooks", "mean_activations"),
     "sinklens.run.patch": ("SinkPatch", "patch_for"),
-    "sinklens.run.tokens": ("Token", "default_words", "first_token", "repeated_tokens", "text_tokens", "word_token"),
+    "sinklens.run.tokens": (
+        "Token", "chat_tokens", "default_words", "first_token", "repeated_tokens", "text_tokens", "word_token"),
     "sinklens.settings": ("ReportConfig", "Settings"),
     "sinklens.studies.setup": ("CircuitSetup", "circuit_setup"),
+    "sinklens.studies.census": ("Sink", "SinkCensus", "find_sinks"),
 }
 _SUBMODULES = {"attention": "sinklens.analyses.attention", "corpus": "sinklens.load.corpus"}
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -93,6 +93,28 @@ def build_hf_model(tokenizer, plant_sink: bool = True, *, sink_token: str = "<s>
     return model
 
 
+DELIMITER, DELIMITER_LAYER, DELIMITER_NEURON, DELIMITER_DIM = ":", 3, 9, 31  # the planted second sink
+
+
+def plant_delimiter_sink(model, tokenizer) -> None:
+    """Make ``DELIMITER`` a second sink: only its embedding has a component on residual dimension ``DELIMITER_DIM``
+    (nothing else writes there, the first token's sink neuron included), and neuron ``DELIMITER_NEURON`` of layer
+    ``DELIMITER_LAYER`` reads it and writes a large vector, so the delimiter's norm explodes at that layer wherever
+    it stands, and stays high to the last layer."""
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        embed[:, DELIMITER_DIM] = 0.0
+        embed[tokenizer.convert_tokens_to_ids(DELIMITER), DELIMITER_DIM] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[DELIMITER_DIM, :] = 0.0
+            layer.mlp.down_proj.weight[DELIMITER_DIM, :] = 0.0
+        _plant_neuron(model, DELIMITER_LAYER, DELIMITER_NEURON, GATE, 1.0, dims=slice(1, DELIMITER_DIM))
+        mlp = model.model.layers[DELIMITER_LAYER].mlp
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            proj.weight[DELIMITER_NEURON, 0] = 0.0
+            proj.weight[DELIMITER_NEURON, DELIMITER_DIM] = GATE
+
+
 def _plant_mark_head(model, first: int) -> None:
     embed = model.model.embed_tokens.weight
     embed[:, 2:] *= 50.0  # typical residual norms of a few units

@@ -7,7 +7,8 @@ the stop with the repeat slider drags the slider, types another layer and clicks
 After each change it reads what the page draws (the plotly figures' SVG paths and the circuitsvis
 pattern inside its frame) and fails if a view that should follow the change did not, or if the
 pattern view never drew. Chromium resolves no host but 127.0.0.1, so anything fetched from a
-network (circuitsvis or plotly from a CDN) would leave a view blank.
+network (circuitsvis or plotly from a CDN) would leave a view blank. The window is 1,280 px wide, a laptop's:
+no view may be wider than the output area it sits in, and the pattern's frame must hold its last row.
 
 Skipped, with the reason, where Chromium or chromedriver is missing (``apt-get install chromium
 chromium-driver``; ``.ci/run`` installs them).
@@ -53,6 +54,17 @@ const drawn = [...frame.querySelectorAll('[id^="pattern-"]')];
 if (drawn.length === 0 || drawn.some(d => d.childElementCount === 0)) return null;  // circuitsvis has not drawn
 const canvases = [...frame.querySelectorAll('canvas')].map(c => c.toDataURL());
 return JSON.stringify([frame.body.innerText, drawn.map(d => d.innerHTML), canvases]);
+"""
+LAYOUT = """
+const root = arguments[0];
+const area = root.closest('.jp-OutputArea-output') || root.parentElement;
+const right = area.getBoundingClientRect().right + 1;
+const views = [...root.querySelectorAll('.js-plotly-plot, iframe')].filter(v => v.offsetParent !== null);
+const wide = views.filter(v => v.getBoundingClientRect().right > right).map(v => v.tagName + '.' + v.className);
+const frame = root.querySelector('iframe');
+const page = frame && frame.contentDocument && frame.contentDocument.documentElement;
+return JSON.stringify({wide: wide, overflow: area.scrollWidth > area.clientWidth + 1,
+                       cut: page ? page.scrollHeight > frame.clientHeight + 1 : null});
 """
 KERNEL_IDLE = """
 const panel = window.jupyterapp.shell.currentWidget;
@@ -139,7 +151,7 @@ def browser(tmp_path):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1400,1000", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+                     "--window-size=1280,1000", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
         options.add_argument(argument)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     yield driver
@@ -229,6 +241,8 @@ def test_running_the_explorer_notebook_and_moving_its_controls_updates_the_views
         assert stop.message() == "", f"stop {number} shows a problem: {stop.message()}"
         _wait(lambda: all(stop.views().values()), UPDATE_SECONDS,
               lambda: f"stop {number}'s views (undrawn: {', '.join(n for n, v in stop.views().items() if v is None)})")
+        layout = json.loads(browser.execute_script(LAYOUT, element))
+        assert layout == {"wide": [], "overflow": False, "cut": False}, f"stop {number} does not fit 1280 px: {layout}"
     repeat_stops = [ExplorerInPage(browser, e) for e in explorers
                     if any(s.is_displayed() for s in e.find_elements(By.CSS_SELECTOR, ".widget-hslider"))]
     assert repeat_stops, "no stop opens on the repeat slider"

@@ -21,8 +21,8 @@ from sinklens.analyses.benchmarks import (
 from sinklens.analyses.divergence import Generation, divergence
 from sinklens.analyses.norms import resid_norms
 from sinklens.analyses.patch_choice import kl_divergence
-from sinklens.load.benchmarks import Item
 from sinklens.load import models as models_module
+from sinklens.load.benchmarks import Item
 from sinklens.load.models import load_hf_model
 from sinklens.present import evaluation as evaluation_module
 from sinklens.present.cli import main

@@ -92,8 +92,10 @@ def test_the_views_show_the_analyses_numbers(tiny, explorer):
     assert explorer.neurons == [(SINK_LAYER, SINK_NEURON)] and explorer.sink_layer == SINK_LAYER
     assert explorer.message.value == "" and explorer.error is None
     assert torch.allclose(torch.tensor(_norm_trace(explorer).y), resid_norms(tiny, tokens, SINK_LAYER)[0])
-    first_token = attention_received(tiny, tokens).first_token
-    assert torch.allclose(torch.tensor(explorer.attention_figure.data[0].y), first_token)
+    received = attention_received(tiny, tokens)  # every pattern read step by step, as the explorer used to
+    attention, sink_heads = (torch.tensor(t.y) for t in explorer.attention_figure.data)
+    assert torch.allclose(attention, received.first_token) and torch.equal(sink_heads, received.sink_head_share)
+    assert explorer.runs[0].sinks == [0]  # the first token, alone in the sink regime at the sink layer
     name = f"blocks.{SINK_LAYER}.mlp.hook_post"
     neuron = run_cache(tiny, tokens, [name])[name][0, :, SINK_NEURON]
     assert torch.allclose(torch.tensor(explorer.neuron_figure.data[0].y), neuron)
@@ -118,25 +120,28 @@ def test_moving_the_repeat_slider_reruns_and_redraws(tiny, explorer, forward_pas
     assert forward_passes == [(1, 31)] and explorer.last_update_seconds > 0
 
 
-def test_moving_the_layer_or_head_redraws_the_pattern_without_a_forward_pass(tiny, explorer, forward_passes):
-    pattern, attention = explorer.pattern_html.value, _traces(explorer.attention_figure)
+def test_moving_the_layer_reads_its_pattern_and_moving_the_head_redraws_from_memory(tiny, explorer, forward_passes):
+    """Only the layer shown runs attention step by step: another layer is one more forward pass (the attention to
+    the first token is the same whichever layer runs which way), another head none."""
+    pattern, attention = explorer.pattern_html.value, explorer.attention_figure.data[0].y
     explorer.layer.value = 4
     assert explorer.pattern_html.value != pattern and "Layer 4, head 0" in explorer.pattern_html.value
-    assert explorer.attention_figure.layout.shapes[0].x0 == 4
-    assert _traces(explorer.attention_figure) == attention
+    assert explorer.attention_figure.layout.shapes[0].x0 == 4 and explorer.runs[0].layer == 4
+    assert torch.allclose(torch.tensor(explorer.attention_figure.data[0].y), torch.tensor(attention), rtol=1e-5)
+    assert forward_passes == [(1, REPEATS + 1)]
     explorer.head.value = 3
     assert "Layer 4, head 3" in explorer.pattern_html.value
-    assert forward_passes == [] and explorer.error is None
+    assert forward_passes == [(1, REPEATS + 1)] and explorer.error is None
     name = "blocks.4.attn.hook_pattern"  # what the view draws is the head's own pattern
     full = run_cache(tiny, repeated_tokens(tiny, "the", REPEATS), [name])[name][0, 3]
-    assert torch.allclose(explorer.runs[0].patterns[4, 3], full, atol=1e-6)
+    assert torch.allclose(explorer.runs[0].pattern[3], full, atol=1e-6)
 
 
 def test_a_long_prompt_shows_the_first_and_last_positions_of_the_pattern(explorer):
     explorer.repeats.value = 100
     window = pattern_window(101)
     assert window == [*range(PATTERN_EDGE), *range(101 - PATTERN_EDGE, 101)]
-    assert explorer.runs[0].window == window and explorer.runs[0].patterns.shape[-2:] == (len(window), len(window))
+    assert explorer.runs[0].window == window and explorer.runs[0].pattern.shape[-2:] == (len(window), len(window))
     assert f"positions 0-{PATTERN_EDGE - 1} and {101 - PATTERN_EDGE}-100 of 101" in explorer.pattern_html.value
 
 
@@ -157,7 +162,9 @@ def test_the_patch_toggle_adds_patched_traces_and_lowers_the_sink_neuron_on_repe
     assert explorer.neurons == [(SINK_LAYER, SINK_NEURON)]
     before = len(explorer.norm_figure.data)
     explorer.patch_toggle.value = True
-    assert explorer.error is None and len(explorer.norm_figure.data) == before + 1
+    names = [t.name for t in explorer.norm_figure.data]
+    assert explorer.error is None and len(names) > before and "patched" in names
+    assert any(name.startswith("patched: sinks (") for name in names)  # the patched run's sinks marked too
     assert [t.name for t in explorer.neuron_figure.data] == [f"L{SINK_LAYER}.{SINK_NEURON} original",
                                                              f"L{SINK_LAYER}.{SINK_NEURON} patched"]
     original, patched = (torch.tensor(t.y) for t in explorer.neuron_figure.data)
@@ -259,11 +266,12 @@ def test_opening_patched_without_a_patch_is_refused(tiny, row):
 def test_another_view_of_the_same_circuit_measures_nothing_again(explorer, forward_passes):
     explorer.word.value = "you"
     forward_passes.clear()
-    view = explorer.opened_at(layer=SINK_LAYER, head=1, patched=True)
+    layer = explorer.layer.value
+    view = explorer.opened_at(layer=layer, head=1, patched=True)
     assert (view.first, view.neurons, view.baseline, view.patch) == (
         explorer.first, explorer.neurons, explorer.baseline, explorer.patch)
     assert view.word.value == "you" and view.repeats.value == REPEATS and view.prompt_mode.value == "repeat"
-    assert f"Layer {SINK_LAYER}, head 1" in view.pattern_html.value and len(view.runs) == 2
+    assert f"Layer {layer}, head 1" in view.pattern_html.value and len(view.runs) == 2
     assert forward_passes == [(1, REPEATS + 1)]  # the patched run only: no measurement, the original run is shared
     text_view = explorer.opened_at(prompt_mode="text", text="First Citizen: speak")
     assert text_view.prompt_mode.value == "text" and not text_view.patch_toggle.value
@@ -279,9 +287,9 @@ def test_the_static_figure_stacks_the_four_views_as_they_stand(explorer):
     assert len({(t.xaxis, t.yaxis) for t in lines}) == 4  # norms, attention's two panels, neurons: each its own axes
     assert {t.legend for t in lines} == {"legend", "legend2", "legend3"}  # a legend beside each view
     assert [h.type for h in heatmaps] == ["heatmap"] * 2  # the head's pattern, original and patched
-    layer, head = explorer.layer.value, explorer.head.value
+    head = explorer.head.value
     for heatmap, run in zip(heatmaps, explorer.runs):
-        pattern = run.patterns[layer, head]
+        pattern = run.pattern[head]
         unseen = torch.ones_like(pattern, dtype=torch.bool).triu(1)  # keys after the query: blank
         assert torch.allclose(torch.tensor(heatmap.z), pattern.masked_fill(unseen, float("nan")), equal_nan=True)
         assert float(pattern[unseen].abs().max()) == 0.0

@@ -161,3 +161,32 @@ def test_the_command_line_runs_a_table_row_on_cuda_in_bfloat16(tiny_dir, long_co
     row = json.loads(capsys.readouterr().out)
     assert (row["device"], row["dtype"], row["sink_layer"]) == ("cuda:0", "bfloat16", SINK_LAYER)
     assert SINK_NEURON in row["sink_neurons"]
+
+
+def test_the_weights_paid_to_chosen_keys_from_the_fused_kernel_are_the_patterns_on_cuda(arch_dir, record_property):
+    """The indicator-value kernel on CUDA gives each query's weight on the chosen keys, as the pattern does."""
+    from sinklens.load.attention import key_weights
+
+    model = sl.load_model(str(arch_dir), device="cuda")
+    tokens = _tokens(model)
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(DEPTH)]
+    patterns = sl.run_cache(model, tokens, names)
+    keys = torch.tensor([0, 7, tokens.shape[1] - 1])
+    with key_weights(model, lambda layer: keys) as weights:
+        sl.run_cache(model, tokens, [f"blocks.{DEPTH - 1}.hook_resid_post"])
+    difference = max(float((weights.found[layer].cpu() - patterns[names[layer]].cpu()[..., keys]).abs().max())
+                     for layer in range(DEPTH))
+    record_property("max_abs_difference", difference)
+    assert {block.attn.sinklens_path for block in model.blocks} == {"fused"} and difference <= 1e-5
+
+
+def test_the_sink_census_on_cuda_finds_what_the_cpu_finds(tiny_dir, tiny, long_corpus_file, record_property):
+    settings = Settings(corpus=str(long_corpus_file), corpus_chars=400)
+    tokens = sl.text_tokens(tiny, CORPUS[:300])
+    on_cpu = sl.find_sinks(tiny, tokens, settings)
+    on_gpu = sl.find_sinks(sl.load_model(str(tiny_dir), device="cuda"), tokens, settings)
+    assert [(s.position, s.first_layer, s.n_layers, s.neurons) for s in on_gpu.sinks] == \
+        [(s.position, s.first_layer, s.n_layers, s.neurons) for s in on_cpu.sinks]
+    change = max(abs(a.attention_share - b.attention_share) for a, b in zip(on_gpu.sinks, on_cpu.sinks))
+    record_property("max_attention_share_difference", change)
+    assert change <= 1e-4

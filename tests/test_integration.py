@@ -87,6 +87,21 @@ def test_table_row_on_the_default_model(smollm2):
     assert all(dim == neurons.massive_dims[0] for dim in neurons.w_out_top_dims[: neurons.n_sink])
 
 
+def test_the_census_finds_the_first_token_as_the_table_rows_sink(smollm2):
+    """The census of natural text counts the first token as a sink at the sink layer, written by the sink neurons
+    the Table-1 row names (the same rule, at position 0)."""
+    from sinklens.studies.census import find_sinks
+
+    text = shakespeare()[:PAPER_CORPUS_CHARS]
+    row = sink_table_row(smollm2, text, n_repeats=300)
+    census = find_sinks(smollm2, row.setup.reference, setup=row.setup)
+    first = census.sinks[0]
+    assert (first.position, first.token_id) == (0, row.choice.token.id)
+    assert first.first_layer == row.neurons.sink_layer and first.first_token_neurons
+    assert sorted(first.neurons) == sorted(row.neurons.sink_neurons)
+    assert first.attention_share > 0.3  # the later layers attend to it
+
+
 @pytest.fixture(scope="module")
 def gemma():
     from sinklens import load_model
@@ -189,7 +204,8 @@ def test_evaluate_smoke_on_the_default_model(smollm2_patch, tmp_path):
 
     path = tmp_path / "patch.json"
     smollm2_patch.save(path)
-    results = run_evaluation(EvaluationConfig("smollm2-135m-instruct", str(path), "smoke"), tmp_path / "out")
+    results = run_evaluation(EvaluationConfig(model="smollm2-135m-instruct", patch=str(path), preset="smoke"),
+                             tmp_path / "out")
     norms = results["norms"]
     assert norms["repeat_max_norm_patched"] < norms["repeat_max_norm_original"] / 10
     assert abs(norms["first_token_norm_patched"] / norms["first_token_norm_original"] - 1) <= 0.01

@@ -85,9 +85,9 @@ def test_execute_keeps_results_drops_progress_and_runs_on_the_notebooks_defaults
     assert notebooks.figure_outputs(executed) == figure
     assert figure[0]["data"][notebooks.PLOTLY_MIMETYPE]["data"][0]["y"] == [1.5, 3]
     committed = copy.deepcopy(executed)
-    loop[0]["text"] = loop[0]["text"].replace("0.14285714285714285", "0.142857142857")  # within 1e-4
+    loop[0]["text"] = loop[0]["text"].replace("0.14285714285714285", "0.142857142857")  # within the tolerance
     assert notebooks.differences(committed, executed) == []
-    loop[0]["text"] = loop[0]["text"].replace("0.142857142857", "0.1429")
+    loop[0]["text"] = loop[0]["text"].replace("0.142857142857", "0.1436")
     figure[0]["data"][notebooks.PLOTLY_MIMETYPE]["data"][0]["y"] = [1.5, 4]
     assert notebooks.differences(committed, executed) == [
         "code cell 2 ('for i in tqdm(range(N)):'): stdout differ",
@@ -99,7 +99,7 @@ def test_execute_keeps_results_drops_progress_and_runs_on_the_notebooks_defaults
 
 @pytest.mark.parametrize("text, other, same", [
     ("norm 2277.404541 (17.2x)", "norm 2277.404542 (17.2x)", True),
-    ("norm 2277.404541 (17.2x)", "norm 2277.7 (17.2x)", False),
+    ("norm 2277.404541 (17.2x)", "norm 2285.1 (17.2x)", False),
     ("12 of 200 reach the sink", "13 of 200 reach the sink", False),
     ("0.0 and 3e-12", "0.0 and -2e-12", True),  # float32 noise around 0
     ("sink neurons: (11, 5)", "sink neurons: (11, 5), (11, 7)", False),
@@ -117,7 +117,7 @@ LONG_NOTEBOOKS = {"circuit", "patch", "scan_attack"}
 @pytest.mark.integration
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_committed_outputs_are_those_of_the_current_code(path, smollm2):
-    """Re-executing the committed notebook cell for cell reproduces its outputs (numbers to 1e-4)."""
+    """Re-executing the committed notebook cell for cell reproduces its outputs (numbers to 2e-3)."""
     if path.stem in LONG_NOTEBOOKS and os.environ.get("SINKLENS_NOTEBOOKS") != "all":
         pytest.skip(f"{path.name} takes minutes to re-execute: SINKLENS_NOTEBOOKS=all reproduces it")
     fresh = notebooks.execute(path, renderer=notebooks.LIVE_RENDERER).notebook

@@ -7,7 +7,7 @@ from sinklens import ReportConfig, SinklensError, run_report
 from sinklens.present import report as report_module
 
 STABLE_KEYS = {"model", "versions", "first_token", "sink_layer", "typical_norm", "first_token_norm", "words",
-               "sink_neurons"}
+               "sink_neurons", "sinks"}
 
 
 @pytest.fixture
@@ -31,6 +31,9 @@ def test_report_writes_results_and_a_self_contained_page(tiny, config, tmp_path)
     assert on_disk["sink_neurons"]["sink_neurons"] == [[SINK_LAYER, SINK_NEURON]]
     assert on_disk["table_row"]["sink_neurons"] == [SINK_NEURON]
     assert on_disk["ablation"]["neurons"] == [[SINK_LAYER, SINK_NEURON]]
+    first_sink = on_disk["sinks"]["sinks"][0]  # the census of the natural text counts the first token
+    assert (first_sink["position"], first_sink["first_layer"], first_sink["neurons"]) == \
+        (0, SINK_LAYER, [[SINK_LAYER, SINK_NEURON]])
     assert any("sink neurons layer 2: 5" in line for line in on_disk["summary"])
     assert any("Llama-2-7B" in line for line in on_disk["summary"])
     # The tiny model's sink neuron reads the first token's embedding: a sink wherever the token stands.
@@ -40,7 +43,7 @@ def test_report_writes_results_and_a_self_contained_page(tiny, config, tmp_path)
     assert "<script src=" not in page  # plotly.js is inlined, so the page opens offline
     assert page.count("Plotly.newPlot") >= 9
     for title in ("Summary", "Table 1, this model beside the paper", "Sink neurons", "Ablating the sink neurons",
-                  "How the model marks the first token"):
+                  "How the model marks the first token", "Every sink in natural text"):
         assert f"<h2>{title}" in page
     assert page.index("<h2>Summary</h2>") < page.index("<h2>Sink layer</h2>")
 

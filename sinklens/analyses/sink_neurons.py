@@ -53,7 +53,7 @@ from transformer_lens.utilities import get_act_name
 from sinklens.analyses.sink_layer import SIGMA_RULE, SinkLayerResult, find_sink_layer
 from sinklens.errors import SinklensError
 from sinklens.results import Result
-from sinklens.run.cache import check_layer, run_cache
+from sinklens.run.cache import SharedPrefix, check_layer, run_cache, shared_prefix
 from sinklens.run.interventions import Neuron, ablation_hooks, neuron_hook_name
 from sinklens.run.tokens import Token, repeated_tokens, token
 from sinklens.settings import (
@@ -266,6 +266,44 @@ def _ranked(scores: torch.Tensor) -> torch.Tensor:
     return scores.flatten().argsort(descending=True, stable=True)
 
 
+def neurons_writing(
+    model: TransformerBridge,
+    tokens: Int[torch.Tensor, "1 pos"],
+    position: int,
+    layer: int,
+    *,
+    typical: float,
+    share: float = REMOVED_SHARE,
+    max_neurons: int = MAX_NEURONS,
+    prefix: SharedPrefix | None = None,
+) -> list[Neuron]:
+    """The MLP neurons of ``layer`` that write the norm of token ``position`` of ``tokens``: the sink-neuron rule of
+    :func:`find_sink_neurons` for any position. Neurons are ranked by the paper's criterion at that position (the
+    norm of what each writes into the residual stream); the answer is the shortest prefix of the ranking whose
+    zero-ablation there removes ``share`` of the position's excess norm over ``typical`` at the layer's output
+    (empty when none does, or when there is no excess). ``prefix``: the keys and values of ``tokens[:, :position]``
+    (:func:`~sinklens.run.cache.shared_prefix`, or a model cache cropped to it), so each ablation runs one token."""
+    names = [neuron_hook_name(layer), get_act_name("resid_post", layer)]
+    if hasattr(model.blocks[layer], "ln2_post"):
+        names += [get_act_name(side, layer, "ln2_post") for side in ("in", "out")]
+    here = tokens[:, position : position + 1]
+    cache = run_cache(model, here, names, prefix=prefix) if prefix is not None or position == 0 else \
+        run_cache(model, tokens[:, : position + 1], names)
+    at = 0 if prefix is not None or position == 0 else position
+    w_out = model.blocks[layer].mlp.W_out.detach().float().cpu() * _write_scales(cache, [layer], model, at)[0]
+    scores = cache[neuron_hook_name(layer)][0, at].cpu().abs() * w_out.norm(dim=-1)
+    candidates = [(layer, int(n)) for n in _ranked(scores[None])[:max_neurons]]
+    rows = [candidates[:k] for k in range(len(candidates) + 1)]
+    name = get_act_name("resid_post", layer)
+    if prefix is None and position > 0:
+        prefix = shared_prefix(model, tokens[:, :position], [name])
+    norms = run_cache(model, here.expand(len(rows), 1), [name], interventions=ablation_hooks(model, rows),
+                      prefix=prefix)[name][:, 0].norm(dim=-1).cpu()
+    removed = _removed_shares(norms, norms[0], typical)
+    passing = (removed[1:] >= share).nonzero().flatten()
+    return candidates[: int(passing[0]) + 1] if len(passing) and norms[0] > typical else []
+
+
 def check_criterion(model: TransformerBridge | None, criterion: str, layers: Sequence[int] | int | None = None) -> None:
     """Raise one clear error for an unknown criterion, the notebook's over several layers, or the
     notebook's on a model without a gated MLP (``model=None`` checks only what needs no model)."""
@@ -328,13 +366,14 @@ def find_sink_neurons(
     return single
 
 
-def _write_scales(cache, layers: list[int], model: TransformerBridge) -> list[torch.Tensor]:
+def _write_scales(cache, layers: list[int], model: TransformerBridge, position: int = 0) -> list[torch.Tensor]:
     """Per layer, the factor (per residual dimension) between the MLP's raw output and what it adds
-    to the residual stream: 1 without a post-MLP norm, ``w / rms`` with one (Gemma's ``ln2_post``)."""
+    to the residual stream at ``position``: 1 without a post-MLP norm, ``w / rms`` with one (Gemma's ``ln2_post``)."""
     scales = []
     for layer in layers:
         if get_act_name("in", layer, "ln2_post") in cache:
-            raw, normed = cache[get_act_name("in", layer, "ln2_post")][0, 0], cache[get_act_name("out", layer, "ln2_post")][0, 0]
+            raw = cache[get_act_name("in", layer, "ln2_post")][0, position]
+            normed = cache[get_act_name("out", layer, "ln2_post")][0, position]
             scales.append(torch.where(raw != 0, normed / raw, torch.zeros_like(raw)).cpu())
         else:
             scales.append(torch.ones(model.cfg.d_model))

@@ -9,6 +9,7 @@ text file instead (:func:`read_text`).
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -37,6 +38,24 @@ def read_text(path: str | Path) -> str:
     if not text.strip():
         raise SinklensError(f"text file {path} is empty", "pass a file with natural text")
     return text
+
+
+def read_messages(path: str | Path) -> list[dict[str, str]]:
+    """A conversation file: a JSON list of messages, each ``{"role": ..., "content": ...}`` with strings, as chat
+    templates take them."""
+    path = Path(path).expanduser()
+    fix = 'write a JSON list of messages such as [{"role": "user", "content": "Hello"}]'
+    try:
+        messages = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SinklensError(f"cannot read {path} ({exc})", "pass an existing UTF-8 JSON file") from None
+    except ValueError as exc:
+        raise SinklensError(f"{path} is not JSON ({exc})", fix) from None
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise SinklensError(f"{path} is not a list of messages with a string role and content", fix)
+    return messages
 
 
 def text_lines(text: str) -> list[str]:

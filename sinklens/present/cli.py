@@ -274,6 +274,14 @@ def _parser() -> argparse.ArgumentParser:
     circuit.add_argument("--contexts", type=_positive(int), default=None,
                          help="corrupted runs per patching experiment (default: 8)")
     circuit.add_argument("--seed", type=int, default=0, help="seed of the probe's split and the placebos (default: 0)")
+    sinks = sub.add_parser("sinks", parents=[common, neurons, as_json],
+                           help="every sink in a text, not only the first: where each appears, how long it lasts, "
+                                "the attention it takes and the neurons that write it")
+    given = sinks.add_mutually_exclusive_group()
+    given.add_argument("--text", help="a text file, read after the first token (default: the natural text, the first "
+                                      "--corpus-chars characters of --corpus)")
+    given.add_argument("--chat", help="a JSON list of messages ({\"role\": ..., \"content\": ...}), formatted with "
+                                      "the model's own chat template")
     return parser
 
 
@@ -675,8 +683,31 @@ def _attack(args) -> None:
     print(result.rates().to_string(index=False, float_format=lambda x: f"{x:.3g}"))
 
 
+def _sinks(args) -> None:
+    from sinklens.load.corpus import read_messages, read_text
+    from sinklens.run.tokens import chat_tokens, text_tokens
+    from sinklens.studies.census import find_sinks
+
+    settings = _settings(args)
+    messages = read_messages(args.chat) if args.chat else None  # bad input fails before the model loads
+    text = read_text(args.text) if args.text else None
+    model, setup = _setup(args, settings, early_layers_only=False)  # a sink may appear in any layer
+    if messages is not None:
+        tokens, label = chat_tokens(model, messages), f"the chat {Path(args.chat).name}"
+    else:
+        tokens = text_tokens(model, settings.natural_text() if text is None else text, first=setup.first.id)
+        label = "the natural text" if text is None else Path(args.text).name
+    census = find_sinks(model, tokens, settings, setup=setup, label=label, progress=True)
+    if args.json:
+        _print_json(census.summary())
+        return
+    print(f"{len(census.sinks)} sinks in {label} ({census.tokens.shape[1]} tokens); first token: {setup.choice.reason}")
+    if census.sinks:
+        print(census.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+
+
 COMMANDS = {"report": _report, "table": _table, "neurons": _neurons, "sink-layer": _sink_layer, "circuit": _circuit,
-            "patch": _patch, "evaluate": _evaluate, "scan": _scan, "attack": _attack}
+            "patch": _patch, "evaluate": _evaluate, "scan": _scan, "attack": _attack, "sinks": _sinks}
 
 if __name__ == "__main__":
     sys.exit(main())

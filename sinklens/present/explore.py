@@ -4,32 +4,33 @@ Pick a prompt (free text, a word and a repeat count, or a sequence drawn from a 
 layer and a head, and four views update in place:
 
 * the hidden-state norm per position at the sink layer, against the first token's, the typical and
-  the sink-regime norms of natural text (:mod:`sinklens.analyses.norms`);
-* the attention later queries pay to the first token, per layer (:class:`AttentionReceived`, the
-  report's figure), with the chosen layer marked;
+  the sink-regime norms of natural text (:mod:`sinklens.analyses.norms`), the positions the prompt holds in
+  the sink regime marked as its sinks (the census of :mod:`sinklens.studies.census`, at the sink layer);
+* the attention later queries pay to the first token per layer, and the share of heads that pay it more
+  than 0.3 (the report's attention-received figure without its later-token line), the chosen layer marked;
 * the sink neurons' activations (``blocks.L.mlp.hook_post``) along the positions;
 * the chosen head's attention pattern (circuitsvis), on the first and last positions of long prompts.
   circuitsvis' own browser bundle, shipped in the circuitsvis package, is inlined in the view, so it
-  draws offline (its default HTML loads the bundle from a CDN).
+  draws offline (its default HTML loads the bundle from a CDN). The views stack in one column, so they
+  fit a 1,280 px window, and the pattern's frame grows to hold every row.
 
 A toggle runs the prompt again with a :class:`~sinklens.run.patch.SinkPatch` installed (by default
 the paper's Listing 1 on the sink neurons found), so every view shows original against patched. The
 patch is installed for that forward pass only: the model is never left patched between updates.
 
 What does not depend on the controls (the first token, the sink layer and neurons, the typical
-norm) is measured once, when the explorer is built, as the report measures it, or taken from a
-:class:`SinkTableRow`. Each prompt then costs one forward pass per state (original, patched), which
-reads every layer's attention pattern (so every layer runs eager attention) and keeps only what the
-views need; the last few runs are kept, so moving the layer or the head, toggling the patch back
-or returning to an earlier prompt redraws from memory without running the model.
+norm) is measured once, when the explorer is built, by the circuit setup every study uses, or taken from a
+:class:`SinkTableRow`. Each prompt then costs one forward pass per state (original, patched) in which only
+the layer shown reads its pattern (runs attention step by step); every other layer runs fused and reports
+the weight its queries pay the first token from one more fused kernel on an indicator value
+(:func:`~sinklens.load.attention.key_weights`: the numbers the patterns give, to float rounding). The last few
+runs are kept, so moving the head, toggling the patch back or returning to an earlier prompt redraws from
+memory; moving the layer reads that layer's pattern in one forward pass.
 
-Time per update (``python bench/bench_explore.py``, SmolLM2-135M-Instruct, 2 CPU cores shared with
-another model job, ``OMP_NUM_THREADS=1``; torch's default two threads fought that job and took
-about twice as long): a new prompt of ``' the'`` x 300 takes 2.0 s and x 1000 10.6-12.1 s, about
-twice a plain Hugging Face forward pass of the same 1001 tokens (5.6 s then; the difference is the
-eager attention that reading patterns needs); turning the patch on adds one such run (12.6 s at
-1000 repeats); turning it off, or on again, takes 0.2 s; moving the layer or the head 0.06 s.
-Building the explorer (measuring the circuit) took 6.6 s before its first prompt.
+Time per update (``python bench/bench_explore.py``, SmolLM2-135M-Instruct, 2 idle CPU cores): a new
+1,001-token prompt with the patch off takes 2.26 s, 1.12x a plain Hugging Face SDPA forward pass of the same
+tokens (2.02 s; the last release, reading every layer's pattern, took about twice it); moving the layer takes
+the same, moving the head 0.03 s.
 
 Bad input (an empty prompt, a word that is not one token, a prompt longer than the context, a
 layer or head out of range) shows one line in the widget and leaves the figures as they were.
@@ -40,8 +41,7 @@ An explorer opens on a given prompt mode, layer, head and patch state, and
 notebook, the explorer carries a PNG of its views beside the live widget, drawn by kaleido when it
 is displayed (4.9 s for SmolLM2 at 300 repeats on the 2 shared cores, most of it starting
 Chromium), so that a saved notebook shows its views in viewers without a kernel (GitHub, nbviewer,
-``jupyter nbconvert``). With circuitsvis' bundle inlined, moving the layer or the head still takes
-0.05-0.06 s there.
+``jupyter nbconvert``). With circuitsvis' bundle inlined, moving the head still takes 0.05-0.06 s there.
 """
 
 from __future__ import annotations
@@ -69,13 +69,11 @@ from transformer_lens.utilities import get_act_name
 from sinklens.analyses._figures import pattern_heatmap
 from sinklens.analyses.attention import (
     EPSILON,
-    AttentionReceived,
-    plot_attention_received,
-    received_by_later_queries,
 )
 from sinklens.analyses.norms import NormBaseline, sink_threshold
 from sinklens.analyses.sink_neurons import NOTEBOOK_WORD
 from sinklens.errors import SinklensError
+from sinklens.load.attention import key_weights
 from sinklens.run.cache import as_index, check_layer, run_cache
 from sinklens.run.interventions import Neuron, neuron_hook_name
 from sinklens.run.patch import SinkPatch, installed_patch, patch_for
@@ -98,7 +96,8 @@ PROMPT_MODES = {"free text": "text", "word x repeats": "repeat", "cluster sequen
 MAX_REPEATS = 2000  # the sliders stop here (or at the context) so that one update stays within seconds
 DEFAULT_REPEATS = 300
 PATTERN_EDGE = 20  # the pattern view shows the first and the last PATTERN_EDGE positions of a longer prompt
-RUNS_KEPT = 8  # forward passes remembered (prompt x patch state), by the explorers of one circuit together
+RUNS_KEPT = 8  # forward passes remembered (prompt x patch state x layer), by the explorers of one circuit together
+PATTERN_FRAME, PATTERN_ROW = 260, 16  # pixels of the pattern view: its title and key axis, and per query row
 ORIGINAL, PATCHED = "original", "patched"
 COLORS = ("steelblue", "seagreen", "purple", "darkorange", "crimson", "teal")
 
@@ -110,11 +109,13 @@ class PromptRun:
     label: str
     token_texts: list[str]
     norms: Float[torch.Tensor, "pos"]  # ||blocks.L.hook_resid_post|| at the sink layer
-    received: AttentionReceived  # every layer's attention received per head and key position
+    first_attention: Float[torch.Tensor, "layer head"]  # mean weight later queries pay the first token
     neurons: list[Neuron]
     activations: Float[torch.Tensor, "neuron pos"]  # blocks.L.mlp.hook_post of each neuron
     window: list[int]  # the positions the pattern view shows
-    patterns: Float[torch.Tensor, "layer head window window"]  # every head's pattern on those positions
+    layer: int  # the layer whose pattern the run read
+    pattern: Float[torch.Tensor, "head window window"]  # each of its heads' pattern on those positions
+    sinks: list[int]  # positions in the sink regime at the sink layer
 
 
 def pattern_window(n_tokens: int, edge: int = PATTERN_EDGE) -> list[int]:
@@ -131,39 +132,51 @@ def run_prompt(
     *,
     sink_layer: int,
     neurons: Sequence[Neuron],
+    layer: int,
+    threshold: float,
     patch: SinkPatch | None = None,
 ) -> PromptRun:
-    """Run ``tokens`` once (with ``patch`` installed for this run, if given) and keep what the
-    explorer's views show: the sink-layer norms, the attention received per layer, the neurons'
-    activations and every head's pattern on :func:`pattern_window`'s positions."""
+    """Run ``tokens`` once (with ``patch`` installed for this run, if given) and keep what the explorer's views
+    show: the sink-layer norms (and the positions at or above the sink regime's ``threshold``), the attention
+    later queries pay the first token in every layer, the neurons' activations, and every head's pattern of
+    ``layer`` on :func:`pattern_window`'s positions.
+
+    Only ``layer`` runs attention step by step (its pattern is read); every other layer runs fused, and reports
+    the weights paid to the first token from one more fused kernel on an indicator value
+    (:func:`~sinklens.load.attention.key_weights`), the numbers its pattern would give."""
     if installed_patch(model) is not None:  # the "original" run would be patched too
         raise SinklensError("a sink patch is already installed on this model",
                             "remove it (installed.remove()); the explorer installs its patch for its patched run")
     norm_name = get_act_name("resid_post", check_layer(model, sink_layer))
-    layers = list(range(model.cfg.n_layers))
-    pattern_names = [get_act_name("pattern", layer) for layer in layers]
-    neuron_layers = sorted({layer for layer, _ in neurons})
+    pattern_name = get_act_name("pattern", check_layer(model, layer))
+    last = get_act_name("attn_out", model.cfg.n_layers - 1)  # every layer's attention is shown: run them all
+    neuron_layers = sorted({neuron_layer for neuron_layer, _ in neurons})
     window = pattern_window(tokens.shape[1])
     shown = torch.tensor(window)
+    first_key = torch.tensor([0])
 
     def reduce(name: str, activation: torch.Tensor):
         if name == norm_name:
             return activation[0].float().norm(dim=-1).cpu()
-        if name in pattern_names:  # the [head, query, key] pattern is never stored whole
-            window_pattern = activation[0][:, shown][:, :, shown].float().cpu()
-            return received_by_later_queries(activation[:1]), window_pattern
+        if name == pattern_name:  # the [head, query, key] pattern is never stored whole
+            return activation[0, :, 1:, 0].float().mean(dim=-1).cpu(), activation[0][:, shown][:, :, shown].float().cpu()
+        if name == last:
+            return activation[0, :1, :1]
         return activation[0].float().cpu()  # a layer's hook_post, [pos, d_mlp]
 
-    names = [norm_name, *pattern_names, *(neuron_hook_name(layer) for layer in neuron_layers)]
-    with patch.installed(model) if patch is not None else nullcontext():
+    names = [norm_name, pattern_name, last, *(neuron_hook_name(n) for n in neuron_layers)]
+    with patch.installed(model) if patch is not None else nullcontext(), \
+            key_weights(model, lambda other: None if other == layer else first_key) as weights:
         cache = run_cache(model, tokens, names, reduce=reduce)
-    label = ORIGINAL if patch is None else PATCHED
-    received = AttentionReceived(label, layers, torch.stack([cache[n][0] for n in pattern_names]), EPSILON)
-    activations = [cache[neuron_hook_name(layer)][:, index] for layer, index in neurons]
+    paid, pattern = cache[pattern_name]
+    first_attention = torch.stack([paid if other == layer else weights.found[other][0, :, 1:, 0].mean(dim=-1).cpu()
+                                   for other in range(model.cfg.n_layers)])
+    activations = [cache[neuron_hook_name(neuron_layer)][:, index] for neuron_layer, index in neurons]
+    norms = cache[norm_name]
     return PromptRun(
-        label, [model.tokenizer.decode([int(t)]) for t in tokens[0]], cache[norm_name], received, list(neurons),
-        torch.stack(activations) if activations else torch.zeros(0, tokens.shape[1]), window,
-        torch.stack([cache[n][1] for n in pattern_names]))
+        ORIGINAL if patch is None else PATCHED, [model.tokenizer.decode([int(t)]) for t in tokens[0]], norms,
+        first_attention, list(neurons), torch.stack(activations) if activations else torch.zeros(0, tokens.shape[1]),
+        window, layer, pattern, (norms >= threshold).nonzero().flatten().tolist())
 
 
 def plot_norms(runs: Sequence[PromptRun], baseline: NormBaseline) -> go.Figure:
@@ -173,6 +186,12 @@ def plot_norms(runs: Sequence[PromptRun], baseline: NormBaseline) -> go.Figure:
     for run, color in zip(runs, COLORS):
         fig.add_scatter(y=run.norms.tolist(), text=_hover_texts(run), mode="lines", name=run.label, line_color=color,
                         hovertemplate="position %{x}: %{text}<br>norm %{y:.4g}")
+        if run.sinks:  # the positions this run holds in the sink regime at the sink layer
+            texts = _hover_texts(run)
+            fig.add_scatter(x=run.sinks, y=run.norms[run.sinks].tolist(), text=[texts[p] for p in run.sinks],
+                            mode="markers", name=f"{run.label}: sinks ({len(run.sinks)})",
+                            marker=dict(color=color, symbol="x", size=9),
+                            hovertemplate="sink at position %{x}: %{text}<br>norm %{y:.4g}")
     last = len(runs[0].norms) - 1
     threshold = sink_threshold(baseline.first_token_norm, baseline.typical_norm)
     first = html.escape(repr(baseline.first_token.text), quote=False)  # plotly reads tags such as <s> in labels
@@ -187,8 +206,18 @@ def plot_norms(runs: Sequence[PromptRun], baseline: NormBaseline) -> go.Figure:
 
 
 def plot_first_token_attention(runs: Sequence[PromptRun], layer: int) -> go.Figure:
-    """The report's attention-received figure for each run, with ``layer`` marked."""
-    fig = plot_attention_received(*(run.received for run in runs))
+    """Per layer, the attention later queries pay the first token (mean over heads) and the share of heads paying
+    it more than ``EPSILON`` (the report's figure, without its later-token line), each run, ``layer`` marked."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["Attention to the first token", "Share of sink heads"])
+    layers = list(range(len(runs[0].first_attention)))
+    for run, color in zip(runs, COLORS):
+        fig.add_scatter(x=layers, y=run.first_attention.mean(dim=-1).tolist(), mode="lines+markers",
+                        name=f"{run.label}: first token", line_color=color, row=1, col=1)
+        fig.add_scatter(x=layers, y=(run.first_attention > EPSILON).float().mean(dim=-1).tolist(), mode="lines+markers",
+                        name=f"{run.label}: heads > {EPSILON:g}", line=dict(color=color, dash="dot"), row=1, col=2)
+    fig.update_yaxes(type="log", title_text="Mean attention weight", row=1, col=1)
+    fig.update_yaxes(range=[0, 1], title_text="Share of heads", row=1, col=2)
+    fig.update_xaxes(title_text="Layer")
     fig.add_vline(x=layer, line_dash="dot", line_color="gray")
     fig.update_layout(title=f"Attention received by the first token per layer (layer {layer} marked)", height=360)
     return fig
@@ -232,19 +261,25 @@ def _pattern_labels(run: PromptRun) -> list[str]:
     return [f"{run.token_texts[p]} ({p})" for p in run.window]
 
 
+# The pattern's frame takes the height of what circuitsvis draws (the page is the frame's own, so it may set it),
+# whatever the number of positions shown: no row is cut off at the bottom.
+_FIT_FRAME = ("const fit = () => { if (window.frameElement) window.frameElement.style.height = "
+              "document.documentElement.scrollHeight + 'px'; }; new ResizeObserver(fit).observe(document.body); fit();")
+
+
 def pattern_page(runs: Sequence[PromptRun], layer: int, head: int) -> str:
     """A self-contained HTML page with head ``head`` of ``layer`` drawn by circuitsvis for each run,
     side by side. circuitsvis' script is inlined (:func:`circuitsvis_bundle`): the page loads nothing."""
     columns, draws = [], []
     for i, run in enumerate(runs):
-        props = {"tokens": _pattern_labels(run), "attention": run.patterns[layer, head].tolist()}
+        props = {"tokens": _pattern_labels(run), "attention": run.pattern[head].tolist()}
         script_safe = json.dumps(props).replace("<", "\\u003c")  # a token such as "</script>" stays data
         columns.append(f"<div style='flex:1'><b>{html.escape(run.label)}</b><div id='pattern-{i}'></div></div>")
         draws.append(f"CircuitsVis.render('pattern-{i}', CircuitsVis.AttentionPattern, {script_safe});")
     return (f"<!DOCTYPE html><meta charset='utf-8'>"
             f"<p style='font-family:sans-serif'>Layer {layer}, head {head}: {_shown_positions(runs[0])}.</p>"
             f"<div style='display:flex;gap:16px'>{''.join(columns)}</div>"
-            f"<script>{circuitsvis_bundle()}</script><script>{''.join(draws)}</script>")
+            f"<script>{circuitsvis_bundle()}</script><script>{''.join(draws)}{_FIT_FRAME}</script>")
 
 
 def plot_pattern(runs: Sequence[PromptRun], layer: int, head: int) -> go.Figure:
@@ -252,7 +287,7 @@ def plot_pattern(runs: Sequence[PromptRun], layer: int, head: int) -> go.Figure:
     explorer's static image."""
     fig = make_subplots(rows=1, cols=len(runs), subplot_titles=[run.label for run in runs], horizontal_spacing=0.15)
     for column, run in enumerate(runs, start=1):
-        fig.add_trace(pattern_heatmap(run.patterns[layer, head], _pattern_labels(run), show_scale=column == 1),
+        fig.add_trace(pattern_heatmap(run.pattern[head], _pattern_labels(run), show_scale=False),
                       row=1, col=column)
     fig.update_yaxes(autorange="reversed", tickfont_size=8, title_text="Query")
     fig.update_xaxes(tickfont_size=8, title_text="Key")
@@ -444,7 +479,7 @@ class SinkExplorer:
         self.widget = widgets.VBox([
             self.prompt_mode, *self._mode_controls.values(),
             widgets.HBox([self.layer, self.head, self.patch_toggle, self.status]), self.message,
-            self.norm_figure, widgets.HBox([self.attention_figure, self.neuron_figure]), self.pattern_html,
+            self.norm_figure, self.attention_figure, self.neuron_figure, self.pattern_html,
         ])
         self.widget.add_class("sinklens-explorer")  # a handle for styling the explorer and for browser tests
         for control in (self.prompt_mode, self.text, self.word, self.repeats, self.cluster_tokens, self.cluster_length,
@@ -525,13 +560,14 @@ class SinkExplorer:
             self.status.value = (f"<span style='color:gray'>{len(self.runs[0].token_texts)} tokens, "
                                  f"updated in {self.last_update_seconds:.2f} s</span>")
 
-    def _run(self, tokens: Int[torch.Tensor, "1 pos"], patched: bool) -> PromptRun:
-        """A prompt's run in one patch state, from memory when it was run lately."""
-        key = (tuple(tokens[0].tolist()), patched)
+    def _run(self, tokens: Int[torch.Tensor, "1 pos"], patched: bool, layer: int) -> PromptRun:
+        """A prompt's run in one patch state, reading ``layer``'s pattern, from memory when it was run lately."""
+        key = (tuple(tokens[0].tolist()), patched, layer)
         if key in self._remembered:
             self._remembered.move_to_end(key)
             return self._remembered[key]
-        run = run_prompt(self.model, tokens, sink_layer=self.sink_layer, neurons=self._shown_neurons(),
+        run = run_prompt(self.model, tokens, sink_layer=self.sink_layer, neurons=self._shown_neurons(), layer=layer,
+                         threshold=sink_threshold(self.baseline.first_token_norm, self.baseline.typical_norm),
                          patch=self.patch if patched else None)
         self._remembered[key] = run
         if len(self._remembered) > RUNS_KEPT:
@@ -552,22 +588,27 @@ class SinkExplorer:
             box.layout.display = None if mode == self.prompt_mode.value else "none"
         layer, head = self._layer_head()  # every check before any figure changes
         tokens = self.prompt_tokens()
-        self.runs = [self._run(tokens, False)] + ([self._run(tokens, True)] if self.patch_toggle.value else [])
+        self.runs = [self._run(tokens, False, layer)] + ([self._run(tokens, True, layer)] if self.patch_toggle.value
+                                                         else [])
         _redraw(self.norm_figure, plot_norms(self.runs, self.baseline))
         _redraw(self.neuron_figure, plot_neuron_activations(self.runs))
         self._draw_head(layer, head)
 
     def _show_head(self) -> None:
-        """The layer or the head changed: redraw from the runs in memory, no forward pass."""
+        """The head changed: redraw from the runs in memory, no forward pass; the layer changed: run the prompt
+        reading that layer's pattern (from memory if it was)."""
         layer, head = self._layer_head()
-        if self.runs:
+        if self.runs and self.runs[0].layer == layer:
             self._draw_head(layer, head)
+        elif self.runs:
+            self._show_prompt()
 
     def _draw_head(self, layer: int, head: int) -> None:
         self._drawn_head = layer, head
         _redraw(self.attention_figure, plot_first_token_attention(self.runs, layer))
         page = pattern_page(self.runs, layer, head)
-        self.pattern_html.value = (f"<iframe srcdoc=\"{html.escape(page)}\" style=\"width:100%;height:640px;"
+        height = PATTERN_FRAME + PATTERN_ROW * len(self.runs[0].window)  # the whole pattern, its last row too
+        self.pattern_html.value = (f"<iframe srcdoc=\"{html.escape(page)}\" style=\"width:100%;height:{height}px;"
                                    f"border:0\"></iframe>")  # an iframe runs circuitsvis' script
 
 

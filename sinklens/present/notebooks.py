@@ -51,7 +51,8 @@ PROGRESS_METER = re.compile(r"\|\s*[\d.]+[kMG]?/[\d.?]+[kMG]?\s*\[")
 # a setting a notebook reads from the environment, as in os.environ.get("SINKLENS_N_REPEATS", "1000")
 SETTING = re.compile(r"os\.environ\.get\(\s*[\"'](\w+)[\"']")
 NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
-RELATIVE_TOLERANCE = 1e-4
+RELATIVE_TOLERANCE = 2e-3  # float32 kernels of another CPU sum in another order: a probe's held-out accuracy moves by
+# one sample in a thousand, a mean of cancelling terms by a few 1e-4; a change of the code moves numbers further
 ABSOLUTE_TOLERANCE = 1e-8  # float32 noise around an exact 0
 
 

@@ -7,8 +7,8 @@ paper's numbers beside them), then one section per analysis.
 Each step's result is checkpointed under ``OUT/.steps/`` as soon as it is computed, so an
 interrupted report resumes where it stopped when run again with the same settings (other
 settings start afresh). ``results.json`` keeps stable top-level keys for scripts: ``model``,
-``versions``, ``first_token``, ``sink_layer``, ``typical_norm``, ``first_token_norm``, ``words``
-and ``sink_neurons``.
+``versions``, ``first_token``, ``sink_layer``, ``typical_norm``, ``first_token_norm``, ``words``,
+``sink_neurons`` and ``sinks`` (the sink census of the natural text).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from sinklens.results import Result
 from sinklens.run.cache import check_layer
 from sinklens.run.tokens import check_context, repeated_tokens, words_to_tokens
 from sinklens.settings import Settings
+from sinklens.studies.census import SinkCensus, find_sinks
 from sinklens.studies.circuit import FirstLayerCircuit, first_layer_circuit
 from sinklens.studies.table import SinkTableRow, layer_range, sink_table_row
 
@@ -70,7 +71,7 @@ def run_report(
     for layer in [*(config.layers or []), *([] if config.sink_layer is None else [config.sink_layer])]:
         check_layer(model, layer)
     steps = Checkpoints(out, config.fingerprint(model.cfg.model_name))
-    with tqdm(total=8, desc="sinklens report", disable=not progress) as bar:
+    with tqdm(total=9, desc="sinklens report", disable=not progress) as bar:
 
         def step(name: str, compute: Callable[[], Result]) -> Result:
             bar.set_postfix_str(name)
@@ -107,6 +108,7 @@ def run_report(
                     model, corpus, config, table=row))  # the row's circuit setup and curves, measured once
             except SinklensError as exc:  # e.g. a corpus too short for the probe: the rest of the report stands
                 circuit_skipped = str(exc)
+        census = step("sinks", lambda: find_sinks(model, reference, config, setup=row.setup, label="the natural text"))
 
     table = row.summary()
     if config.sink_layer is not None:
@@ -143,11 +145,12 @@ def run_report(
         {k: v for k, v in circuit.summary().items() if k != "setup"},
         "attention": [received_text.summary(), received_repeat.summary()],
         "attention_scores": [regular_maps.summary(), repeat_maps.summary()],
+        "sinks": {k: v for k, v in census.summary().items() if k != "setup"},
         "paper_table_1": [dataclasses.asdict(r) for r in PAPER_TABLE_1.values()],
     }
     write_json(out / "results.json", results)
     page = _render_html(results, row, curves, study, circuit, (received_text, received_repeat),
-                        (regular_maps, repeat_maps))
+                        (regular_maps, repeat_maps), census)
     write_text(out / "report.html", page)
     return results
 
@@ -253,7 +256,7 @@ def _side_by_side(*results):
     return pd.concat(frames, axis=1).reset_index()
 
 
-def _render_html(results, row: SinkTableRow, curves, study, circuit, received, maps) -> str:
+def _render_html(results, row: SinkTableRow, curves, study, circuit, received, maps, census: SinkCensus) -> str:
     model = results["model"]
     neurons = row.neurons
     first = results["first_token"]
@@ -307,6 +310,12 @@ def _render_html(results, row: SinkTableRow, curves, study, circuit, received, m
         section("Attention scores: regular text vs a repeated token (paper Fig. 1)",
                  "Pre-softmax scores averaged over heads (and over the text lines), masked keys blank.",
                  plot_attention_score_maps(*maps)),
+        section("Every sink in natural text",
+                 f"Positions of the natural text whose norm enters the sink regime at some layer (the first token's "
+                 f"included): where each appears, how many layers it stays, the mean weight later queries pay it "
+                 f"there, its cosine with the first token, and the neurons that write it (the sink-neuron rule at its "
+                 f"position). {len(census.sinks)} sink{'s' * (len(census.sinks) != 1)} in "
+                 f"{census.tokens.shape[1]} tokens.", census.plot(), frame=census.to_frame()),
     ]
     return page(f"sinklens report: {model['name']}", f"Model spec <code>{html.escape(model['spec'])}</code>, "
                 f"{model['n_layers']} layers, {model['dtype']} on {model['device']}. "

@@ -151,6 +151,19 @@ def text_tokens(
     return torch.tensor([ids], dtype=torch.long)
 
 
+def chat_tokens(model: TransformerBridge, messages: Sequence[dict[str, str]]) -> Int[torch.Tensor, "1 pos"]:
+    """A conversation as the model's own chat template writes it (the template decides the first token), checked
+    against the context."""
+    tokenizer = model.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise SinklensError(f"{model.cfg.model_name} has no chat template to format a conversation with",
+                            "pass the conversation as plain text (--text FILE), or use an instruct model")
+    ids = tokenizer.apply_chat_template(list(messages), tokenize=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    check_context(model, len(ids))
+    return torch.tensor([ids], dtype=torch.long)
+
+
 def default_words(model: TransformerBridge, phrase: str = "Another one bites the dust") -> list[Token]:
     """The paper's Fig. 2/6 words: the tokens of ``phrase`` as they appear mid-text."""
     ids = word_token_ids(model, phrase)
