@@ -37,7 +37,7 @@ VALUES = {
     "screen_repeats": ["--screen-repeats", "6"], "screen_threshold": ["--screen-threshold", "0.5"],
     "calibration": ["--calibration", "7"], "positives": ["--positives", "0.5"], "batch_size": ["--batch-size", "2"],
     "prefix": ["--prefix", "All:"], "clustering": ["--clustering", "sink_tokens"], "lengths": ["--lengths", "6"],
-    "sequences": ["--sequences", "3"], "corpus": None, "scan": None,  # files made by the fixture
+    "sequences": ["--sequences", "3"], "corpus": None, "scan": None, "text": None, "chat": None,  # the fixture's files
 }
 TEXT_ONLY = {"top"}  # changes what is printed without --json: compared in text
 # Honoured, and recorded, but they cannot change a number here: the only device is the CPU, batching does not
@@ -67,11 +67,15 @@ def files(tiny_dir, long_corpus_file, tmp_path_factory):
     folder = tmp_path_factory.mktemp("flags")
     other = folder / "other-corpus.txt"
     other.write_text(CORPUS[200:] * 6)
+    text, chat = folder / "text.txt", folder / "chat.json"
+    text.write_text(CORPUS[300:600])
+    chat.write_text(json.dumps([{"role": "user", "content": "Speak, speak."}]))
     study = ["--model", str(tiny_dir), "--corpus", str(long_corpus_file), "--corpus-chars", "400"]
     assert main(["patch", *study, *SHORT_STUDY, "--out", str(folder / "patch.json"), "--json"]) == 0
     assert main(["scan", *study, "--n-repeats", "20", "--tokens", "30", "--screen-repeats", "4", "--calibration", "5",
                  "--out", str(folder / "scan"), "--json"]) == 0
-    return {"study": study, "corpus": other, "patch": folder / "patch.json", "scan": folder / "scan"}
+    return {"study": study, "corpus": other, "patch": folder / "patch.json", "scan": folder / "scan", "text": text,
+            "chat": chat}
 
 
 def _base(command: str, files: dict, out: Path) -> list[str]:
@@ -89,6 +93,7 @@ def _base(command: str, files: dict, out: Path) -> list[str]:
                  "--out", str(out), "--json"],
         "attack": ["attack", *study, "--n-repeats", "20", "--tokens", "80", "--lengths", "8", "--sequences", "4",
                    "--json"],
+        "sinks": ["sinks", *study, "--json"],
     }[command]
 
 

@@ -123,3 +123,15 @@ def test_committed_outputs_are_those_of_the_current_code(path, smollm2):
     fresh = notebooks.execute(path, renderer=notebooks.LIVE_RENDERER).notebook
     committed = nbformat.read(path, as_version=4)
     assert notebooks.differences(committed, fresh) == [], f"regenerate: {REGENERATE.format(path.name)}"
+
+
+def test_figures_are_compared_against_each_arrays_scale_with_blanks_in_place():
+    """A value near 0 among larger ones carries their rounding; a blank (a masked cell) must stay blank."""
+    expected = {"data": [{"z": [[1.0, None], [0.5, 0.002262539]], "name": "scores"}], "layout": {"height": 450}}
+    moved = {"data": [{"z": [[1.0, None], [0.5, 0.002262936]], "name": "scores"}], "layout": {"height": 450}}
+    assert notebooks.same_figure(expected, moved)  # 1.8e-4 of itself, 4e-7 of the array
+    filled = {"data": [{"z": [[1.0, 0.0], [0.5, 0.002262539]], "name": "scores"}], "layout": {"height": 450}}
+    changed = {"data": [{"z": [[1.0, None], [0.55, 0.002262539]], "name": "scores"}], "layout": {"height": 450}}
+    renamed = {"data": [{"z": [[1.0, None], [0.5, 0.002262539]], "name": "other"}], "layout": {"height": 450}}
+    assert not any(notebooks.same_figure(expected, other) for other in (filled, changed, renamed))
+    assert notebooks.same_figure({"y": [float("nan"), 1.0]}, {"y": [float("nan"), 1.0]})

@@ -157,15 +157,19 @@ def same_figure(expected, actual, rel: float = RELATIVE_TOLERANCE) -> bool:
     numbers = _flat_numbers(expected)
     if numbers is not None and _flat_numbers(actual) is not None and numbers:
         other = _flat_numbers(actual)
-        scale = max(abs(x) for x in numbers)
-        return len(numbers) == len(other) and all(
-            (a is None) == (b is None) and (a is None or math.isclose(a, b, rel_tol=rel, abs_tol=rel * scale))
-            for a, b in zip(numbers, other))
+        scale = max((abs(x) for x in numbers if x is not None and not math.isnan(x)), default=0.0)
+        return len(numbers) == len(other) and all(_same_number(a, b, rel, rel * scale) for a, b in zip(numbers, other))
     if isinstance(expected, list) and isinstance(actual, list):
         return len(expected) == len(actual) and all(same_figure(a, b, rel) for a, b in zip(expected, actual))
     if isinstance(expected, str) and isinstance(actual, str):
         return same_up_to_rounding(expected, actual, rel)
     return expected == actual
+
+
+def _same_number(a: float | None, b: float | None, rel: float, absolute: float) -> bool:
+    """Both blank (None or NaN), or both numbers within ``rel`` of each other or ``absolute`` apart."""
+    blank_a, blank_b = a is None or math.isnan(a), b is None or math.isnan(b)
+    return blank_a == blank_b and (blank_a or math.isclose(a, b, rel_tol=rel, abs_tol=absolute))
 
 
 def _flat_numbers(value) -> list[float | None] | None:
