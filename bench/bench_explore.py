@@ -47,7 +47,7 @@ def main() -> None:
     updates, census, plain_prompt, plain_text, head, layer = [], [], [], [], [], []
     for _ in range(args.rounds):
         for word in ("dust", "the"):
-            explorer._remembered.clear()
+            explorer.circuit.memory.clear()
             explorer.word.value = word
             if explorer.error is not None:
                 raise explorer.error

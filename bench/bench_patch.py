@@ -25,7 +25,7 @@ WORKER = r"""
 path, condition, model_name, prompt, new_tokens, batch, rounds = sys.argv[1:8]
 prompt, new_tokens, batch, rounds = int(prompt), int(new_tokens), int(batch), int(rounds)
 device = "cuda" if torch.cuda.is_available() else "cpu"
-from sinklens.run.patch import SinkPatch, patch_for
+from sinklens.run.sink_patch import SinkPatch, patch_for
 
 if model_name == "random-1b":
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -85,7 +85,7 @@ def main() -> None:
         import sys
 
         if not os.path.exists(args.patch):
-            subprocess.run([sys.executable, "-m", "sinklens.present.cli", "patch", "--out", args.patch], check=True)
+            subprocess.run([sys.executable, "-m", "sinklens", "patch", "--out", args.patch], check=True)
         source = args.patch
     results = {}
     for path in args.paths.split(","):

@@ -43,7 +43,7 @@ if mode == "hf":
 else:
     model = sinklens.load_model(device=device)
 if mode == "eager":  # sinklens as it ran before the fused attention path: the "before" of the comparison
-    from sinklens.load.attention import use_fused_attention
+    from sinklens.load.fused_attention import use_fused_attention
     use_fused_attention(model, False)
 tokens = list(range(1000, 1000 + n_tokens))
 

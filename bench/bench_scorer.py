@@ -35,13 +35,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     if not os.path.exists(args.patch):
-        subprocess.run([sys.executable, "-m", "sinklens.present.cli", "patch", "--out", args.patch], check=True)
+        subprocess.run([sys.executable, "-m", "sinklens", "patch", "--out", args.patch], check=True)
 
     import torch
     from lm_eval.api.instance import Instance
 
     from sinklens.analyses.benchmarks import score_items
-    from sinklens.load.benchmarks import load_items
+    from sinklens.load.benchmark_items import load_items
     from sinklens.load.registry import DEFAULT_MODEL
     from sinklens.run.harness import harness_model
 

@@ -1,5 +1,5 @@
 import sys
 
-from sinklens.present.cli import main
+from sinklens.cli import main
 
 sys.exit(main())

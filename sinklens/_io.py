@@ -86,11 +86,17 @@ def check_output_dir(out: str | Path) -> Path:
     out = Path(out).expanduser()
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if out.exists() and not out.is_dir():
-        raise SinklensError(f"output path {out} is an existing file, not a directory",
-                            "pass a directory path for --out (it is created if missing)")
+        raise SinklensError(
+            f"output path {out} is an existing file, not a directory",
+            "pass a directory path for --out (it is created if missing)",
+        )
     if existing is not None and not existing.is_dir():
-        raise SinklensError(f"output path {out} lies under {existing}, which is a file", "pass a directory path")
+        raise SinklensError(
+            f"output path {out} lies under {existing}, which is a file", "pass a directory path"
+        )
     if existing is None or not os.access(existing, os.W_OK | os.X_OK):
-        raise SinklensError(f"cannot write to {out}: {existing or out.anchor} is not writable",
-                            "pass a directory you can write to")
+        raise SinklensError(
+            f"cannot write to {out}: {existing or out.anchor} is not writable",
+            "pass a directory you can write to",
+        )
     return out

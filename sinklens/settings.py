@@ -1,4 +1,4 @@
-"""The settings every study and command shares, in one object, and the defaults of every analysis.
+"""The settings every study and command shares, in one object, and their defaults.
 
 A sinklens study is decided by a handful of choices: the model and its precision, which token stands at
 position 0, the natural text the typical norm comes from and how much of it, the sink-layer rule, the
@@ -27,8 +27,6 @@ from sinklens.load.sources import check_device, check_dtype_name, resolve_model
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-    from sinklens.studies.table import SinkTableRow
-
 # The paper's choices, as its notebook makes them.
 PAPER_MAX_LAYER = 15  # the sink layer is searched among layers 0..14
 PAPER_N_SIGMA = 2.0  # the first layer whose first-token MLP norm exceeds mean + 2 sigma
@@ -37,49 +35,42 @@ PAPER_CORPUS_CHARS = 1000  # the typical norm: the first 1000 characters of Tiny
 # sinklens' own choices where the paper is silent (docs/methods.md says why).
 AUTO = "auto"  # the first token: the tokenizer's BOS if the model makes it a sink, else the candidate it does
 MIN_SINK_RATIO = 10.0  # a first token is a sink at 10x the typical norm
-SINK_FRACTION = 0.9  # the sink regime starts 0.9 of the way from typical to the first token, in log space
+SINK_FRACTION = (
+    0.9  # the sink regime starts 0.9 of the way from typical to the first token, in log space
+)
 REMOVED_SHARE = 0.9  # the sink neurons: the shortest ranked prefix whose ablation removes 90% of the excess norm
 MAX_NEURONS = 32  # candidates the ablation filter tries
-CRITERIA = ("paper", "notebook")  # sink-neuron rankings: the paper's (output at the first token), the notebook's
+CRITERIA = (
+    "paper",
+    "notebook",
+)  # sink-neuron rankings: the paper's (output at the first token), the notebook's
 DEFAULT_REPEATS = 1000
-
-# The vocabulary scan. The default screen was chosen against an exhaustive scan of 2,000 SmolLM2 tokens at 1000
-# repeats (docs/results.md): of short runs of 8, 16, 32 and 64 repeats, 32 costs half of 64's screen (27 against
-# 57 ms per token) for full runs on 55% of the tokens instead of 49%; 0.26 keeps 97% of a random half's
-# sink-opening tokens, 97.9% of the other's.
-SCAN_BATCH = 4  # tokens per forward pass: on SmolLM2 at 1000 repeats, 2 CPU cores, batches of 1, 4 and 8 gave 0.77, 0.82 and 0.80 tokens/s (bench/bench_scan.py)
-SCREEN_REPEATS = 32
-SCREEN_THRESHOLD = 0.26
-SCREEN_CALIBRATION = 500  # tokens run in full whatever the screen says: about 350 screen negatives on SmolLM2
-
-# Names of the other commands' choices (the functions behind them live with their analyses).
-ATTACK_TOKENS = 400  # the cluster attack's own scan when it is given none
-CLUSTERINGS = ("keys", "sink_tokens")  # the cluster attack: k-means on layer-0 keys, or the sink tokens
-PATCH_HOOKS = {"up": "pre_linear", "gate": "pre", "post": "post"}  # where a patch clamps: the MLP hook it acts on
-PATCH_VALUES = ("first_after_start", "calibrated")  # the value it clamps to
-EVALUATION_PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": {"items": 20, "lambada": 20, "text_tokens": 1024, "words": ("poem",), "chat_copies": 10,
-              "raw_repeats": (64,), "new_tokens": 24, "seeds": (0,), "teacher_repeats": 200, "n_repeats": 300},
-    "full": {"items": 200, "lambada": 500, "text_tokens": 16384, "words": None, "chat_copies": 10,
-             "raw_repeats": (100, 1000), "new_tokens": 128, "seeds": (0, 1), "teacher_repeats": 1000,
-             "n_repeats": 1000},
-}
-RAY_LOCAL = "local"  # --ray without an address: start a Ray instance on this machine
 
 
 def require_words(words) -> None:
     """A word list (None: the paper's words) must hold at least one word."""
     if words is not None and not words:
-        raise SinklensError("the word list is empty", "pass at least one word, or None for the paper's words")
+        raise SinklensError(
+            "the word list is empty", "pass at least one word, or None for the paper's words"
+        )
 
 
 def check_criterion_name(criterion: str, layers: int | list[int] | None = None) -> None:
     """The part of a sink-neuron criterion's check that needs no model."""
     if criterion not in CRITERIA:
-        raise SinklensError(f"unknown criterion {criterion!r}", f"pass one of {', '.join(CRITERIA)}")
-    if criterion == "notebook" and layers is not None and not isinstance(layers, int) and len(set(layers)) > 1:
-        raise SinklensError("the notebook criterion ranks the neurons of one layer, but several layers were given",
-                            "pass one layer, or use criterion='paper' (CLI: --criterion paper) for a layer range")
+        raise SinklensError(
+            f"unknown criterion {criterion!r}", f"pass one of {', '.join(CRITERIA)}"
+        )
+    if (
+        criterion == "notebook"
+        and layers is not None
+        and not isinstance(layers, int)
+        and len(set(layers)) > 1
+    ):
+        raise SinklensError(
+            "the notebook criterion ranks the neurons of one layer, but several layers were given",
+            "pass one layer, or use criterion='paper' (CLI: --criterion paper) for a layer range",
+        )
 
 
 @dataclass
@@ -90,14 +81,18 @@ class Settings:
     model: str = DEFAULT_MODEL
     words: list[str] | None = None  # None: the tokens of "Another one bites the dust"
     n_repeats: int = DEFAULT_REPEATS
-    first_token: str | int = AUTO  # "auto": the token the model makes a sink (its BOS where that is one)
+    first_token: str | int = (
+        AUTO  # "auto": the token the model makes a sink (its BOS where that is one)
+    )
     corpus: str | None = None  # a text file; None: the opening of Coriolanus (Tiny Shakespeare)
     corpus_chars: int = PAPER_CORPUS_CHARS
     max_layer: int = PAPER_MAX_LAYER
     n_sigma: float = PAPER_N_SIGMA
     sink_fraction: float = SINK_FRACTION
     sink_layer: int | None = None  # None: from the analysis; else measure the curves at this layer
-    layers: list[int] | None = None  # layers to search for sink neurons; None: decided from the data
+    layers: list[int] | None = (
+        None  # layers to search for sink neurons; None: decided from the data
+    )
     criterion: str = "paper"
     share: float = REMOVED_SHARE
     max_neurons: int = MAX_NEURONS
@@ -113,8 +108,15 @@ class Settings:
     def fingerprint(self, model_name: str = "", **extra: Any) -> str:
         """Keys resumable results: these settings, the model, the sinklens version that computed them and any
         ``extra`` choices of the caller."""
-        key = {**dataclasses.asdict(self), "model_name": model_name, "sinklens": version("sinklens"), **extra}
-        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = {
+            **dataclasses.asdict(self),
+            "model_name": model_name,
+            "sinklens": version("sinklens"),
+            **extra,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[
+            :16
+        ]
 
     @classmethod
     def of(cls, settings: Settings | None = None, **choices: Any) -> Settings:
@@ -123,7 +125,10 @@ class Settings:
         names = [field.name for field in dataclasses.fields(cls)]
         unknown = sorted(set(choices) - set(names))
         if unknown:
-            raise SinklensError(f"unknown setting {unknown[0]!r}", f"pass fields of sinklens.Settings: {', '.join(names)}")
+            raise SinklensError(
+                f"unknown setting {unknown[0]!r}",
+                f"pass fields of sinklens.Settings: {', '.join(names)}",
+            )
         return dataclasses.replace(settings or cls(), **choices)
 
     def check(self) -> None:
@@ -139,31 +144,51 @@ class Settings:
         """The checks of the choices an analysis makes (not of what to load)."""
         require_words(self.words)
         if self.n_repeats < 1:
-            raise SinklensError(f"n_repeats must be at least 1, got {self.n_repeats}", "pass a positive number")
+            raise SinklensError(
+                f"n_repeats must be at least 1, got {self.n_repeats}", "pass a positive number"
+            )
         if self.corpus_chars < 2:
-            raise SinklensError(f"corpus_chars must be at least 2, got {self.corpus_chars}",
-                                "pass enough characters for a first token and a later one")
+            raise SinklensError(
+                f"corpus_chars must be at least 2, got {self.corpus_chars}",
+                "pass enough characters for a first token and a later one",
+            )
         if self.max_layer < 2:
-            raise SinklensError(f"max_layer={self.max_layer} leaves fewer than 2 layers to compare", "pass max_layer >= 2")
+            raise SinklensError(
+                f"max_layer={self.max_layer} leaves fewer than 2 layers to compare",
+                "pass max_layer >= 2",
+            )
         if self.n_sigma < 0:
-            raise SinklensError(f"n_sigma={self.n_sigma} puts the sink-layer threshold below the mean",
-                                "pass a non-negative multiple of the standard deviation, such as the paper's 2")
+            raise SinklensError(
+                f"n_sigma={self.n_sigma} puts the sink-layer threshold below the mean",
+                "pass a non-negative multiple of the standard deviation, such as the paper's 2",
+            )
         if not 0 < self.sink_fraction < 1:
-            raise SinklensError(f"sink_fraction must be in (0, 1), got {self.sink_fraction}",
-                                "pass a fraction of the way from typical to the first token's norm, such as 0.9")
+            raise SinklensError(
+                f"sink_fraction must be in (0, 1), got {self.sink_fraction}",
+                "pass a fraction of the way from typical to the first token's norm, such as 0.9",
+            )
         if self.layers is not None and not self.layers:
             raise SinklensError("the layer range is empty", "pass at least one layer, e.g. 3-8")
-        for layer in [*(self.layers or []), *([] if self.sink_layer is None else [self.sink_layer])]:
+        for layer in [
+            *(self.layers or []),
+            *([] if self.sink_layer is None else [self.sink_layer]),
+        ]:
             if layer < 0:
                 raise SinklensError(f"layer {layer} is negative", "pass 0-based layer indices")
         check_criterion_name(self.criterion, self.layers)
         if not 0 < self.share <= 1:
-            raise SinklensError(f"share must be in (0, 1], got {self.share}", "pass a share such as 0.9")
+            raise SinklensError(
+                f"share must be in (0, 1], got {self.share}", "pass a share such as 0.9"
+            )
         if self.max_neurons < 1:
-            raise SinklensError(f"max_neurons must be at least 1, got {self.max_neurons}", "pass a positive number")
+            raise SinklensError(
+                f"max_neurons must be at least 1, got {self.max_neurons}", "pass a positive number"
+            )
         if self.min_ratio <= 1:
-            raise SinklensError(f"min_ratio={self.min_ratio} calls a first token no larger than typical a sink",
-                                "pass a multiple of the typical norm above 1, such as 10")
+            raise SinklensError(
+                f"min_ratio={self.min_ratio} calls a first token no larger than typical a sink",
+                "pass a multiple of the typical norm above 1, such as 10",
+            )
 
     def corpus_text(self) -> str:
         """The whole natural text of these settings: the corpus file, or the opening of Coriolanus (Tiny
@@ -181,20 +206,20 @@ class Settings:
         named = [*(self.layers or []), *([] if self.sink_layer is None else [self.sink_layer])]
         return max([self.max_layer, *(layer + 1 for layer in named)])
 
-    def load_model(self, verbose: bool = False, *, early_layers_only: bool = False) -> TransformerBridge:
+    def load_model(
+        self, verbose: bool = False, *, early_layers_only: bool = False
+    ) -> TransformerBridge:
         """The model these settings name, in their dtype and on their device; with ``early_layers_only``, built
         only up to the deepest layer these settings can reach (:meth:`layers_reached`), for the analyses that
         stop at the sink layer."""
         from sinklens.load.models import load_model
 
         n_layers = self.layers_reached() if early_layers_only else None
-        return load_model(self.model, dtype=self.dtype, device=self.device, n_layers=n_layers, verbose=verbose)
-
-    def table_row(self, model: TransformerBridge, text: str | None = None, *, progress: bool = False) -> SinkTableRow:
-        """This model's Table-1 row with these settings (``text``: the natural text, default :meth:`corpus_text`)."""
-        from sinklens.studies.table import sink_table_row
-
-        return sink_table_row(model, text, self, progress=progress)
+        return load_model(
+            self.model, dtype=self.dtype, device=self.device, n_layers=n_layers, verbose=verbose
+        )
 
 
-ReportConfig = Settings  # the name earlier releases gave these settings, when only the report took them
+ReportConfig = (
+    Settings  # the name earlier releases gave these settings, when only the report took them
+)

@@ -33,10 +33,14 @@ def build_tokenizer(bos: bool = True):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([CORPUS] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>"
+    )
 
 
 SECOND_SINK_LAYER, SECOND_SINK_NEURON = 3, 9  # the second half of the sink planted over two layers
@@ -45,8 +49,14 @@ DETECT_HEAD = 0  # a layer-0 head of that model whose queries score a token's ow
 GATE = 40.0
 
 
-def build_hf_model(tokenizer, plant_sink: bool = True, *, sink_token: str = "<s>", two_layers: bool = False,
-                   mark_head: bool = False):
+def build_hf_model(
+    tokenizer,
+    plant_sink: bool = True,
+    *,
+    sink_token: str = "<s>",
+    two_layers: bool = False,
+    mark_head: bool = False,
+):
     """A tiny random Llama; with ``plant_sink``, only ``sink_token``'s embedding has a component on
     residual dimension 0 and neuron ``SINK_NEURON`` of layer ``SINK_LAYER`` reads it and writes a
     large vector. With ``two_layers`` the sink is split: that neuron writes one half, and neuron
@@ -62,9 +72,15 @@ def build_hf_model(tokenizer, plant_sink: bool = True, *, sink_token: str = "<s>
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<s>"), eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<s>"),
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config).eval()
@@ -88,12 +104,23 @@ def build_hf_model(tokenizer, plant_sink: bool = True, *, sink_token: str = "<s>
         scale = 50.0 / (float(torch.nn.functional.silu(post) * post) * 4.0)
         _plant_neuron(model, SINK_LAYER, SINK_NEURON, GATE, scale, dims=slice(1, 17))
         x0 = _first_token_mlp_input(model, tokenizer, sink_token, SECOND_SINK_LAYER)[0]
-        _plant_neuron(model, SECOND_SINK_LAYER, SECOND_SINK_NEURON, GATE * float(post / GATE / x0), scale,
-                      dims=slice(17, 33))
+        _plant_neuron(
+            model,
+            SECOND_SINK_LAYER,
+            SECOND_SINK_NEURON,
+            GATE * float(post / GATE / x0),
+            scale,
+            dims=slice(17, 33),
+        )
     return model
 
 
-DELIMITER, DELIMITER_LAYER, DELIMITER_NEURON, DELIMITER_DIM = ":", 3, 9, 31  # the planted second sink
+DELIMITER, DELIMITER_LAYER, DELIMITER_NEURON, DELIMITER_DIM = (
+    ":",
+    3,
+    9,
+    31,
+)  # the planted second sink
 
 
 def plant_delimiter_sink(model, tokenizer) -> None:
@@ -108,7 +135,9 @@ def plant_delimiter_sink(model, tokenizer) -> None:
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight[DELIMITER_DIM, :] = 0.0
             layer.mlp.down_proj.weight[DELIMITER_DIM, :] = 0.0
-        _plant_neuron(model, DELIMITER_LAYER, DELIMITER_NEURON, GATE, 1.0, dims=slice(1, DELIMITER_DIM))
+        _plant_neuron(
+            model, DELIMITER_LAYER, DELIMITER_NEURON, GATE, 1.0, dims=slice(1, DELIMITER_DIM)
+        )
         mlp = model.model.layers[DELIMITER_LAYER].mlp
         for proj in (mlp.gate_proj, mlp.up_proj):
             proj.weight[DELIMITER_NEURON, 0] = 0.0
@@ -119,20 +148,32 @@ def _plant_mark_head(model, first: int) -> None:
     embed = model.model.embed_tokens.weight
     embed[:, 2:] *= 50.0  # typical residual norms of a few units
     embed[:, :2] = 0.0
-    embed[first, 1] = float(embed[first, 2:].norm())  # as large as the rest of the first token's embedding
+    embed[first, 1] = float(
+        embed[first, 2:].norm()
+    )  # as large as the rest of the first token's embedding
     attn = model.model.layers[0].self_attn
     d_head = model.config.hidden_size // model.config.num_attention_heads
     group = MARK_HEAD // (model.config.num_attention_heads // model.config.num_key_value_heads)
-    attn.q_proj.weight[MARK_HEAD * d_head : (MARK_HEAD + 1) * d_head] = 0.0  # scores 0: uniform attention
+    attn.q_proj.weight[MARK_HEAD * d_head : (MARK_HEAD + 1) * d_head] = (
+        0.0  # scores 0: uniform attention
+    )
     attn.v_proj.weight[group * d_head] = 0.0
     attn.v_proj.weight[group * d_head, 1] = 1.0  # the head's value copies dimension 1 ...
-    attn.o_proj.weight[0, MARK_HEAD * d_head] = float(model.model.layers[0].input_layernorm.weight[1] ** -1)  # ... into 0
-    detect_group = DETECT_HEAD // (model.config.num_attention_heads // model.config.num_key_value_heads)
+    attn.o_proj.weight[0, MARK_HEAD * d_head] = float(
+        model.model.layers[0].input_layernorm.weight[1] ** -1
+    )  # ... into 0
+    detect_group = DETECT_HEAD // (
+        model.config.num_attention_heads // model.config.num_key_value_heads
+    )
     keys = attn.k_proj.weight[detect_group * d_head : (detect_group + 1) * d_head]
-    attn.q_proj.weight[DETECT_HEAD * d_head : (DETECT_HEAD + 1) * d_head] = -100.0 * keys  # q . k(self) = -100 |k|^2: its own key scores lowest
+    attn.q_proj.weight[DETECT_HEAD * d_head : (DETECT_HEAD + 1) * d_head] = (
+        -100.0 * keys
+    )  # q . k(self) = -100 |k|^2: its own key scores lowest
 
 
-def _plant_neuron(model, layer: int, neuron: int, gate: float, write: float, dims=slice(1, None)) -> None:
+def _plant_neuron(
+    model, layer: int, neuron: int, gate: float, write: float, dims=slice(1, None)
+) -> None:
     mlp = model.model.layers[layer].mlp
     mlp.gate_proj.weight[neuron] = 0.0
     mlp.up_proj.weight[neuron] = 0.0
@@ -145,7 +186,9 @@ def _plant_neuron(model, layer: int, neuron: int, gate: float, write: float, dim
 def _first_token_mlp_input(model, tokenizer, token: str, layer: int) -> torch.Tensor:
     """The normalised input of ``layer``'s MLP at a lone ``token`` (what the planted neuron reads)."""
     seen = []
-    handle = model.model.layers[layer].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0][0, 0]))
+    handle = model.model.layers[layer].mlp.register_forward_hook(
+        lambda m, args, out: seen.append(args[0][0, 0])
+    )
     model(torch.tensor([[tokenizer.convert_tokens_to_ids(token)]]))
     handle.remove()
     return seen[0]
@@ -202,7 +245,9 @@ def save_arch(path, architecture: str, n_layers: int):
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
-    AutoModelForCausalLM.from_config(arch_config(architecture, tokenizer, n_layers)).save_pretrained(path)
+    AutoModelForCausalLM.from_config(
+        arch_config(architecture, tokenizer, n_layers)
+    ).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -212,15 +257,37 @@ def arch_config(architecture: str, tokenizer, n_layers: int):
     gemma3 with sliding and full layers and q/k norms, gpt2)."""
     import transformers
 
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.eos_token_id)
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
     if architecture == "gpt2":
-        return transformers.GPT2Config(n_embd=32, n_layer=n_layers, n_head=4, n_positions=256, **ids)
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256)
-    layer_types = ["sliding_attention" if layer % 2 == 0 else "full_attention" for layer in range(n_layers)]
-    extra = {"mistral": dict(sliding_window=7), "qwen2": {},
-             "gemma3": dict(head_dim=8, sliding_window=7, layer_types=layer_types), "llama": {}}[architecture]
-    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                    "qwen2": transformers.Qwen2Config, "gemma3": transformers.Gemma3TextConfig}[architecture]
+        return transformers.GPT2Config(
+            n_embd=32, n_layer=n_layers, n_head=4, n_positions=256, **ids
+        )
+    common = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    layer_types = [
+        "sliding_attention" if layer % 2 == 0 else "full_attention" for layer in range(n_layers)
+    ]
+    extra = {
+        "mistral": dict(sliding_window=7),
+        "qwen2": {},
+        "gemma3": dict(head_dim=8, sliding_window=7, layer_types=layer_types),
+        "llama": {},
+    }[architecture]
+    config_class = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "gemma3": transformers.Gemma3TextConfig,
+    }[architecture]
     return config_class(**common, **ids, **extra)

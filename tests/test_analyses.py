@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-from conftest import CORPUS, N_LAYERS, SINK_LAYER, save_tiny
 
+from conftest import CORPUS, N_LAYERS, SINK_LAYER, save_tiny
 from sinklens import (
     SinklensError,
     attention_patterns,
@@ -55,10 +55,14 @@ def test_a_run_through_the_last_block_stops_before_the_final_norm(tiny, prefixed
     calls = []
     with tiny.hooks(fwd_hooks=[("unembed.hook_in", lambda x, hook: calls.append(hook.name))]):
         prefix = shared_prefix(tiny, tokens[:, :4], [last]) if prefixed else None
-        stopped = run_cache(tiny, tokens[:, 4:] if prefixed else tokens, [last], prefix=prefix)[last]
+        stopped = run_cache(tiny, tokens[:, 4:] if prefixed else tokens, [last], prefix=prefix)[
+            last
+        ]
     assert calls == []
     _, whole = tiny.run_with_cache(tokens, names_filter=[last, "unembed.hook_in"])
-    assert "unembed.hook_in" in whole  # the unembedding's hook point exists and fires on a whole run
+    assert (
+        "unembed.hook_in" in whole
+    )  # the unembedding's hook point exists and fires on a whole run
     torch.testing.assert_close(stopped, whole[last][:, 4:] if prefixed else whole[last])
 
 
@@ -70,12 +74,18 @@ def test_run_cache_reduces_inside_the_hook(tiny):
     assert torch.allclose(reduced, full[..., 0].mean())
 
 
-@pytest.mark.parametrize("pattern", [False, True])  # fused attention, and the eager path a pattern hook takes
+@pytest.mark.parametrize(
+    "pattern", [False, True]
+)  # fused attention, and the eager path a pattern hook takes
 def test_a_shared_prefix_runs_once_and_gives_the_full_runs_numbers(tiny, pattern):
     tokens = text_tokens(tiny, "First Citizen: Before we proceed any further, hear me speak.")
     k = tokens.shape[1] - 3
-    rows = torch.cat([tokens.expand(3, -1)[:, :k], torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])], dim=1)
-    names = ["blocks.2.hook_resid_post", "blocks.2.mlp.hook_post"] + (["blocks.1.attn.hook_pattern"] if pattern else [])
+    rows = torch.cat(
+        [tokens.expand(3, -1)[:, :k], torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])], dim=1
+    )
+    names = ["blocks.2.hook_resid_post", "blocks.2.mlp.hook_post"] + (
+        ["blocks.1.attn.hook_pattern"] if pattern else []
+    )
 
     def double_row_1(activation, hook):  # an intervention at a position after the prefix
         activation[1, -2] *= 2.0
@@ -83,9 +93,19 @@ def test_a_shared_prefix_runs_once_and_gives_the_full_runs_numbers(tiny, pattern
 
     full = run_cache(tiny, rows, names, interventions=[("blocks.1.hook_resid_post", double_row_1)])
     prefix = shared_prefix(tiny, rows[:1, :k], names)
-    rest = run_cache(tiny, rows[:, k:], names, interventions=[("blocks.1.hook_resid_post", double_row_1)], prefix=prefix)
+    rest = run_cache(
+        tiny,
+        rows[:, k:],
+        names,
+        interventions=[("blocks.1.hook_resid_post", double_row_1)],
+        prefix=prefix,
+    )
     for name in names:
-        assert rest[name].shape[1] == 3 if "pattern" not in name else rest[name].shape[-2:] == (3, tokens.shape[1])
+        assert (
+            rest[name].shape[1] == 3
+            if "pattern" not in name
+            else rest[name].shape[-2:] == (3, tokens.shape[1])
+        )
         expected = full[name][:, k:] if "pattern" not in name else full[name][..., k:, :]
         torch.testing.assert_close(rest[name], expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(SinklensError, match="fewer blocks"):
@@ -118,13 +138,23 @@ def test_mean_plus_two_sigma_rule():
 
 
 def test_no_sink_layer_falls_back_to_the_largest_ratio_or_is_a_clear_error(tiny, tmp_path):
-    result = find_sink_layer(tiny, n_sigma=100.0, reference=text_tokens(tiny, CORPUS))  # no layer passes the rule
-    assert result.method == RATIO_FALLBACK and result.sink_layer == int(result.ratios.argmax()) == SINK_LAYER
+    result = find_sink_layer(
+        tiny, n_sigma=100.0, reference=text_tokens(tiny, CORPUS)
+    )  # no layer passes the rule
+    assert (
+        result.method == RATIO_FALLBACK
+        and result.sink_layer == int(result.ratios.argmax()) == SINK_LAYER
+    )
     with pytest.raises(SinklensError, match="no layer in 0..5 has a first-token MLP output norm"):
         find_sink_layer(tiny, n_sigma=100.0)
-    unplanted = load_model(str(save_tiny(tmp_path, plant_sink=False)), device="cpu")  # random weights: no sink
-    with pytest.raises(SinklensError, match=r"shows no sink layer in layers 0..5: .* largest first/later-token ratio "
-                                            r"is 1\.\d\dx \(layer \d\), below 2x\. Fix: this model makes no"):
+    unplanted = load_model(
+        str(save_tiny(tmp_path, plant_sink=False)), device="cpu"
+    )  # random weights: no sink
+    with pytest.raises(
+        SinklensError,
+        match=r"shows no sink layer in layers 0..5: .* largest first/later-token ratio "
+        r"is 1\.\d\dx \(layer \d\), below 2x\. Fix: this model makes no",
+    ):
         find_sink_layer(unplanted, n_sigma=3.0, reference=text_tokens(unplanted, CORPUS))
 
 
@@ -133,13 +163,17 @@ def test_resid_norms_match_the_hf_hidden_states(tiny):
     with torch.no_grad():
         hidden = tiny.original_model(tokens, output_hidden_states=True).hidden_states
     for layer in (0, SINK_LAYER, N_LAYERS - 2):
-        assert torch.allclose(resid_norms(tiny, tokens, layer), hidden[layer + 1].norm(dim=-1), rtol=1e-4)
+        assert torch.allclose(
+            resid_norms(tiny, tokens, layer), hidden[layer + 1].norm(dim=-1), rtol=1e-4
+        )
 
 
 def test_norm_baseline_and_repetition_curves(tiny):
     baseline = norm_baseline(tiny, SINK_LAYER, text_tokens(tiny, CORPUS))
     assert baseline.first_token_norm > 1e3 * baseline.typical_norm  # the planted sink
-    curves = repetition_curves(tiny, ["the", "you"], layer=SINK_LAYER, baseline=baseline, n_repeats=40)
+    curves = repetition_curves(
+        tiny, ["the", "you"], layer=SINK_LAYER, baseline=baseline, n_repeats=40
+    )
     assert curves.norms.shape == (2, 41)
     assert curves.first_token_norm == pytest.approx(baseline.first_token_norm, rel=1e-4)
     expected = resid_norms(tiny, repeated_tokens(tiny, "you", 40), SINK_LAYER)[0]
@@ -149,7 +183,14 @@ def test_norm_baseline_and_repetition_curves(tiny):
     frame = curves.to_frame()
     assert list(frame["word"]) == [" the", " you"] and (frame["n_repeats"] == 40).all()
     summary = curves.summary()["words"][0]
-    assert set(summary) == {"word", "token_id", "n_repeats", "max_norm", "repeats_to_sink", "first_crossing"}
+    assert set(summary) == {
+        "word",
+        "token_id",
+        "n_repeats",
+        "max_norm",
+        "repeats_to_sink",
+        "first_crossing",
+    }
     assert len(curves.plot().data) > 2
 
 
@@ -160,14 +201,20 @@ def test_sink_threshold_first_crossing_and_repeats_to_stay():
     assert first_crossing(norms, threshold) == 3
     assert repeats_to_stay(norms, threshold) == 5  # dips out at repeat 4, then stays from repeat 5
     assert first_crossing(norms, 5000.0) is None and repeats_to_stay(norms, 5000.0) is None
-    assert first_crossing(norms, 1.0) == 1 and repeats_to_stay(norms, 1.0) == 1  # position 0 never counts
-    assert repeats_to_stay(torch.tensor([1000.0, 200.0, 300.0, 50.0]), threshold) is None  # ends below
+    assert (
+        first_crossing(norms, 1.0) == 1 and repeats_to_stay(norms, 1.0) == 1
+    )  # position 0 never counts
+    assert (
+        repeats_to_stay(torch.tensor([1000.0, 200.0, 300.0, 50.0]), threshold) is None
+    )  # ends below
 
 
 def test_attention_received_matches_the_full_pattern(tiny):
     tokens = repeated_tokens(tiny, "the", 12)
     result = attention_received(tiny, tokens, label="repeat")
-    pattern = run_cache(tiny, tokens, ["blocks.3.attn.hook_pattern"])["blocks.3.attn.hook_pattern"][0]
+    pattern = run_cache(tiny, tokens, ["blocks.3.attn.hook_pattern"])["blocks.3.attn.hook_pattern"][
+        0
+    ]
     n = tokens.shape[1]
     for key in (0, 5):
         expected = pattern[:, key + 1 :, key].mean(dim=-1)
@@ -185,7 +232,9 @@ def test_attention_score_maps_average_visible_scores(tiny):
     layers = paper_figure_layers(tiny, SINK_LAYER)
     assert layers == [2, 3, 4, 5]
     maps = attention_score_maps(tiny, tokens, layers, label="mixed")
-    scores = run_cache(tiny, tokens, ["blocks.4.attn.hook_attn_scores"])["blocks.4.attn.hook_attn_scores"]
+    scores = run_cache(tiny, tokens, ["blocks.4.attn.hook_attn_scores"])[
+        "blocks.4.attn.hook_attn_scores"
+    ]
     assert torch.allclose(maps.scores[2, 3, :4], scores[:, :, 3, :4].mean(dim=(0, 1)), atol=1e-5)
     assert torch.isnan(maps.scores[:, 3, 4:]).all()  # keys after the query are masked
     assert len(maps.token_labels) == 8
@@ -197,7 +246,9 @@ def test_attention_score_maps_average_visible_scores(tiny):
 def test_attention_patterns_are_every_heads_weights_as_data_and_one_figure(tiny):
     tokens = repeated_tokens(tiny, "the", 7)
     patterns = attention_patterns(tiny, tokens, SINK_LAYER)
-    expected = run_cache(tiny, tokens, ["blocks.2.attn.hook_pattern"])["blocks.2.attn.hook_pattern"][0]
+    expected = run_cache(tiny, tokens, ["blocks.2.attn.hook_pattern"])[
+        "blocks.2.attn.hook_pattern"
+    ][0]
     assert torch.allclose(patterns.patterns, expected)
     assert patterns.token_labels[0] == "<s>" and len(patterns.token_labels) == 8
     frame = patterns.to_frame()
@@ -223,5 +274,7 @@ def test_fig1_inputs_are_text_lines_and_a_short_repeat(tiny):
     assert regular.shape[1] == 20 and 1 <= regular.shape[0] <= 4
     assert (regular[:, 0] == tiny.tokenizer.bos_token_id).all()
     assert repeat.shape == (1, 20) and len(set(repeat[0, 1:].tolist())) == 1
-    short, _ = fig1_inputs(tiny, "Speak.\nAll:\nSpeak.", "the")  # no line is long enough: the text's start
+    short, _ = fig1_inputs(
+        tiny, "Speak.\nAll:\nSpeak.", "the"
+    )  # no line is long enough: the text's start
     assert short.shape[0] == 1 and short.shape[1] < 20

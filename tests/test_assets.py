@@ -17,17 +17,25 @@ def _wheel(directory, name="sinklens_testasset", version="1.0", payload=PAYLOAD)
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(f"{name}/data.txt", payload)
         zf.writestr(f"{name}/__init__.py", "")
-        zf.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        zf.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(
+            f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        )
+        zf.writestr(
+            f"{dist}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         zf.writestr(f"{dist}/RECORD", "")
     return path
 
 
 def _asset(wheel, sha=None, module=None):
     member = PackageMember(
-        distribution="sinklens-testasset", version="1.0",
-        archive_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(), archive_size=wheel.stat().st_size,
-        member="sinklens_testasset/data.txt", module=module,
+        distribution="sinklens-testasset",
+        version="1.0",
+        archive_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+        archive_size=wheel.stat().st_size,
+        member="sinklens_testasset/data.txt",
+        module=module,
     )
     return Asset("data.txt", sha or hashlib.sha256(PAYLOAD).hexdigest(), (member,), "a test text")
 
@@ -50,7 +58,11 @@ def test_fetch_downloads_verifies_and_caches(local_index, caplog, capsys):
         path = fetch_asset(asset)
     assert path.read_bytes() == PAYLOAD
     announced = [r.getMessage() for r in caplog.records]
-    assert len(announced) == 1 and "fetching sinklens-testasset==1.0" in announced[0] and "a test text" in announced[0]
+    assert (
+        len(announced) == 1
+        and "fetching sinklens-testasset==1.0" in announced[0]
+        and "a test text" in announced[0]
+    )
     assert "sinklens-testasset" in capsys.readouterr().err  # the download's progress bar
     for wheel in local_index.iterdir():
         wheel.unlink()  # a second fetch must come from the cache, not from pip, and says nothing

@@ -96,7 +96,9 @@ def _wait(condition, seconds: float, what, interval: float = 0.5):
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what() if callable(what) else what}")
+    raise AssertionError(
+        f"timed out after {seconds:.0f} s waiting for {what() if callable(what) else what}"
+    )
 
 
 @pytest.fixture
@@ -106,18 +108,45 @@ def lab(tmp_path, tiny_dir, long_corpus_file):
     root.mkdir()
     shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
     port, token = _free_port(), os.urandom(16).hex()
-    env = {**os.environ, "SINKLENS_MODEL": str(tiny_dir), "SINKLENS_CORPUS": str(long_corpus_file),
-           "SINKLENS_CORPUS_CHARS": "600", "SINKLENS_N_REPEATS": "40",
-           "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
-           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")}
-    command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-               "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-               "--allow-root", "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=",
-               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.extension_manager=readonly"]
-    no_news = tmp_path / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    env = {
+        **os.environ,
+        "SINKLENS_MODEL": str(tiny_dir),
+        "SINKLENS_CORPUS": str(long_corpus_file),
+        "SINKLENS_CORPUS_CHARS": "600",
+        "SINKLENS_N_REPEATS": "40",
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        "--allow-root",
+        "--LabApp.expose_app_in_browser=True",
+        "--LabApp.news_url=",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.extension_manager=readonly",
+    ]
+    no_news = (
+        tmp_path
+        / "settings"
+        / "@jupyterlab"
+        / "apputils-extension"
+        / "notification.jupyterlab-settings"
+    )
     no_news.parent.mkdir(parents=True)
-    no_news.write_text(json.dumps({"fetchNews": "false"}))  # no "get Jupyter news?" prompt over the page
+    no_news.write_text(
+        json.dumps({"fetchNews": "false"})
+    )  # no "get Jupyter news?" prompt over the page
     log = (tmp_path / "jupyterlab.log").open("w")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -127,7 +156,9 @@ def lab(tmp_path, tiny_dir, long_corpus_file):
             with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2):
                 return True
         except OSError:
-            assert server.poll() is None, f"JupyterLab exited: {(tmp_path / 'jupyterlab.log').read_text()[-2000:]}"
+            assert server.poll() is None, (
+                f"JupyterLab exited: {(tmp_path / 'jupyterlab.log').read_text()[-2000:]}"
+            )
             return False
 
     try:
@@ -150,12 +181,20 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1280,1000", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
         options.add_argument(argument)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     yield driver
-    driver.save_screenshot(str(tmp_path / "last.png"))  # what the page showed at the end, for a failure's report
+    driver.save_screenshot(
+        str(tmp_path / "last.png")
+    )  # what the page showed at the end, for a failure's report
     driver.quit()
 
 
@@ -183,13 +222,20 @@ class ExplorerInPage:
     def views(self) -> dict[str, str | None]:
         """Each view's print; None for a view not drawn (yet)."""
         plots, frames = self._find(".js-plotly-plot"), self._find("iframe")
-        prints = [self.driver.execute_script(FIGURE_PRINT, plot) for plot in plots] if len(plots) == 3 else [None] * 3
+        prints = (
+            [self.driver.execute_script(FIGURE_PRINT, plot) for plot in plots]
+            if len(plots) == 3
+            else [None] * 3
+        )
         pattern = self.driver.execute_script(PATTERN_PRINT, frames[0]) if len(frames) == 1 else None
         return dict(zip(("norm", "attention", "neurons"), prints)) | {"pattern": pattern}
 
     def message(self) -> str:
-        return " ".join(e.text for e in self._find(".widget-html-content") if "color:firebrick" in
-                        (e.get_attribute("innerHTML") or ""))
+        return " ".join(
+            e.text
+            for e in self._find(".widget-html-content")
+            if "color:firebrick" in (e.get_attribute("innerHTML") or "")
+        )
 
 
 def _settled(driver, explorer: ExplorerInPage, before: dict, changing: set[str], what: str) -> dict:
@@ -199,15 +245,21 @@ def _settled(driver, explorer: ExplorerInPage, before: dict, changing: set[str],
         if not driver.execute_script(KERNEL_IDLE):
             return None
         now = explorer.views()
-        return now if all(now[name] is not None and now[name] != before[name] for name in changing) else None
+        return (
+            now
+            if all(now[name] is not None and now[name] != before[name] for name in changing)
+            else None
+        )
 
     try:
         return _wait(updated, UPDATE_SECONDS, what)
     except AssertionError:
         now = explorer.views()
         stale = sorted(name for name in changing if now[name] is None or now[name] == before[name])
-        raise AssertionError(f"{what}: the {', '.join(stale)} view(s) did not update "
-                             f"(message: {explorer.message() or 'none'})") from None
+        raise AssertionError(
+            f"{what}: the {', '.join(stale)} view(s) did not update "
+            f"(message: {explorer.message() or 'none'})"
+        ) from None
 
 
 def test_running_the_explorer_notebook_and_moving_its_controls_updates_the_views(lab, browser):
@@ -217,12 +269,16 @@ def test_running_the_explorer_notebook_and_moving_its_controls_updates_the_views
 
     url, token = lab
     browser.get(f"{url}/lab/tree/{NOTEBOOK.name}?token={token}")
-    _wait(lambda: browser.execute_script(
-        "return !!(window.jupyterapp && window.jupyterapp.shell.currentWidget"
-        " && window.jupyterapp.shell.currentWidget.sessionContext"
-        " && window.jupyterapp.shell.currentWidget.sessionContext.session"
-        " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel)"),
-        STARTUP_SECONDS, "the notebook and its kernel")
+    _wait(
+        lambda: browser.execute_script(
+            "return !!(window.jupyterapp && window.jupyterapp.shell.currentWidget"
+            " && window.jupyterapp.shell.currentWidget.sessionContext"
+            " && window.jupyterapp.shell.currentWidget.sessionContext.session"
+            " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel)"
+        ),
+        STARTUP_SECONDS,
+        "the notebook and its kernel",
+    )
     _wait(lambda: browser.execute_script(KERNEL_IDLE), STARTUP_SECONDS, "the kernel to start")
     browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells')")
 
@@ -234,17 +290,29 @@ def test_running_the_explorer_notebook_and_moving_its_controls_updates_the_views
             return None
         return explorers
 
-    explorers = _wait(all_stops_drawn, RUN_SECONDS, f"the notebook's {N_STOPS} explorers", interval=1)
+    explorers = _wait(
+        all_stops_drawn, RUN_SECONDS, f"the notebook's {N_STOPS} explorers", interval=1
+    )
     for number, element in enumerate(explorers, start=1):  # each stop draws its four views, offline
         stop = ExplorerInPage(browser, element)
         browser.execute_script("arguments[0].scrollIntoView()", element)
         assert stop.message() == "", f"stop {number} shows a problem: {stop.message()}"
-        _wait(lambda: all(stop.views().values()), UPDATE_SECONDS,
-              lambda: f"stop {number}'s views (undrawn: {', '.join(n for n, v in stop.views().items() if v is None)})")
+        _wait(
+            lambda stop=stop: all(stop.views().values()),
+            UPDATE_SECONDS,
+            lambda stop=stop, number=number: (
+                f"stop {number}'s views (undrawn: {', '.join(n for n, v in stop.views().items() if v is None)})"
+            ),
+        )
         layout = json.loads(browser.execute_script(LAYOUT, element))
-        assert layout == {"wide": [], "overflow": False, "cut": False}, f"stop {number} does not fit 1280 px: {layout}"
-    repeat_stops = [ExplorerInPage(browser, e) for e in explorers
-                    if any(s.is_displayed() for s in e.find_elements(By.CSS_SELECTOR, ".widget-hslider"))]
+        assert layout == {"wide": [], "overflow": False, "cut": False}, (
+            f"stop {number} does not fit 1280 px: {layout}"
+        )
+    repeat_stops = [
+        ExplorerInPage(browser, e)
+        for e in explorers
+        if any(s.is_displayed() for s in e.find_elements(By.CSS_SELECTOR, ".widget-hslider"))
+    ]
     assert repeat_stops, "no stop opens on the repeat slider"
     stop = repeat_stops[0]
     browser.execute_script("arguments[0].scrollIntoView()", stop.element)
@@ -254,21 +322,41 @@ def test_running_the_explorer_notebook_and_moving_its_controls_updates_the_views
     readout = slider.find_element(By.CSS_SELECTOR, ".widget-readout").text
     handle = slider.find_element(By.CSS_SELECTOR, ".noUi-handle")
     ActionChains(browser).click_and_hold(handle).move_by_offset(60, 0).release().perform()
-    assert slider.find_element(By.CSS_SELECTOR, ".widget-readout").text != readout, "the slider did not move"
-    after_slider = _settled(browser, stop, before, {"norm", "attention", "neurons", "pattern"},
-                            "moving the repeat slider")
+    assert slider.find_element(By.CSS_SELECTOR, ".widget-readout").text != readout, (
+        "the slider did not move"
+    )
+    after_slider = _settled(
+        browser,
+        stop,
+        before,
+        {"norm", "attention", "neurons", "pattern"},
+        "moving the repeat slider",
+    )
 
     layer_input = stop.control("layer").find_element(By.CSS_SELECTOR, "input")
     layer = int(layer_input.get_attribute("value"))
     layer_input.send_keys(Keys.CONTROL, "a")
     layer_input.send_keys(str(0 if layer != 0 else 1), Keys.ENTER)
-    after_layer = _settled(browser, stop, after_slider, {"attention", "pattern"}, "changing the layer")
-    assert (after_layer["norm"], after_layer["neurons"]) == (after_slider["norm"], after_slider["neurons"]), \
-        "the norm and neuron views do not depend on the layer, yet they changed"
+    after_layer = _settled(
+        browser, stop, after_slider, {"attention", "pattern"}, "changing the layer"
+    )
+    assert (after_layer["norm"], after_layer["neurons"]) == (
+        after_slider["norm"],
+        after_slider["neurons"],
+    ), "the norm and neuron views do not depend on the layer, yet they changed"
 
-    toggle = next(b for b in stop.element.find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == "patched")
+    toggle = next(
+        b
+        for b in stop.element.find_elements(By.CSS_SELECTOR, "button")
+        if b.text.strip() == "patched"
+    )
     toggle.click()
-    after_patch = _settled(browser, stop, after_layer, {"norm", "attention", "neurons", "pattern"},
-                           "toggling the patch")
+    after_patch = _settled(
+        browser,
+        stop,
+        after_layer,
+        {"norm", "attention", "neurons", "pattern"},
+        "toggling the patch",
+    )
     assert "patched" in json.loads(after_patch["norm"])[1], "the norm view has no patched trace"
     assert stop.message() == ""

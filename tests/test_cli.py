@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SINK_LAYER, SINK_NEURON
 
+from conftest import SINK_LAYER, SINK_NEURON
 from sinklens import _io as io_module
-from sinklens.present import report as report_module
-from sinklens.present.cli import main
+from sinklens.cli import main
+from sinklens.studies import report as report_module
 
 
 @pytest.fixture
@@ -41,9 +41,18 @@ def test_report(study, tmp_path, capsys):
 def test_table_json_is_one_object_with_the_table_1_keys(study, capsys):
     assert main(["table", *study, "--words", "the", "you", "--n-repeats", "25", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
-    keys = {"model", "sink_layer", "sink_neurons", "sink_neurons_by_layer", "first_token_norm",
-            "first_token_norm_ablated", "repeat_max_norm", "repeat_max_norm_ablated", "repeats_to_sink",
-            "typical_norm"}
+    keys = {
+        "model",
+        "sink_layer",
+        "sink_neurons",
+        "sink_neurons_by_layer",
+        "first_token_norm",
+        "first_token_norm_ablated",
+        "repeat_max_norm",
+        "repeat_max_norm_ablated",
+        "repeats_to_sink",
+        "typical_norm",
+    }
     assert keys <= set(row)
     assert row["sink_layer"] == SINK_LAYER and row["sink_neurons"] == [SINK_NEURON]
     assert row["sink_neurons_by_layer"] == {str(SINK_LAYER): [SINK_NEURON]}
@@ -79,14 +88,25 @@ STUDY = [
 ]
 
 
-@pytest.mark.parametrize("command, bad, message", [
-    *[(command, bad, message) for command in ("report", "table", "neurons", "sink-layer") for bad, message in COMMON],
-    *[(command, bad, message) for command in ("report", "table") for bad, message in STUDY],
-])
-def test_bad_arguments_fail_before_the_model_loads(command, bad, message, study, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "command, bad, message",
+    [
+        *[
+            (command, bad, message)
+            for command in ("report", "table", "neurons", "sink-layer")
+            for bad, message in COMMON
+        ],
+        *[(command, bad, message) for command in ("report", "table") for bad, message in STUDY],
+    ],
+)
+def test_bad_arguments_fail_before_the_model_loads(
+    command, bad, message, study, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr("sinklens.load.models._load", lambda *a: pytest.fail("loaded the model"))
     out = ["--out", str(tmp_path / "out")] if command == "report" else []
-    model_given = study[2:] if "--model" in bad else study  # one --model (only `table` takes several)
+    model_given = (
+        study[2:] if "--model" in bad else study
+    )  # one --model (only `table` takes several)
     assert main([command, *model_given, *out, *bad]) == 2
     assert message in _one_error_line(capsys)
 
@@ -98,20 +118,34 @@ NEED_THE_MODEL = [
 ]
 
 
-@pytest.mark.parametrize("command, bad, message", [
-    (command, bad, message) for command in ("report", "table", "neurons") for bad, message in NEED_THE_MODEL
-    if command != "neurons" or bad[0] == "--layers"  # neurons repeats no words
-])
+@pytest.mark.parametrize(
+    "command, bad, message",
+    [
+        (command, bad, message)
+        for command in ("report", "table", "neurons")
+        for bad, message in NEED_THE_MODEL
+        if command != "neurons" or bad[0] == "--layers"  # neurons repeats no words
+    ],
+)
 def test_bad_arguments_that_need_the_model_fail_before_the_first_forward_pass(
-        command, bad, message, study, tmp_path, capsys, monkeypatch):
+    command, bad, message, study, tmp_path, capsys, monkeypatch
+):
     import sinklens.run.cache as cache
 
-    monkeypatch.setattr(cache.TransformerBridge, "run_with_cache",
-                        lambda *a, **k: pytest.fail("ran a forward pass before checking"))
-    monkeypatch.setattr(cache.TransformerBridge, "run_with_hooks",
-                        lambda *a, **k: pytest.fail("ran a forward pass before checking"))
+    monkeypatch.setattr(
+        cache.TransformerBridge,
+        "run_with_cache",
+        lambda *a, **k: pytest.fail("ran a forward pass before checking"),
+    )
+    monkeypatch.setattr(
+        cache.TransformerBridge,
+        "run_with_hooks",
+        lambda *a, **k: pytest.fail("ran a forward pass before checking"),
+    )
     out = ["--out", str(tmp_path / "out")] if command == "report" else []
-    short = ["--n-repeats", "20"] if command != "neurons" else []  # the tiny model's context is 256 tokens
+    short = (
+        ["--n-repeats", "20"] if command != "neurons" else []
+    )  # the tiny model's context is 256 tokens
     assert main([command, *study, *out, *short, *bad]) == 2
     assert message in _one_error_line(capsys)
 
@@ -127,7 +161,9 @@ def test_out_must_be_a_writable_directory(study, tmp_path, capsys, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(io_module.os, "access", lambda p, m: False if str(p) == str(locked) else real_access(p, m))
+    monkeypatch.setattr(
+        io_module.os, "access", lambda p, m: False if str(p) == str(locked) else real_access(p, m)
+    )
     assert main(["report", *study, "--out", str(locked / "out")]) == 2
     assert "is not writable" in _one_error_line(capsys)
 
@@ -139,7 +175,21 @@ def test_an_error_is_not_printed_on_a_progress_bar_line(study, tmp_path, capsys,
         raise SinklensError("something went wrong in an analysis", "this is a test")
 
     monkeypatch.setattr(report_module, "ablation_study", fail_midway)
-    assert main(["report", *study, "--out", str(tmp_path / "out"), "--words", "the", "--n-repeats", "20"]) == 2
+    assert (
+        main(
+            [
+                "report",
+                *study,
+                "--out",
+                str(tmp_path / "out"),
+                "--words",
+                "the",
+                "--n-repeats",
+                "20",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "sinklens report" in err  # a bar was open when the error came
     assert "\nsinklens: error: something went wrong" in err.replace("\r", "\n")
@@ -160,8 +210,14 @@ def test_sinklens_notices_are_printed_as_one_line(study, capsys):
 
 
 def test_usage_errors_are_one_line_too(capsys):
-    assert subprocess.run([sys.executable, "-m", "sinklens", "table", "--n-repeats", "x"], capture_output=True,
-                          text=True).returncode == 2
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "sinklens", "table", "--n-repeats", "x"],
+            capture_output=True,
+            text=True,
+        ).returncode
+        == 2
+    )
     assert main(["table", "--n-repeats", "x"]) == 2
     assert "argument --n-repeats: invalid" in _one_error_line(capsys)
 
@@ -176,11 +232,20 @@ def _modules_loaded(code: str) -> set[str]:
     return set(proc.stdout.split())
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["table", "--help"], ["table", "--dtype", "float8"],
-                                  ["scan", "--shard", "3/2"], ["nonsense"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["table", "--help"],
+        ["table", "--dtype", "float8"],
+        ["scan", "--shard", "3/2"],
+        ["nonsense"],
+    ],
+)
 def test_help_and_argument_errors_answer_before_any_heavy_import(argv):
-    loaded = _modules_loaded(f"from sinklens.present.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n"
-                             "    pass")
+    loaded = _modules_loaded(
+        f"from sinklens.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
+    )
     assert "sinklens" in loaded and not loaded & set(HEAVY), loaded & set(HEAVY)
 
 
@@ -188,10 +253,12 @@ def test_import_sinklens_is_lazy_and_keeps_every_public_name():
     assert not _modules_loaded("import sinklens") & set(HEAVY)
     import sinklens
 
-    assert sorted(sinklens.__all__) == sorted(set(sinklens.__all__)) and set(sinklens.__all__) <= set(dir(sinklens))
+    assert sorted(sinklens.__all__) == sorted(set(sinklens.__all__)) and set(
+        sinklens.__all__
+    ) <= set(dir(sinklens))
     for name in sinklens.__all__:
         assert getattr(sinklens, name) is not None, name
-    from sinklens.run.patch import SinkPatch
+    from sinklens.run.sink_patch import SinkPatch
 
     assert sinklens.SinkPatch is SinkPatch and sinklens.ReportConfig is sinklens.Settings
     with pytest.raises(AttributeError, match="has no attribute 'load_modle'"):

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import save_arch
 
 import sinklens as sl
-from sinklens.load.attention import use_fused_attention
+from conftest import save_arch
+from sinklens.load.fused_attention import use_fused_attention
 from sinklens.run.interventions import ablation_hooks
 
 N_LAYERS = 3
@@ -28,12 +28,18 @@ def _tokens(model, length: int = 24) -> torch.Tensor:
     return tokens
 
 
-NAMES = [f"blocks.{layer}.{hook}" for layer in range(N_LAYERS)
-         for hook in ("hook_resid_post", "hook_mlp_out", "hook_attn_out", "mlp.hook_post", "attn.hook_z")]
+NAMES = [
+    f"blocks.{layer}.{hook}"
+    for layer in range(N_LAYERS)
+    for hook in ("hook_resid_post", "hook_mlp_out", "hook_attn_out", "mlp.hook_post", "attn.hook_z")
+]
 
 
 def _paths(model) -> list[str | None]:
-    return [block.attn.sinklens_path if hasattr(block.attn, "sinklens_path") else "eager" for block in model.blocks]
+    return [
+        block.attn.sinklens_path if hasattr(block.attn, "sinklens_path") else "eager"
+        for block in model.blocks
+    ]
 
 
 def _max_relative_difference(a, b, names) -> float:
@@ -69,8 +75,14 @@ def test_reading_a_pattern_takes_the_eager_path_on_that_layer_only(arch_model):
     expected = ["eager"] * N_LAYERS if architecture == "gpt2" else ["fused", "eager", "fused"]
     assert _paths(model) == expected
     assert _max_relative_difference(fused, eager, [*NAMES, "blocks.1.attn.hook_pattern"]) <= 1e-5
-    reduced = sl.run_cache(model, tokens, ["blocks.2.attn.hook_attn_scores"], reduce=lambda name, a: a.amax(-1))
-    assert _paths(model)[2] == "eager" and reduced["blocks.2.attn.hook_attn_scores"].shape == (2, 4, tokens.shape[1])
+    reduced = sl.run_cache(
+        model, tokens, ["blocks.2.attn.hook_attn_scores"], reduce=lambda name, a: a.amax(-1)
+    )
+    assert _paths(model)[2] == "eager" and reduced["blocks.2.attn.hook_attn_scores"].shape == (
+        2,
+        4,
+        tokens.shape[1],
+    )
 
 
 def test_interventions_apply_on_the_fused_path(arch_model):
@@ -84,7 +96,9 @@ def test_interventions_apply_on_the_fused_path(arch_model):
 
     edits = [("blocks.0.attn.hook_z", zero_head), *ablation_hooks(model, [[(1, 3)]])]
     names = [f"blocks.{N_LAYERS - 1}.hook_resid_post"]
-    eager, fused, _ = _both_paths(model, lambda: sl.run_cache(model, tokens, names, interventions=edits))
+    eager, fused, _ = _both_paths(
+        model, lambda: sl.run_cache(model, tokens, names, interventions=edits)
+    )
     clean = sl.run_cache(model, tokens, names)
     assert _max_relative_difference(fused, eager, names) <= 1e-5
     assert _max_relative_difference(fused, clean, names) > 1e-3  # the edits did something
@@ -109,7 +123,9 @@ def test_generation_is_unchanged(arch_model):
     prompt = _tokens(model, 6)[:1]
 
     def generate():
-        return model.generate(prompt, max_new_tokens=8, do_sample=False, verbose=False, use_past_kv_cache=True)
+        return model.generate(
+            prompt, max_new_tokens=8, do_sample=False, verbose=False, use_past_kv_cache=True
+        )
 
     eager, fused, _ = _both_paths(model, generate)
     assert torch.equal(eager, fused)
@@ -126,4 +142,6 @@ def test_sink_layer_and_neurons_are_the_same_on_both_paths(tiny):
     (eager_sink, eager_neurons), (fused_sink, fused_neurons), _ = _both_paths(tiny, find)
     assert fused_sink.sink_layer == eager_sink.sink_layer
     assert fused_neurons.sink_neurons == eager_neurons.sink_neurons
-    torch.testing.assert_close(fused_sink.first_token_norms, eager_sink.first_token_norms, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        fused_sink.first_token_norms, eager_sink.first_token_norms, rtol=1e-5, atol=0
+    )

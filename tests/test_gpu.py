@@ -15,7 +15,7 @@ from test_evaluation import ITEMS
 
 import sinklens as sl
 from sinklens.analyses.benchmarks import score_items
-from sinklens.load.attention import use_fused_attention
+from sinklens.load.fused_attention import use_fused_attention
 from sinklens.load.models import placement
 from sinklens.settings import Settings
 
@@ -154,7 +154,7 @@ def test_the_scorer_on_cuda_equals_the_cpus(tiny_dir, record_property):
 def test_the_command_line_runs_a_table_row_on_cuda_in_bfloat16(tiny_dir, long_corpus_file, capsys):
     import json
 
-    from sinklens.present.cli import main
+    from sinklens.cli import main
 
     assert main(["table", "--model", str(tiny_dir), "--corpus", str(long_corpus_file), "--corpus-chars", "400",
                  "--words", "the", "--n-repeats", "60", "--device", "cuda", "--dtype", "bfloat16", "--json"]) == 0
@@ -165,7 +165,7 @@ def test_the_command_line_runs_a_table_row_on_cuda_in_bfloat16(tiny_dir, long_co
 
 def test_the_weights_paid_to_chosen_keys_from_the_fused_kernel_are_the_patterns_on_cuda(arch_dir, record_property):
     """The indicator-value kernel on CUDA gives each query's weight on the chosen keys, as the pattern does."""
-    from sinklens.load.attention import key_weights
+    from sinklens.load.fused_attention import key_weights
 
     model = sl.load_model(str(arch_dir), device="cuda")
     tokens = _tokens(model)

@@ -43,7 +43,9 @@ def test_default_model_is_the_embedded_smollm2(smollm2):
     assert smollm2.cfg.n_layers == 30 and smollm2.cfg.d_mlp == 1536
     assert smollm2.tokenizer.decode([smollm2.sinklens_source.bos_token_id]) == "<|im_start|>"
     encode = lambda text: smollm2.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    top = smollm2(torch.tensor([encode("The capital of France is")]))[0, -1].topk(3).indices.tolist()
+    top = (
+        smollm2(torch.tensor([encode("The capital of France is")]))[0, -1].topk(3).indices.tolist()
+    )
     assert encode(" Paris")[0] in top
 
 
@@ -55,7 +57,9 @@ def test_sink_layer_is_the_first_with_an_orders_of_magnitude_first_token_norm(si
 
 def test_repeats_reach_the_sink_regime_for_some_words_and_not_others(smollm2, sink, reference):
     baseline = norm_baseline(smollm2, sink.sink_layer, reference)
-    curves = repetition_curves(smollm2, COMMON_WORDS, layer=sink.sink_layer, baseline=baseline, n_repeats=1000)
+    curves = repetition_curves(
+        smollm2, COMMON_WORDS, layer=sink.sink_layer, baseline=baseline, n_repeats=1000
+    )
     over_typical = torch.tensor(curves.max_norms) / baseline.typical_norm
     assert over_typical.max() > 20, dict(zip(COMMON_WORDS, over_typical.tolist()))
     assert over_typical.min() < 5, dict(zip(COMMON_WORDS, over_typical.tolist()))
@@ -80,8 +84,12 @@ def test_table_row_on_the_default_model(smollm2):
     assert s["case"] == "single layer" and s["sink_layer"] == row.sink.sink_layer
     assert 1 <= len(s["sink_neurons"]) <= 9, s["sink_neurons"]
     assert s["first_token_norm_ablated"] < 0.1 * s["first_token_norm"]
-    assert s["repeat_max_norm"] > row.curves.threshold  # intact, some word of the default list crosses into it
-    assert all(c is None for c in row.curves_ablated.first_crossings), s["words"]  # ablated, none does
+    assert (
+        s["repeat_max_norm"] > row.curves.threshold
+    )  # intact, some word of the default list crosses into it
+    assert all(c is None for c in row.curves_ablated.first_crossings), s[
+        "words"
+    ]  # ablated, none does
     # Both signatures agree: each sink neuron's largest W_out entry writes the first token's massive dimension.
     neurons = row.neurons
     assert all(dim == neurons.massive_dims[0] for dim in neurons.w_out_top_dims[: neurons.n_sink])
@@ -144,11 +152,16 @@ def test_circuit_on_the_default_model(smollm2):
     effects = {(h["layer"], h["head"]): h for h in s["head_effects"]}
     for layer, head in s["detect_others_heads"]:
         e = effects[(layer, head)]
-        assert max(e["necessity"] - e["necessity_placebo"], e["in_context"] - e["in_context_placebo"]) > 0.2, e
+        assert (
+            max(e["necessity"] - e["necessity_placebo"], e["in_context"] - e["in_context_placebo"])
+            > 0.2
+        ), e
     assert len(s["paths"]) >= 2 and any(p.startswith("L0 ") for p in s["paths"])
     probe = {p["layer"]: p for p in s["probe"]}
     assert max(p["balanced_accuracy"] for name, p in probe.items() if name != "embed") >= 0.95
-    assert probe["embed"]["balanced_accuracy"] < 0.8  # token identity alone does not tell the first position
+    assert (
+        probe["embed"]["balanced_accuracy"] < 0.8
+    )  # token identity alone does not tell the first position
     assert all(w["slope"] < -0.5 for w in s["convergence"]), s["convergence"]
 
 
@@ -165,8 +178,8 @@ def test_circuit_on_gemma3(gemma):
 @pytest.fixture(scope="module")
 def smollm2_patch(tmp_path_factory):
     """The patch `sinklens patch` finds on the default model (docs/results.md has the table it prints)."""
-    from sinklens.present.cli import main
-    from sinklens.run.patch import SinkPatch
+    from sinklens.cli import main
+    from sinklens.run.sink_patch import SinkPatch
 
     path = tmp_path_factory.mktemp("patch") / "patch.json"
     assert main(["patch", "--out", str(path), "--json"]) == 0
@@ -190,22 +203,37 @@ def test_patched_hugging_face_and_bridge_give_the_same_logits(smollm2, smollm2_p
     from sinklens.load.models import load_hf_model
 
     hf, _ = load_hf_model(device="cpu")
-    tokens = torch.cat([reference, repeated_tokens(smollm2, word_token(smollm2, "dust").id, 300, first=int(reference[0, 0]))[:, 1:]], 1)
+    tokens = torch.cat(
+        [
+            reference,
+            repeated_tokens(
+                smollm2, word_token(smollm2, "dust").id, 300, first=int(reference[0, 0])
+            )[:, 1:],
+        ],
+        1,
+    )
     with smollm2_patch.installed(smollm2), smollm2_patch.installed(hf), torch.inference_mode():
         bridge_logits, hf_logits = smollm2(tokens), hf(input_ids=tokens).logits
-    assert torch.allclose(bridge_logits, hf_logits, atol=1e-3, rtol=0), (bridge_logits - hf_logits).abs().max()
+    assert torch.allclose(bridge_logits, hf_logits, atol=1e-3, rtol=0), (
+        (bridge_logits - hf_logits).abs().max()
+    )
     with torch.inference_mode():
-        assert not torch.allclose(smollm2(tokens), bridge_logits, atol=1e-3)  # the patch does change the repeats
+        assert not torch.allclose(
+            smollm2(tokens), bridge_logits, atol=1e-3
+        )  # the patch does change the repeats
 
 
 def test_evaluate_smoke_on_the_default_model(smollm2_patch, tmp_path):
     """The patch issue's acceptance numbers at the smoke preset (the full preset's are in docs/results.md)."""
-    from sinklens.present.evaluation import EvaluationConfig, run_evaluation
+    from sinklens.present.evaluation_page import run_evaluation
+    from sinklens.studies.evaluation import EvaluationConfig
 
     path = tmp_path / "patch.json"
     smollm2_patch.save(path)
-    results = run_evaluation(EvaluationConfig(model="smollm2-135m-instruct", patch=str(path), preset="smoke"),
-                             tmp_path / "out")
+    results = run_evaluation(
+        EvaluationConfig(model="smollm2-135m-instruct", patch=str(path), preset="smoke"),
+        tmp_path / "out",
+    )
     norms = results["norms"]
     assert norms["repeat_max_norm_patched"] < norms["repeat_max_norm_original"] / 10
     assert abs(norms["first_token_norm_patched"] / norms["first_token_norm_original"] - 1) <= 0.01
@@ -213,7 +241,10 @@ def test_evaluate_smoke_on_the_default_model(smollm2_patch, tmp_path):
     for task, row in results["benchmarks"].items():
         assert row["n"] == 20 and row["ci_low"] <= 0 <= row["ci_high"], (task, row)
     assert {g["condition"] for g in results["divergence"]["generations"]} == {"original", "patched"}
-    assert json.loads((tmp_path / "out" / "evaluation.json").read_text())["summary"] == results["summary"]
+    assert (
+        json.loads((tmp_path / "out" / "evaluation.json").read_text())["summary"]
+        == results["summary"]
+    )
 
 
 @pytest.mark.parametrize("spec", ["smollm2-135m-instruct", "gemma-3-270m"])
@@ -226,16 +257,34 @@ def test_bfloat16_finds_what_float32_finds(spec):
     rows = {}
     for dtype in ("float32", "bfloat16"):
         config = ReportConfig(model=spec, words=["the", "dust"], n_repeats=300, dtype=dtype)
-        rows[dtype] = config.table_row(config.load_model(early_layers_only=True), config.natural_text()).summary()
+        rows[dtype] = config.table_row(
+            config.load_model(early_layers_only=True), config.natural_text()
+        ).summary()
     full, half = rows["float32"], rows["bfloat16"]
     assert half["dtype"] == "bfloat16" and half["layers_loaded"].startswith("0..14 of ")
     for key in ("sink_found", "case", "sink_layer", "sink_layers", "sink_neurons_by_layer"):
         assert half[key] == full[key], key
     assert half["first_token"]["id"] == full["first_token"]["id"]
-    excess_removed = (half["first_token_norm"] - half["first_token_norm_ablated"]) / (half["first_token_norm"]
-                                                                                     - half["typical_norm"])
+    excess_removed = (half["first_token_norm"] - half["first_token_norm_ablated"]) / (
+        half["first_token_norm"] - half["typical_norm"]
+    )
     assert excess_removed >= 0.9
     for key in ("first_token_norm", "typical_norm"):
         assert half[key] == pytest.approx(full[key], rel=0.01), key
-    assert half["first_token_norm_ablated"] == pytest.approx(full["first_token_norm_ablated"], rel=0.05)
+    assert half["first_token_norm_ablated"] == pytest.approx(
+        full["first_token_norm_ablated"], rel=0.05
+    )
     assert half["repeat_max_norm"] == pytest.approx(full["repeat_max_norm"], rel=0.05)
+
+
+@pytest.mark.integration
+def test_patching_the_first_position_carries_the_sink_on_smollm2(smollm2):
+    from sinklens.studies.patching import patching_study
+
+    sweep, setup = patching_study(model=smollm2)
+    restored = sweep.restored
+    assert sweep.site == "resid_pre" and sweep.layers == list(range(setup.sink_layer + 1))
+    assert (restored[:, 0] >= 0.9).all(), restored[
+        :, 0
+    ]  # the first position alone restores the sink
+    assert (restored[:, 1:].abs() < 0.1).all()  # the first token sees only itself

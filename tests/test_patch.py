@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_tiny
 
+from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_tiny
 from sinklens import SinklensError, load_model, run_cache, text_tokens
 from sinklens.load.models import load_hf_model
-from sinklens.run.patch import SinkPatch, installed_patch, patch_for
+from sinklens.run.sink_patch import SinkPatch, installed_patch, patch_for
 
 NEURONS = [SINK_NEURON, 7, 11]
 PAIRS = [(SINK_LAYER, n) for n in NEURONS]
@@ -30,14 +30,22 @@ def _tokens(tiny, n=24):
     return text_tokens(tiny, CORPUS)[:, :n]
 
 
-def test_every_later_position_takes_the_first_after_start_value_and_the_first_is_untouched(tiny, patch):
+def test_every_later_position_takes_the_first_after_start_value_and_the_first_is_untouched(
+    tiny, patch
+):
     tokens = _tokens(tiny)
-    intact = run_cache(tiny, tokens, [patch.hook_name(SINK_LAYER)])[patch.hook_name(SINK_LAYER)][0][:, NEURONS]
+    intact = run_cache(tiny, tokens, [patch.hook_name(SINK_LAYER)])[patch.hook_name(SINK_LAYER)][0][
+        :, NEURONS
+    ]
     with patch.installed(tiny):
-        clamped = run_cache(tiny, tokens, [patch.hook_name(SINK_LAYER)])[patch.hook_name(SINK_LAYER)][0][:, NEURONS]
+        clamped = run_cache(tiny, tokens, [patch.hook_name(SINK_LAYER)])[
+            patch.hook_name(SINK_LAYER)
+        ][0][:, NEURONS]
     assert torch.equal(clamped[0], intact[0])  # the first position is never touched
     assert torch.equal(clamped[1:], intact[1].expand_as(clamped[1:]))
-    assert not torch.equal(intact[1:], intact[1].expand_as(intact[1:]))  # the clamp did change something
+    assert not torch.equal(
+        intact[1:], intact[1].expand_as(intact[1:])
+    )  # the clamp did change something
 
 
 def test_removing_restores_the_model_bit_for_bit_and_installing_twice_does_not_stack(tiny, patch):
@@ -74,8 +82,15 @@ def test_prefill_then_decode_with_a_kv_cache_equals_recomputing(hf, patch):
     outputs = {}
     with patch.installed(model):
         for use_cache in (True, False):
-            out = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=use_cache, output_scores=True,
-                                 return_dict_in_generate=True, pad_token_id=1)
+            out = model.generate(
+                prompt,
+                max_new_tokens=8,
+                do_sample=False,
+                use_cache=use_cache,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=1,
+            )
             outputs[use_cache] = out
     assert torch.equal(outputs[True].sequences, outputs[False].sequences)
     for cached, recomputed in zip(outputs[True].scores, outputs[False].scores):
@@ -87,8 +102,12 @@ def test_a_one_token_prompt_takes_its_value_from_the_first_generated_token(hf):
     patch = patch_for(model, PAIRS, hook="post")
     prompt = torch.tensor([[0]])
     with patch.installed(model):
-        cached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=1)
-        recomputed = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=1)
+        cached = model.generate(
+            prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=1
+        )
+        recomputed = model.generate(
+            prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=1
+        )
     assert torch.equal(cached, recomputed)
 
 
@@ -100,7 +119,7 @@ def test_left_padded_rows_are_clamped_from_their_own_first_token(hf, patch):
     with patch.installed(model), torch.no_grad():
         together = model(padded, attention_mask=mask).logits
         alone = [model(torch.tensor([row])).logits[0] for row in (short, long)]
-    assert torch.allclose(together[0, -len(short):], alone[0], atol=1e-4)
+    assert torch.allclose(together[0, -len(short) :], alone[0], atol=1e-4)
     assert torch.allclose(together[1], alone[1], atol=1e-4)
 
 
@@ -109,7 +128,9 @@ def test_a_calibrated_patch_writes_its_values(tiny):
     patch = patch_for(tiny, PAIRS, hook="post", value="calibrated", values=values)
     tokens = _tokens(tiny)
     with patch.installed(tiny):
-        clamped = run_cache(tiny, tokens, [patch.hook_name(SINK_LAYER)])[patch.hook_name(SINK_LAYER)][0][:, NEURONS]
+        clamped = run_cache(tiny, tokens, [patch.hook_name(SINK_LAYER)])[
+            patch.hook_name(SINK_LAYER)
+        ][0][:, NEURONS]
     assert torch.equal(clamped[1:], torch.tensor(values).expand(tokens.shape[1] - 1, -1))
 
 
@@ -118,18 +139,23 @@ def test_the_json_file_round_trips_and_refuses_another_model(tiny, tmp_path, pat
     patch.save(path)
     loaded = SinkPatch.load(path)
     assert loaded == patch and json.loads(path.read_text())["format"] == "sinklens-patch/1"
-    unplanted = load_model(str(save_tiny(tmp_path / "unplanted", plant_sink=False)), device="cpu")  # same shape: fits
+    unplanted = load_model(
+        str(save_tiny(tmp_path / "unplanted", plant_sink=False)), device="cpu"
+    )  # same shape: fits
     loaded.install(unplanted).remove()
     small = dataclasses.replace(loaded, d_mlp=32)
     with pytest.raises(SinklensError, match="does not fit.*sinklens patch --model"):
         small.install(tiny)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "is not valid JSON"),
-    ('{"format": "something else"}', "is not a sinklens patch"),
-    ('{"format": "sinklens-patch/1", "model": "m"}', "is incomplete"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"format": "something else"}', "is not a sinklens patch"),
+        ('{"format": "sinklens-patch/1", "model": "m"}', "is incomplete"),
+    ],
+)
 def test_a_bad_patch_file_is_one_clear_error(tmp_path, content, message):
     path = tmp_path / "patch.json"
     path.write_text(content)
@@ -140,11 +166,16 @@ def test_a_bad_patch_file_is_one_clear_error(tmp_path, content, message):
         SinkPatch.load(tmp_path / "missing.json")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"neurons": ((SINK_LAYER, 64),)}, "out of range"), ({"neurons": ((6, 1),)}, "out of range"),
-    ({"hook": "down"}, "unknown patch hook"),
-    ({"value": "calibrated"}, "one value per neuron"), ({"neurons": ()}, "clamps no neuron"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"neurons": ((SINK_LAYER, 64),)}, "out of range"),
+        ({"neurons": ((6, 1),)}, "out of range"),
+        ({"hook": "down"}, "unknown patch hook"),
+        ({"value": "calibrated"}, "one value per neuron"),
+        ({"neurons": ()}, "clamps no neuron"),
+    ],
+)
 def test_a_bad_patch_is_one_clear_error(tiny, change, message):
     with pytest.raises(SinklensError, match=message):
         dataclasses.replace(patch_for(tiny, PAIRS), **change)

@@ -11,7 +11,7 @@ from conftest import arch_config, build_tokenizer, save_arch
 
 import sinklens as sl
 from sinklens.load.models import placement
-from sinklens.present.cli import main
+from sinklens.cli import main
 
 DEPTH, KEPT = 5, 2
 

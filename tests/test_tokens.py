@@ -1,6 +1,6 @@
 import pytest
-from conftest import save_tiny
 
+from conftest import save_tiny
 from sinklens import (
     SinklensError,
     first_token,

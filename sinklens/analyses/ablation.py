@@ -149,7 +149,7 @@ def ablation_study(
     *,
     layers: Sequence[int] | None = None,
     mode: str = "zero",
-    mean_values: Mapping[int, Float[torch.Tensor, "d_mlp"]] | None = None,
+    mean_values: Mapping[int, Float[torch.Tensor, " d_mlp"]] | None = None,
     attention: bool = True,
     progress: bool = False,
 ) -> AblationStudy:

@@ -1,4 +1,4 @@
-"""E2: where attention goes: the first-token sink, and what repetition does to it.
+"""Where attention goes: the first-token sink, and what repetition does to it.
 
 Paper claim (Fig. 1): on regular text, layers after the sink layer put most attention on the
 first token; on a long run of one token, the repeated tokens receive attention comparable to the
@@ -55,17 +55,17 @@ class AttentionReceived(Result):
     epsilon: float
 
     @property
-    def first_token(self) -> Float[torch.Tensor, "layer"]:
+    def first_token(self) -> Float[torch.Tensor, " layer"]:
         """Attention received by position 0, mean over heads."""
         return self.received[:, :, 0].mean(dim=-1)
 
     @property
-    def later_tokens(self) -> Float[torch.Tensor, "layer"]:
+    def later_tokens(self) -> Float[torch.Tensor, " layer"]:
         """Attention received by a later position, mean over heads and positions 1..n-2."""
         return self.received[:, :, 1:-1].mean(dim=(-1, -2))
 
     @property
-    def sink_head_share(self) -> Float[torch.Tensor, "layer"]:
+    def sink_head_share(self) -> Float[torch.Tensor, " layer"]:
         """Share of heads whose attention on position 0 exceeds ``epsilon`` (Gu et al.'s metric)."""
         return (self.received[:, :, 0] > self.epsilon).float().mean(dim=-1)
 

@@ -2,7 +2,7 @@
 
 Paper (Table 2): on MMLU, HellaSwag, TruthfulQA, WinoGrande and ARC the patch moves accuracy by at
 most 1.83 points on Llama-1/2 and Mistral. The harness, shots and metric variant are not given.
-Here: 0-shot, lm-evaluation-harness's prompts (:mod:`sinklens.load.benchmarks`), each choice
+Here: 0-shot, lm-evaluation-harness's prompts (:mod:`sinklens.load.benchmark_items`), each choice
 scored by the summed log-probability of its continuation tokens (tokenised as the harness does:
 the context alone, then context + continuation, the continuation being the extra tokens). ``acc``
 takes the choice with the largest log-likelihood, ``acc_norm`` divides it by the continuation's
@@ -30,8 +30,8 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from sinklens.analyses._stats import mean_interval
-from sinklens.analyses.patch_choice import kl_divergence
-from sinklens.load.benchmarks import Item
+from sinklens.analyses.sink_patch_choice import kl_divergence
+from sinklens.load.benchmark_items import Item
 from sinklens.results import Result, value_type
 
 TOKENS_PER_BATCH = 512  # measured on SmolLM2 on a 2-core CPU: 256-4096 tokens per batch took 21.1, 19.4, 20.2, 22.3, 26.1 s
@@ -291,9 +291,9 @@ def compare_benchmarks(model, tokenizer, patch, items: dict[str, list[Item]], *,
 class TextEffect(Result):
     """Natural text with and without the patch: per-position loss under each model and KL(original || patched)."""
 
-    nll_original: Float[torch.Tensor, "pos"]
-    nll_patched: Float[torch.Tensor, "pos"]
-    kl: Float[torch.Tensor, "pos"]  # nats, next-token distributions
+    nll_original: Float[torch.Tensor, " pos"]
+    nll_patched: Float[torch.Tensor, " pos"]
+    kl: Float[torch.Tensor, " pos"]  # nats, next-token distributions
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame({"position": range(len(self.kl)), "nll_original": self.nll_original.tolist(),

@@ -48,10 +48,10 @@ class Generation:
     condition: str
     decoding: str  # "greedy" or "sample (seed k)"
     prompt_length: int
-    tokens: Int[torch.Tensor, "pos"]  # prompt and generation
+    tokens: Int[torch.Tensor, " pos"]  # prompt and generation
     target: int
     text: str  # the generated text
-    sink_norms: Float[torch.Tensor, "pos"]  # at the sink layer, under the same condition
+    sink_norms: Float[torch.Tensor, " pos"]  # at the sink layer, under the same condition
 
     @property
     def generated(self) -> torch.Tensor:

@@ -26,12 +26,11 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
 from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses._figures import with_reference_line
 from sinklens.errors import SinklensError
 from sinklens.results import Result
-from sinklens.run.cache import run_cache
+from sinklens.run.cache import act_name, l2_norms, run_cache
 from sinklens.run.tokens import (
     FirstToken,
     Token,
@@ -39,6 +38,7 @@ from sinklens.run.tokens import (
     encode,
     first_token,
     token,
+    vocabulary_id,
 )
 from sinklens.settings import AUTO, MIN_SINK_RATIO, PAPER_MAX_LAYER
 
@@ -120,9 +120,9 @@ def _candidates(model: TransformerBridge, text_ids: list[int], given: FirstToken
     found: dict[int, list[str]] = {}
     if given is not None and given != AUTO:
         found[first_token(model, given).id] = ["given"]
-    vocab = tokenizer.get_vocab()
     ids = [(bos_token_id(model), "bos"), (tokenizer.eos_token_id, "eos")]
-    ids += [(vocab[t], "end of turn") for t in END_OF_TURN_TOKENS if t in vocab]
+    turns = [vocabulary_id(model, t) for t in END_OF_TURN_TOKENS]
+    ids += [(turn, "end of turn") for turn in turns if turn is not None]
     ids.append((text_ids[0], "text"))
     for token_id, role in ids:  # special tokens past the model's embedding matrix cannot be candidates
         if token_id is not None and token_id < model.cfg.d_vocab and role not in found.setdefault(token_id, []):
@@ -150,10 +150,11 @@ def choose_first_token(
         raise SinklensError("the natural text has fewer than 2 tokens", "pass a longer text to compare the first token with")
     candidates = _candidates(model, text_ids, given)
     n_layers = min(max_layer or model.cfg.n_layers, model.cfg.n_layers)
-    tokens = torch.tensor([[c.id, *text_ids[1:]] for c, _ in candidates])
-    names = [get_act_name("resid_post", layer) for layer in range(n_layers)]
-    cache = run_cache(model, tokens, names)
-    norms = torch.stack([cache[name].norm(dim=-1).cpu() for name in names], dim=1)  # [cand, layer, pos]
+    text = torch.tensor(text_ids[1:], dtype=torch.long)
+    tokens = torch.cat([torch.tensor([[c.id] for c, _ in candidates]), text.expand(len(candidates), -1)], dim=1)
+    names = [act_name("resid_post", layer) for layer in range(n_layers)]
+    cache = run_cache(model, tokens, names, reduce=l2_norms)
+    norms = torch.stack([cache[name] for name in names], dim=1).cpu()  # [cand, layer, pos]
     result = FirstTokenChoice(
         [c for c, _ in candidates], [role for _, role in candidates], norms[:, :, 0], norms[:, :, 1:].mean(dim=-1),
         min_ratio, 0, "",

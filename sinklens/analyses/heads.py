@@ -43,7 +43,7 @@ class HeadBehaviour(Result):
     labels: list[str]
     self_attention: Float[torch.Tensor, "input head"]
     first_attention: Float[torch.Tensor, "input head"]
-    uniform_self: Float[torch.Tensor, "input"]
+    uniform_self: Float[torch.Tensor, " input"]
     score_gap: Float[torch.Tensor, "input head"]
     score_gap_low: Float[torch.Tensor, "input head"]
     score_gap_high: Float[torch.Tensor, "input head"]

@@ -1,4 +1,4 @@
-"""E3: hidden-state norms at the sink layer, on natural text and on long runs of one token.
+"""Hidden-state norms at the sink layer, on natural text and on long runs of one token.
 
 Paper claim (Fig. 2/6): repeating some tokens drives their hidden-state norm at the sink layer
 (``blocks.L.hook_resid_post``) up to the first token's, i.e. the repeats become sinks; other
@@ -31,11 +31,10 @@ from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses._figures import with_reference_line
 from sinklens.results import Result
-from sinklens.run.cache import Hook, check_layer, run_cache
+from sinklens.run.cache import Hook, act_name, check_layer, l2_norms, run_cache
 from sinklens.run.tokens import FirstToken, Token, first_token, repeated_tokens, token
 from sinklens.settings import SINK_FRACTION
 
@@ -44,8 +43,8 @@ def resid_norms(
     model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], layer: int, *, interventions: Sequence[Hook] = ()
 ) -> Float[torch.Tensor, "batch pos"]:
     """L2 norm of ``blocks.{layer}.hook_resid_post`` at every position (under ``interventions``, if any)."""
-    name = get_act_name("resid_post", check_layer(model, layer))
-    return run_cache(model, tokens, [name], interventions=interventions)[name].norm(dim=-1).cpu()
+    name = act_name("resid_post", check_layer(model, layer))
+    return run_cache(model, tokens, [name], interventions=interventions, reduce=l2_norms)[name].cpu()
 
 
 @dataclass
@@ -54,7 +53,7 @@ class NormBaseline(Result):
 
     layer: int
     first_token: Token
-    token_norms: Float[torch.Tensor, "pos"]
+    token_norms: Float[torch.Tensor, " pos"]
 
     @property
     def first_token_norm(self) -> float:
@@ -93,13 +92,13 @@ def sink_threshold(first_norm: float, typical: float, sink_fraction: float = SIN
     return math.exp(math.log(typical) + sink_fraction * (math.log(first_norm) - math.log(typical)))
 
 
-def first_crossing(norms: Float[torch.Tensor, "pos"], threshold: float) -> int | None:
+def first_crossing(norms: Float[torch.Tensor, " pos"], threshold: float) -> int | None:
     """The smallest repeat count n >= 1 with ``norms[n] >= threshold`` (position 0 is the first token)."""
     hits = (norms[1:] >= threshold).nonzero().flatten()
     return int(hits[0]) + 1 if len(hits) else None
 
 
-def repeats_to_stay(norms: Float[torch.Tensor, "pos"], threshold: float) -> int | None:
+def repeats_to_stay(norms: Float[torch.Tensor, " pos"], threshold: float) -> int | None:
     """The smallest repeat count n >= 1 from which every later norm is ``>= threshold`` (None if the
     last repeat is below it)."""
     below = (norms[1:] < threshold).nonzero().flatten()
@@ -210,7 +209,7 @@ def repetition_curves(
     sequences = [repeated_tokens(model, w.id if isinstance(w, Token) else w, n_repeats, first=first) for w in words]
     tokens = [token(model, int(seq[0, -1])) for seq in sequences]
     rows = [resid_norms(model, seq, layer, interventions=interventions)[0]
-            for seq in tqdm(sequences, desc=f"repetition curves ({condition})", disable=not progress)]
+            for seq in (tqdm(sequences, desc=f"repetition curves ({condition})") if progress else sequences)]
     return RepetitionCurves(layer, start, tokens, torch.stack(rows), baseline, sink_fraction, condition)
 
 

@@ -54,11 +54,11 @@ class FirstTokenProbe(Result):
 
     layers: list[int | None]  # None: the embedding
     weights: Float[torch.Tensor, "layer d_model"]  # on standardised features
-    bias: Float[torch.Tensor, "layer"]
+    bias: Float[torch.Tensor, " layer"]
     mean: Float[torch.Tensor, "layer d_model"]
     scale: Float[torch.Tensor, "layer d_model"]
-    accuracy: Float[torch.Tensor, "layer"]  # held out
-    balanced_accuracy: Float[torch.Tensor, "layer"]
+    accuracy: Float[torch.Tensor, " layer"]  # held out
+    balanced_accuracy: Float[torch.Tensor, " layer"]
     n_train: int
     n_test: int
     seed: int

@@ -1,4 +1,4 @@
-"""E1: detect the sink layer, the early MLP that blows up the first token's norm.
+"""The sink layer: the early MLP that blows up the first token's norm.
 
 Paper claim: one early MLP layer writes a huge vector on the first token (the attention sink).
 The notebook's rule, kept here: run the first token alone, take the norm of each layer's MLP
@@ -25,12 +25,11 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses._figures import with_reference_line
 from sinklens.errors import NoSinkError, SinklensError
 from sinklens.results import Result
-from sinklens.run.cache import run_cache
+from sinklens.run.cache import act_name, l2_norms, run_cache
 from sinklens.run.tokens import FirstToken, Token, first_token
 from sinklens.settings import PAPER_MAX_LAYER, PAPER_N_SIGMA
 
@@ -40,19 +39,19 @@ MIN_FALLBACK_RATIO = 2.0  # the fallback's layer must write at least twice as mu
 
 
 @dataclass
-class SinkLayerResult(Result):
+class SinkLayer(Result):
     """First-token MLP-output norms per layer and the layer the rule picks."""
 
     first_token: Token
-    first_token_norms: Float[torch.Tensor, "layer"]
-    other_token_norms: Float[torch.Tensor, "layer"] | None  # median over a reference text's later tokens
+    first_token_norms: Float[torch.Tensor, " layer"]
+    other_token_norms: Float[torch.Tensor, " layer"] | None  # median over a reference text's later tokens
     n_sigma: float
     threshold: float
     sink_layer: int
     method: str = SIGMA_RULE
 
     @property
-    def ratios(self) -> Float[torch.Tensor, "layer"] | None:
+    def ratios(self) -> Float[torch.Tensor, " layer"] | None:
         return None if self.other_token_norms is None else self.first_token_norms / self.other_token_norms
 
     @property
@@ -108,7 +107,7 @@ class SinkLayerResult(Result):
         }
 
 
-def sink_layer_threshold(norms: Float[torch.Tensor, "layer"], n_sigma: float = PAPER_N_SIGMA) -> float:
+def sink_layer_threshold(norms: Float[torch.Tensor, " layer"], n_sigma: float = PAPER_N_SIGMA) -> float:
     """``mean + n_sigma * std`` of per-layer norms (the notebook's heuristic)."""
     return float(norms.mean() + n_sigma * norms.std())
 
@@ -120,7 +119,7 @@ def find_sink_layer(
     max_layer: int | None = PAPER_MAX_LAYER,
     n_sigma: float = PAPER_N_SIGMA,
     reference: Int[torch.Tensor, "1 pos"] | None = None,
-) -> SinkLayerResult:
+) -> SinkLayer:
     """Find the sink layer among layers ``0..max_layer-1`` (all layers if the model has fewer).
 
     ``reference`` is ``[first] + text`` token ids (see :func:`sinklens.run.tokens.text_tokens`); its
@@ -133,15 +132,15 @@ def find_sink_layer(
     tokens = torch.tensor([[start.id]]) if reference is None else reference
     if int(tokens[0, 0]) != start.id:
         raise SinklensError("the reference tokens do not start with the first token", "build them with text_tokens()")
-    names = [get_act_name("mlp_out", layer) for layer in range(n_layers)]
-    cache = run_cache(model, tokens, names)
-    norms = torch.stack([cache[n][0].norm(dim=-1) for n in names]).cpu()  # [layer, pos]
+    names = [act_name("mlp_out", layer) for layer in range(n_layers)]
+    cache = run_cache(model, tokens, names, reduce=l2_norms)
+    norms = torch.stack([cache[n][0] for n in names]).cpu()  # [layer, pos]
     first_norms = norms[:, 0]
     threshold = sink_layer_threshold(first_norms, n_sigma)
     above = (first_norms > threshold).nonzero().flatten()
     others = norms[:, 1:].median(dim=-1).values if norms.shape[1] > 1 else None
     if len(above):
-        return SinkLayerResult(start, first_norms, others, n_sigma, threshold, int(above[0]))
+        return SinkLayer(start, first_norms, others, n_sigma, threshold, int(above[0]))
     if others is None:
         raise SinklensError(
             f"no layer in 0..{n_layers - 1} has a first-token MLP output norm above mean + {n_sigma} sigma "
@@ -159,4 +158,4 @@ def find_sink_layer(
             "this model makes no attention sink of its first token (a randomly initialised model has none): "
             "check --first-token, or study a trained model",
         )
-    return SinkLayerResult(start, first_norms, others, n_sigma, threshold, layer, RATIO_FALLBACK)
+    return SinkLayer(start, first_norms, others, n_sigma, threshold, layer, RATIO_FALLBACK)

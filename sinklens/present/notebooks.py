@@ -61,8 +61,10 @@ def notebook_paths(names: Sequence[str] = ()) -> list[Path]:
     paths = [Path(n) for n in names] or sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
     missing = [str(p) for p in paths if not p.is_file()]
     if missing or not paths:
-        raise FileNotFoundError(f"no notebook at {', '.join(missing) or NOTEBOOKS_DIR / '*.ipynb'}; "
-                                "run from the repository root or name the notebooks")
+        raise FileNotFoundError(
+            f"no notebook at {', '.join(missing) or NOTEBOOKS_DIR / '*.ipynb'}; "
+            "run from the repository root or name the notebooks"
+        )
     return paths
 
 
@@ -76,7 +78,12 @@ def is_progress(output: dict) -> bool:
 
 def settings(notebook: nbformat.NotebookNode) -> set[str]:
     """The environment variables the notebook's code reads its settings from."""
-    return {name for cell in notebook.cells if cell.cell_type == "code" for name in SETTING.findall(cell.source)}
+    return {
+        name
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for name in SETTING.findall(cell.source)
+    }
 
 
 def palette_png(png_base64: str) -> str:
@@ -112,9 +119,16 @@ def execute(path: Path, *, renderer: str = STATIC_RENDERER) -> Execution:
     :data:`LIVE_RENDERER` does not (faster, and needs no browser)."""
     notebook = nbformat.read(path, as_version=4)
     with tempfile.TemporaryDirectory() as workdir:
-        client = NotebookClient(notebook, resources={"metadata": {"path": workdir}},
-                                record_timing=True, store_widget_state=False, coalesce_streams=True)
-        environment = {name: value for name, value in os.environ.items() if name not in settings(notebook)}
+        client = NotebookClient(
+            notebook,
+            resources={"metadata": {"path": workdir}},
+            record_timing=True,
+            store_widget_state=False,
+            coalesce_streams=True,
+        )
+        environment = {
+            name: value for name, value in os.environ.items() if name not in settings(notebook)
+        }
         client.execute(env={**environment, "PLOTLY_RENDERER": renderer})
     cell_seconds = []
     for cell in notebook.cells:
@@ -124,7 +138,10 @@ def execute(path: Path, *, renderer: str = STATIC_RENDERER) -> Execution:
                 if "image/png" in output.get("data", {}):
                     output["data"]["image/png"] = palette_png(output["data"]["image/png"])
             timing = cell.metadata.pop("execution")
-            start, end = (datetime.fromisoformat(timing[key]) for key in ("iopub.execute_input", "shell.execute_reply"))
+            start, end = (
+                datetime.fromisoformat(timing[key])
+                for key in ("iopub.execute_input", "shell.execute_reply")
+            )
             cell_seconds.append((end - start).total_seconds())
     return Execution(notebook, cell_seconds)
 
@@ -134,8 +151,11 @@ def comparable(output: dict) -> dict[str, str]:
     compared."""
     if output["output_type"] == "stream":
         return {output["name"]: output["text"]}
-    return {kind: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-            for kind, value in output.get("data", {}).items() if kind not in UNCOMPARED_MIMETYPES}
+    return {
+        kind: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        for kind, value in output.get("data", {}).items()
+        if kind not in UNCOMPARED_MIMETYPES
+    }
 
 
 def same_up_to_rounding(expected: str, actual: str, rel: float = RELATIVE_TOLERANCE) -> bool:
@@ -143,8 +163,10 @@ def same_up_to_rounding(expected: str, actual: str, rel: float = RELATIVE_TOLERA
     expected_parts, actual_parts = NUMBER.split(expected), NUMBER.split(actual)
     if expected_parts != actual_parts:
         return False
-    return all(math.isclose(float(a), float(b), rel_tol=rel, abs_tol=ABSOLUTE_TOLERANCE)
-               for a, b in zip(NUMBER.findall(expected), NUMBER.findall(actual)))
+    return all(
+        math.isclose(float(a), float(b), rel_tol=rel, abs_tol=ABSOLUTE_TOLERANCE)
+        for a, b in zip(NUMBER.findall(expected), NUMBER.findall(actual))
+    )
 
 
 def same_figure(expected, actual, rel: float = RELATIVE_TOLERANCE) -> bool:
@@ -153,14 +175,20 @@ def same_figure(expected, actual, rel: float = RELATIVE_TOLERANCE) -> bool:
     carries the rounding of the others: float32 kernels that sum in another order (another CPU, another thread
     count) move it by more than ``rel`` of itself, never by more than ``rel`` of the array."""
     if isinstance(expected, dict) and isinstance(actual, dict):
-        return expected.keys() == actual.keys() and all(same_figure(expected[k], actual[k], rel) for k in expected)
+        return expected.keys() == actual.keys() and all(
+            same_figure(expected[k], actual[k], rel) for k in expected
+        )
     numbers = _flat_numbers(expected)
     if numbers is not None and _flat_numbers(actual) is not None and numbers:
         other = _flat_numbers(actual)
         scale = max((abs(x) for x in numbers if x is not None and not math.isnan(x)), default=0.0)
-        return len(numbers) == len(other) and all(_same_number(a, b, rel, rel * scale) for a, b in zip(numbers, other))
+        return len(numbers) == len(other) and all(
+            _same_number(a, b, rel, rel * scale) for a, b in zip(numbers, other)
+        )
     if isinstance(expected, list) and isinstance(actual, list):
-        return len(expected) == len(actual) and all(same_figure(a, b, rel) for a, b in zip(expected, actual))
+        return len(expected) == len(actual) and all(
+            same_figure(a, b, rel) for a, b in zip(expected, actual)
+        )
     if isinstance(expected, str) and isinstance(actual, str):
         return same_up_to_rounding(expected, actual, rel)
     return expected == actual
@@ -192,8 +220,9 @@ def _flat_numbers(value) -> list[float | None] | None:
     return flat
 
 
-def differences(committed: nbformat.NotebookNode, fresh: nbformat.NotebookNode,
-                rel: float = RELATIVE_TOLERANCE) -> list[str]:
+def differences(
+    committed: nbformat.NotebookNode, fresh: nbformat.NotebookNode, rel: float = RELATIVE_TOLERANCE
+) -> list[str]:
     """Where ``fresh`` (an execution of the same cells) does not reproduce ``committed``'s outputs:
     one line per cell that differs; empty if every output matches up to ``rel`` on numbers."""
     old_cells = [c for c in committed.cells if c.cell_type == "code"]
@@ -203,13 +232,22 @@ def differences(committed: nbformat.NotebookNode, fresh: nbformat.NotebookNode,
     found = []
     for number, (old, new) in enumerate(zip(old_cells, new_cells), start=1):
         where = f"code cell {number} ({(old.source.splitlines() or [''])[0]!r})"
-        old_outputs, new_outputs = [comparable(o) for o in old.outputs], [comparable(o) for o in new.outputs]
+        old_outputs, new_outputs = (
+            [comparable(o) for o in old.outputs],
+            [comparable(o) for o in new.outputs],
+        )
         if [sorted(o) for o in old_outputs] != [sorted(o) for o in new_outputs]:
-            found.append(f"{where}: outputs of kinds {[sorted(o) for o in old_outputs]} "
-                         f"became {[sorted(o) for o in new_outputs]}")
+            found.append(
+                f"{where}: outputs of kinds {[sorted(o) for o in old_outputs]} "
+                f"became {[sorted(o) for o in new_outputs]}"
+            )
             continue
         for old_output, new_output in zip(old_outputs, new_outputs):
-            changed = [kind for kind in old_output if not _same_output(kind, old_output[kind], new_output[kind], rel)]
+            changed = [
+                kind
+                for kind in old_output
+                if not _same_output(kind, old_output[kind], new_output[kind], rel)
+            ]
             if changed:
                 found.append(f"{where}: {', '.join(changed)} differ")
     return found
@@ -223,8 +261,13 @@ def _same_output(kind: str, expected: str, actual: str, rel: float) -> bool:
 
 def figure_outputs(notebook: nbformat.NotebookNode) -> list[dict]:
     """Every plotly figure among the notebook's outputs."""
-    return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
-            if PLOTLY_MIMETYPE in output.get("data", {})]
+    return [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if PLOTLY_MIMETYPE in output.get("data", {})
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,10 +275,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     execution differs from them; exit status 1 if one does."""
     parser = argparse.ArgumentParser(
         prog="python -m sinklens.present.notebooks",
-        description="Execute the analysis notebooks and write them back with their outputs (figures with a PNG).")
-    parser.add_argument("notebooks", nargs="*", help="notebooks to execute (default: analyses/*.ipynb)")
-    parser.add_argument("--check", action="store_true",
-                        help="execute without writing, and list where the outputs differ from the notebook's own")
+        description="Execute the analysis notebooks and write them back with their outputs (figures with a PNG).",
+    )
+    parser.add_argument(
+        "notebooks", nargs="*", help="notebooks to execute (default: analyses/*.ipynb)"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="execute without writing, and list where the outputs differ from the notebook's own",
+    )
     args = parser.parse_args(argv)
     try:
         paths = notebook_paths(args.notebooks)
@@ -253,7 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             nbformat.write(execution.notebook, path)
             print(f"{path}: executed in {seconds:.0f} s, {path.stat().st_size / 1024:.0f} KiB")
-        print("  slowest cells: " + "; ".join(f"{line!r} {cell:.0f} s" for line, cell in execution.slowest()))
+        print(
+            "  slowest cells: "
+            + "; ".join(f"{line!r} {cell:.0f} s" for line, cell in execution.slowest())
+        )
     return 1 if failed else 0
 
 

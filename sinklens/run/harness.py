@@ -50,7 +50,7 @@ def register() -> None:
 
         def __init__(self, pretrained: str, patch: str | None = None, device: str | None = None, **kwargs):
             from sinklens.load.models import load_hf_model
-            from sinklens.run.patch import SinkPatch
+            from sinklens.run.sink_patch import SinkPatch
 
             model, tokenizer = load_hf_model(pretrained, device=device)
             self.sink_patch = SinkPatch.load(patch) if patch else None

@@ -17,10 +17,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.utilities import get_act_name
 
 from sinklens.errors import SinklensError
-from sinklens.run.cache import Hook, as_index, check_layer, run_cache
+from sinklens.run.cache import Hook, act_name, as_index, check_layer, run_cache
 
 Neuron = tuple[int, int]
 """A ``(layer, index)`` pair: MLP neuron ``index`` (into ``d_mlp``) of block ``layer``."""
@@ -43,27 +42,29 @@ def check_neurons(model: TransformerBridge, neurons: Sequence[Neuron]) -> list[N
 
 
 def neuron_hook_name(layer: int) -> str:
-    return get_act_name("post", layer)
+    return act_name("post", layer)
 
 
 def ablation_hooks(
     model: TransformerBridge,
     rows: Sequence[Sequence[Neuron]],
     *,
-    values: Mapping[int, Float[torch.Tensor, "d_mlp"]] | None = None,
+    values: Mapping[int, Float[torch.Tensor, " d_mlp"]] | None = None,
 ) -> list[Hook]:
     """Hooks that set the neurons of ``rows[b]`` in batch row ``b``, at every position.
 
     Pass one set (``[neurons]``) to edit every row the same way. Neurons are set to 0, or with
     ``values`` (layer -> a ``d_mlp`` vector, e.g. :func:`mean_activations`) to those values.
     """
-    rows = [check_neurons(model, row) for row in rows]
-    layers = sorted({layer for row in rows for layer, _ in row})
+    neurons = [tuple(neuron) for row in rows for neuron in row]
+    checked = {key: check_neurons(model, [key])[0] for key in dict.fromkeys(neurons)}  # each neuron once
+    pairs = torch.tensor([checked[key] for key in neurons], dtype=torch.long).reshape(-1, 2)
+    batch = torch.tensor([b for b, row in enumerate(rows) for _ in row], dtype=torch.long)
     hooks = []
-    for layer in layers:
+    for layer in sorted({layer for layer, _ in checked.values()}):
         keep = torch.ones(len(rows), 1, model.cfg.d_mlp)
-        for b, row in enumerate(rows):
-            keep[b, 0, [index for l, index in row if l == layer]] = 0.0
+        here = pairs[:, 0] == layer
+        keep[batch[here], 0, pairs[here, 1]] = 0.0
         value = None if values is None else values[layer]
         hooks.append((neuron_hook_name(layer), _edit(keep, value)))
     return hooks
@@ -87,7 +88,7 @@ def _edit(keep: torch.Tensor, value: torch.Tensor | None):
 
 def mean_activations(
     model: TransformerBridge, text: Int[torch.Tensor, "batch pos"], layers: Sequence[int]
-) -> dict[int, Float[torch.Tensor, "d_mlp"]]:
+) -> dict[int, Float[torch.Tensor, " d_mlp"]]:
     """Each neuron's mean activation over natural text, position 0 excluded (for mean-ablation)."""
     names = [neuron_hook_name(check_layer(model, layer)) for layer in layers]
     cache = run_cache(model, text, names)

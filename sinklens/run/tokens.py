@@ -9,8 +9,10 @@ as it appears mid-text (after a space), which is the form the paper's notebook r
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Int
@@ -40,7 +42,10 @@ def token(model: TransformerBridge, token_id: int) -> Token:
         raise SinklensError(
             f"token id {token_id} is outside the vocabulary (0..{vocab - 1})", "pass a valid token id"
         )
-    return Token(token_id, model.tokenizer.decode([token_id]))
+    pieces = _memo(model.tokenizer).pieces
+    if token_id not in pieces:
+        pieces[token_id] = model.tokenizer.decode([token_id])
+    return Token(token_id, pieces[token_id])
 
 
 def first_token(model: TransformerBridge, first: FirstToken = "bos") -> Token:
@@ -79,9 +84,49 @@ def word_token_ids(model: TransformerBridge, word: str, *, leading_space: bool =
     return ids[len(anchor) :]
 
 
+@dataclass
+class _Memo:
+    """What is remembered of one tokenizer while it keeps its size (adding tokens forgets it)."""
+
+    size: int
+    texts: OrderedDict = field(default_factory=OrderedDict)  # text -> ids, the most recently used last
+    vocabulary: dict | None = None
+    pieces: dict[int, str] = field(default_factory=dict)  # token id -> its text alone
+
+
+_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> _Memo
+_REMEMBERED_TEXTS = 64
+
+
+def _memo(tokenizer) -> _Memo:
+    memo = _MEMOS.get(tokenizer)
+    if memo is None or memo.size != len(tokenizer):
+        memo = _MEMOS[tokenizer] = _Memo(len(tokenizer))
+    return memo
+
+
 def encode(model: TransformerBridge, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens (the bridge's tokenizer adds BOS by default)."""
-    return model.tokenizer.encode(text, add_special_tokens=False)
+    """Token ids of ``text`` without special tokens (the bridge's tokenizer adds BOS by default). A study
+    encodes the same few texts many times (the natural text, each word, the anchor of a mid-text word), so
+    the last texts' ids are remembered per tokenizer."""
+    texts = _memo(model.tokenizer).texts
+    ids = texts.get(text)
+    if ids is None:
+        ids = texts[text] = tuple(model.tokenizer.encode(text, add_special_tokens=False))
+        if len(texts) > _REMEMBERED_TEXTS:
+            texts.popitem(last=False)
+    else:
+        texts.move_to_end(text)
+    return list(ids)
+
+
+def vocabulary_id(model: TransformerBridge, text: str) -> int | None:
+    """The id of the vocabulary entry spelled ``text`` (a special token such as ``<|im_end|>``), or None when
+    the vocabulary has no such entry; the vocabulary is read once per tokenizer."""
+    memo = _memo(model.tokenizer)
+    if memo.vocabulary is None:
+        memo.vocabulary = model.tokenizer.get_vocab()
+    return memo.vocabulary.get(text)
 
 
 def word_token(model: TransformerBridge, word: str, *, leading_space: bool = True) -> Token:
@@ -134,10 +179,10 @@ def repeated_tokens(
         unit = word_token_ids(model, word, leading_space=leading_space)
     else:
         unit = [word_token(model, word, leading_space=leading_space).id]
-    prefix_ids = encode(model, prefix) if prefix else []
-    ids = [first_token(model, first).id, *prefix_ids, *unit * n_repeats]
-    check_context(model, len(ids))
-    return torch.tensor([ids], dtype=torch.long)
+    head = [first_token(model, first).id, *(encode(model, prefix) if prefix else [])]
+    check_context(model, len(head) + len(unit) * n_repeats)
+    body = torch.tensor(unit, dtype=torch.long).expand(n_repeats, -1).reshape(-1)
+    return torch.cat([torch.tensor(head, dtype=torch.long), body])[None]
 
 
 def text_tokens(

@@ -12,7 +12,7 @@ delimiters are the usual suspects). :func:`find_sinks` measures, in one forward 
 * how close each position's hidden state is to the first token's (cosine), as the secondary-sink literature
   detects them;
 * the attention later queries pay each position while it is in the sink regime, read from the fused kernel
-  (:func:`~sinklens.load.attention.key_weights`: one indicator column per sink, no pattern is formed).
+  (:func:`~sinklens.load.fused_attention.key_weights`: one indicator column per sink, no pattern is formed).
 
 A position is a sink where it enters the sink regime. Per sink the census gives its token, the layer where it
 appears and how many layers it lasts (its longest stay in the regime: a position can touch the regime for a
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -41,11 +42,12 @@ from transformer_lens.utilities import get_act_name
 from sinklens.analyses.norms import sink_threshold
 from sinklens.analyses.sink_neurons import neurons_writing
 from sinklens.errors import SinklensError
-from sinklens.load.attention import key_weights
+from sinklens.load.corpus import read_messages, read_text
+from sinklens.load.fused_attention import key_weights
 from sinklens.results import Result, value_type
 from sinklens.run.cache import SharedPrefix, forward, run_cache
 from sinklens.run.interventions import Neuron
-from sinklens.run.tokens import check_context
+from sinklens.run.tokens import chat_tokens, check_context, text_tokens
 from sinklens.settings import Settings
 from sinklens.studies.setup import CircuitSetup, OnSetup, circuit_setup
 
@@ -62,17 +64,27 @@ class Sink:
     n_layers: int  # how many layers that stay lasts
     runs: tuple[tuple[int, int], ...]  # every stay: (first layer, number of layers)
     peak_ratio: float  # its largest norm over the typical norm of that layer, over those layers
-    attention_share: float | None  # mean weight later queries pay it in the layers that read it (None: last position)
+    attention_share: (
+        float | None
+    )  # mean weight later queries pay it in the layers that read it (None: last position)
     cosine_to_first: float  # its hidden state against the first token's, at ``first_layer``
     neurons: tuple[Neuron, ...]  # the MLP neurons of ``first_layer`` that write it
     first_token_neurons: bool  # whether those are among the first token's sink neurons
 
     def to_json(self) -> dict[str, Any]:
-        return {"position": self.position, "token": self.token, "token_id": self.token_id,
-                "first_layer": self.first_layer, "n_layers": self.n_layers, "runs": [list(r) for r in self.runs],
-                "peak_ratio": self.peak_ratio,
-                "attention_share": self.attention_share, "cosine_to_first": self.cosine_to_first,
-                "neurons": [list(n) for n in self.neurons], "first_token_neurons": self.first_token_neurons}
+        return {
+            "position": self.position,
+            "token": self.token,
+            "token_id": self.token_id,
+            "first_layer": self.first_layer,
+            "n_layers": self.n_layers,
+            "runs": [list(r) for r in self.runs],
+            "peak_ratio": self.peak_ratio,
+            "attention_share": self.attention_share,
+            "cosine_to_first": self.cosine_to_first,
+            "neurons": [list(n) for n in self.neurons],
+            "first_token_neurons": self.first_token_neurons,
+        }
 
 
 @dataclass
@@ -85,9 +97,11 @@ class SinkCensus(OnSetup, Result):
     token_texts: list[str]
     norms: Float[torch.Tensor, "layer pos"]  # ||blocks.L.hook_resid_post||
     cosine: Float[torch.Tensor, "layer pos"]  # with position 0's hidden state
-    typical: Float[torch.Tensor, "layer"]  # mean norm of natural text's later tokens
-    first_norms: Float[torch.Tensor, "layer"]  # the lone first token's norm
-    thresholds: Float[torch.Tensor, "layer"]  # the sink regime's lower edge (inf where the first token is no sink)
+    typical: Float[torch.Tensor, " layer"]  # mean norm of natural text's later tokens
+    first_norms: Float[torch.Tensor, " layer"]  # the lone first token's norm
+    thresholds: Float[
+        torch.Tensor, " layer"
+    ]  # the sink regime's lower edge (inf where the first token is no sink)
     sinks: list[Sink]
 
     @property
@@ -98,41 +112,74 @@ class SinkCensus(OnSetup, Result):
     def to_frame(self) -> pd.DataFrame:
         """One row per sink, by position."""
         columns = list(Sink.__dataclass_fields__)
-        return pd.DataFrame([{**s.to_json(), "neurons": ", ".join(f"L{l}.{n}" for l, n in s.neurons)}
-                             for s in self.sinks], columns=columns)
+        return pd.DataFrame(
+            [
+                {**s.to_json(), "neurons": ", ".join(f"L{l}.{n}" for l, n in s.neurons)}
+                for s in self.sinks
+            ],
+            columns=columns,
+        )
 
     def plot(self) -> go.Figure:
         """log10 of each position's norm over the typical norm, per layer, with the sinks' first layers marked."""
         ratio = (self.norms / self.typical[:, None]).clamp_min(1e-6).log10()
         labels = [f"{i}: {text!r}" for i, text in enumerate(self.token_texts)]
-        fig = go.Figure(go.Heatmap(z=ratio.tolist(), x=list(range(ratio.shape[1])), colorscale="Viridis",
-                                   customdata=[labels] * ratio.shape[0],
-                                   colorbar={"title": "log10 norm / typical"},
-                                   hovertemplate="layer %{y}, position %{customdata}<br>log10 ratio %{z:.2f}"
-                                                 "<extra></extra>"))
+        fig = go.Figure(
+            go.Heatmap(
+                z=ratio.tolist(),
+                x=list(range(ratio.shape[1])),
+                colorscale="Viridis",
+                customdata=[labels] * ratio.shape[0],
+                colorbar={"title": "log10 norm / typical"},
+                hovertemplate="layer %{y}, position %{customdata}<br>log10 ratio %{z:.2f}"
+                "<extra></extra>",
+            )
+        )
         if self.sinks:
-            fig.add_scatter(x=[s.position for s in self.sinks], y=[s.first_layer for s in self.sinks], mode="markers",
-                            marker={"symbol": "x", "color": "red", "size": 9}, name="sink appears",
-                            text=[repr(s.token) for s in self.sinks],
-                            hovertemplate="%{text} at %{x}: a sink from layer %{y}<extra></extra>")
-        fig.update_layout(title=f"Sinks in {self.label}: norm over typical per position and layer ({len(self.sinks)} "
-                                f"sink{'s' * (len(self.sinks) != 1)})", xaxis_title="Position", yaxis_title="Layer",
-                          height=420, legend={"orientation": "h", "y": -0.2})
+            fig.add_scatter(
+                x=[s.position for s in self.sinks],
+                y=[s.first_layer for s in self.sinks],
+                mode="markers",
+                marker={"symbol": "x", "color": "red", "size": 9},
+                name="sink appears",
+                text=[repr(s.token) for s in self.sinks],
+                hovertemplate="%{text} at %{x}: a sink from layer %{y}<extra></extra>",
+            )
+        fig.update_layout(
+            title=f"Sinks in {self.label}: norm over typical per position and layer ({len(self.sinks)} "
+            f"sink{'s' * (len(self.sinks) != 1)})",
+            xaxis_title="Position",
+            yaxis_title="Layer",
+            height=420,
+            legend={"orientation": "h", "y": -0.2},
+        )
         return fig
 
     def summary(self) -> dict[str, Any]:
-        return {"label": self.label, "n_tokens": int(self.tokens.shape[1]), "sinks": [s.to_json() for s in self.sinks],
-                "first_token_sink_neurons": [list(n) for n in self.setup.sink_neurons],
-                "sink_regime": {"fraction": self.setup.settings["sink_fraction"],
-                                "min_ratio": self.setup.settings["min_ratio"],
-                                "layers": [i for i, t in enumerate(self.thresholds.tolist()) if t != float("inf")]},
-                "setup": self.setup.summary()}
+        return {
+            "label": self.label,
+            "n_tokens": int(self.tokens.shape[1]),
+            "sinks": [s.to_json() for s in self.sinks],
+            "first_token_sink_neurons": [list(n) for n in self.setup.sink_neurons],
+            "sink_regime": {
+                "fraction": self.setup.settings["sink_fraction"],
+                "min_ratio": self.setup.settings["min_ratio"],
+                "layers": [i for i, t in enumerate(self.thresholds.tolist()) if t != float("inf")],
+            },
+            "setup": self.setup.summary(),
+        }
 
 
-def _regime_thresholds(first: torch.Tensor, typical: torch.Tensor, settings: Settings) -> torch.Tensor:
+def _regime_thresholds(
+    first: torch.Tensor, typical: torch.Tensor, settings: Settings
+) -> torch.Tensor:
     """Per layer the sink regime's lower edge, where the first token is a sink (``min_ratio``); inf elsewhere."""
-    edges = torch.tensor([sink_threshold(float(f), float(t), settings.sink_fraction) for f, t in zip(first, typical)])
-    return torch.where(first >= settings.min_ratio * typical, edges, torch.full_like(edges, float("inf")))
+    edges = torch.tensor(
+        [sink_threshold(float(f), float(t), settings.sink_fraction) for f, t in zip(first, typical)]
+    )
+    return torch.where(
+        first >= settings.min_ratio * typical, edges, torch.full_like(edges, float("inf"))
+    )
 
 
 def find_sinks(
@@ -151,13 +198,17 @@ def find_sinks(
     ``max_neurons`` filter every sink's neurons as they filter the first token's."""
     settings = Settings.of(settings, **choices)
     if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] < 2:
-        raise SinklensError(f"the census reads one row of at least two tokens, not shape {tuple(tokens.shape)}",
-                            "pass [first] + text as text_tokens() makes it")
+        raise SinklensError(
+            f"the census reads one row of at least two tokens, not shape {tuple(tokens.shape)}",
+            "pass [first] + text as text_tokens() makes it",
+        )
     check_context(model, tokens.shape[1])
     setup = setup or circuit_setup(model, None, settings)
     n_layers = model.cfg.n_layers
     names = [get_act_name("resid_post", layer) for layer in range(n_layers)]
-    reference = run_cache(model, setup.reference, names, reduce=lambda name, x: x[0].float().norm(dim=-1))
+    reference = run_cache(
+        model, setup.reference, names, reduce=lambda name, x: x[0].float().norm(dim=-1)
+    )
     typical = torch.stack([reference[n][1:].mean() for n in names]).cpu()
     first = torch.stack([reference[n][0] for n in names]).cpu()
     thresholds = _regime_thresholds(first, typical, settings)
@@ -177,25 +228,63 @@ def find_sinks(
     # The text's keys and values, kept so that each sink's neuron search runs one token after them. A model with
     # sliding-window layers keeps only the last window's, so its searches run their prefix afresh instead.
     config = model.original_model.config
-    sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (
+        getattr(config, "layer_types", None) or ()
+    )
     past = None if sliding else DynamicCache(config=config)
     with tqdm(total=2, desc="sinklens sinks", disable=not progress) as bar:
-        with torch.inference_mode(), key_weights(model, lambda layer: candidates.get(layer)) as weights:
-            forward(model, tokens, names, hooks=[(n, measure(layer)) for layer, n in enumerate(names)],
-                    return_type=None, **({} if past is None else {"past_key_values": past}))
+        with (
+            torch.inference_mode(),
+            key_weights(model, lambda layer: candidates.get(layer)) as weights,
+        ):
+            forward(
+                model,
+                tokens,
+                names,
+                hooks=[(n, measure(layer)) for layer, n in enumerate(names)],
+                return_type=None,
+                **({} if past is None else {"past_key_values": past}),
+            )
         bar.update()
         norms_t = torch.stack([norms[layer] for layer in range(n_layers)]).cpu()
         cosine_t = torch.stack([cosine[layer] for layer in range(n_layers)]).cpu()
         regime = norms_t >= thresholds[:, None]
-        sinks = [_sink(model, tokens, position, regime, norms_t, cosine_t, typical, weights, past, setup, settings)
-                 for position in regime.any(dim=0).nonzero().flatten().tolist()]
+        sinks = [
+            _sink(
+                model,
+                tokens,
+                position,
+                regime,
+                norms_t,
+                cosine_t,
+                typical,
+                weights,
+                past,
+                setup,
+                settings,
+            )
+            for position in regime.any(dim=0).nonzero().flatten().tolist()
+        ]
         bar.update()
     texts = [model.tokenizer.decode([int(t)]) for t in tokens[0]]
-    return SinkCensus(setup, label, tokens.cpu(), texts, norms_t, cosine_t, typical, first, thresholds, sinks)
+    return SinkCensus(
+        setup, label, tokens.cpu(), texts, norms_t, cosine_t, typical, first, thresholds, sinks
+    )
 
 
-def _sink(model, tokens, position: int, regime, norms, cosine, typical, weights, past, setup: CircuitSetup,
-          settings: Settings) -> Sink:
+def _sink(
+    model,
+    tokens,
+    position: int,
+    regime,
+    norms,
+    cosine,
+    typical,
+    weights,
+    past,
+    setup: CircuitSetup,
+    settings: Settings,
+) -> Sink:
     """One sink's row: where it appears and lasts, the attention later queries pay it, the neurons that write it."""
     runs = []
     for layer in regime[:, position].nonzero().flatten().tolist():
@@ -203,7 +292,9 @@ def _sink(model, tokens, position: int, regime, norms, cosine, typical, weights,
             runs[-1][1] += 1
         else:
             runs.append([layer, 1])
-    first_layer, n_layers = max(runs, key=lambda run: run[1])  # the longest stay; the earliest of equal ones
+    first_layer, n_layers = max(
+        runs, key=lambda run: run[1]
+    )  # the longest stay; the earliest of equal ones
     span = range(first_layer, first_layer + n_layers)
     n = tokens.shape[1]
     shares = []
@@ -215,15 +306,67 @@ def _sink(model, tokens, position: int, regime, norms, cosine, typical, weights,
         paid = weights.found[layer][0, :, position + 1 :, column]  # [head, later query]
         shares.append(float(paid.mean()))
     prefix = None
-    if position > 0 and past is not None:  # the text's own keys and values up to the sink, without a new run
+    if (
+        position > 0 and past is not None
+    ):  # the text's own keys and values up to the sink, without a new run
         cropped = copy.deepcopy(past)
         cropped.crop(position - cropped.get_seq_length())  # negative: the tokens to drop
         prefix = SharedPrefix(cropped, None)
-    neurons = neurons_writing(model, tokens, position, first_layer, typical=float(typical[first_layer]),
-                              share=settings.share, max_neurons=settings.max_neurons, prefix=prefix)
+    neurons = neurons_writing(
+        model,
+        tokens,
+        position,
+        first_layer,
+        typical=float(typical[first_layer]),
+        share=settings.share,
+        max_neurons=settings.max_neurons,
+        prefix=prefix,
+    )
     token_id = int(tokens[0, position])
-    return Sink(position, token_id, model.tokenizer.decode([token_id]), first_layer, n_layers,
-                tuple((start, length) for start, length in runs),
-                float((norms[list(span), position] / typical[list(span)]).max()),
-                sum(shares) / len(shares) if shares else None, float(cosine[first_layer, position]),
-                tuple(neurons), bool(set(neurons) & set(setup.sink_neurons)))
+    return Sink(
+        position,
+        token_id,
+        model.tokenizer.decode([token_id]),
+        first_layer,
+        n_layers,
+        tuple((start, length) for start, length in runs),
+        float((norms[list(span), position] / typical[list(span)]).max()),
+        sum(shares) / len(shares) if shares else None,
+        float(cosine[first_layer, position]),
+        tuple(neurons),
+        bool(set(neurons) & set(setup.sink_neurons)),
+    )
+
+
+def census_of(
+    settings: Settings | None = None,
+    *,
+    text: str | Path | None = None,
+    chat: str | Path | None = None,
+    model: TransformerBridge | None = None,
+    verbose: bool = False,
+    progress: bool = False,
+) -> SinkCensus:
+    """What ``sinklens sinks`` runs: the census of the text file ``text`` (read after the first token), of the
+    conversation in the JSON file ``chat`` (a list of ``{"role", "content"}`` messages, in the model's own chat
+    template), or of the settings' natural text. A file that cannot be read or is no message list fails
+    before the model loads. ``model``: an already loaded model (default: load the whole model, since a sink
+    may appear in any layer; ``verbose`` shows the loading libraries' own progress and notices)."""
+    if text is not None and chat is not None:
+        raise SinklensError("both a text and a chat were given", "pass one of them")
+    settings = settings or Settings()
+    settings.check()
+    messages = read_messages(chat) if chat is not None else None
+    given_text = read_text(text) if text is not None else None
+    model = model or settings.load_model(verbose)
+    setup = circuit_setup(model, settings.corpus_text(), settings)
+    if messages is not None:
+        tokens, label = chat_tokens(model, messages), f"the chat {Path(chat).name}"
+    elif given_text is not None:
+        tokens, label = text_tokens(model, given_text, first=setup.first.id), Path(text).name
+    else:
+        tokens, label = (
+            text_tokens(model, settings.natural_text(), first=setup.first.id),
+            "the natural text",
+        )
+    return find_sinks(model, tokens, settings, setup=setup, label=label, progress=progress)

@@ -8,7 +8,7 @@ run of one token fools it.
 2. how the first attention layer's heads treat a token's own key (:mod:`~sinklens.analyses.heads`);
 3. which attention layers, heads and MLPs the sink neurons depend on to know a token is first, and
    whether the repeats of a sink-inducing word are marked by the same ones
-   (:mod:`~sinklens.analyses.mark`);
+   (:mod:`~sinklens.analyses.first_token_mark`);
 4. the first-detector neurons before the sink layer (:mod:`~sinklens.analyses.first_detector`,
    paper Fig. 4);
 5. a linear probe for "first" per layer and its verdict on repeats (:mod:`~sinklens.analyses.probe`);
@@ -43,13 +43,13 @@ from sinklens.analyses.first_detector import (
     FirstDetectorNeurons,
     first_detector_neurons,
 )
-from sinklens.analyses.heads import HeadBehaviour, head_behaviour
-from sinklens.analyses.mark import (
+from sinklens.analyses.first_token_mark import (
     MIN_EFFECT,
-    MarkPatching,
+    FirstTokenMarkPatching,
     first_token_dependence,
-    mark_patching,
+    first_token_mark_patching,
 )
+from sinklens.analyses.heads import HeadBehaviour, head_behaviour
 from sinklens.analyses.norms import repetition_curves
 from sinklens.analyses.probe import FirstTokenProbe, train_first_token_probe
 from sinklens.errors import SinklensError
@@ -74,8 +74,8 @@ class FirstLayerCircuit(OnSetup, Result):
     repeat_word: Token
     heads: HeadBehaviour
     lone_metric: float  # the sink neurons' signed activation on the lone first token ...
-    later_metric: Float[torch.Tensor, "context"]  # ... and on it after 1 to 32 tokens of text
-    mark: MarkPatching | None  # None: the sink does not depend on the token being first
+    later_metric: Float[torch.Tensor, " context"]  # ... and on it after 1 to 32 tokens of text
+    mark: FirstTokenMarkPatching | None  # None: the sink does not depend on the token being first
     detectors: FirstDetectorNeurons
     probe: FirstTokenProbe
     convergence: Convergence
@@ -97,7 +97,9 @@ class FirstLayerCircuit(OnSetup, Result):
             return behaviour
         effects = self.mark.to_frame()
         effects = effects[effects["hook"] == get_act_name("z", 0)]
-        effects = effects.assign(head=effects["index"].astype(int)).drop(columns=["hook", "index", "component"])
+        effects = effects.assign(head=effects["index"].astype(int)).drop(
+            columns=["hook", "index", "component"]
+        )
         frame = behaviour.merge(effects, on="head")
         frame["detect_others"] = [(0, h) in self.detect_others_heads for h in frame["head"]]
         return frame
@@ -107,16 +109,26 @@ class FirstLayerCircuit(OnSetup, Result):
 
     def summary(self) -> dict:
         """The ``sinklens circuit --json`` object."""
-        mark = self.mark.summary() if self.mark is not None else {
-            "path": [], "heads": [], "layers": [], "neurons": [], "repeated_positions": None}
+        mark = (
+            self.mark.summary()
+            if self.mark is not None
+            else {"path": [], "heads": [], "layers": [], "neurons": [], "repeated_positions": None}
+        )
         return {
             "model": self.model,
-            "first_token": {"id": self.choice.token.id, "text": self.choice.token.text, "chosen_by": self.choice.reason},
+            "first_token": {
+                "id": self.choice.token.id,
+                "text": self.choice.token.text,
+                "chosen_by": self.choice.reason,
+            },
             "sink_layer": self.neurons.sink_layer,
             "sink_neurons": [list(n) for n in self.neurons.sink_neurons],
-            "first_token_dependence": {"lone": self.lone_metric, "after_text": self.later_metric.tolist(),
-                                       "share_removed_by_text": self.position_dependence,
-                                       "mark_traced": self.mark is not None},
+            "first_token_dependence": {
+                "lone": self.lone_metric,
+                "after_text": self.later_metric.tolist(),
+                "share_removed_by_text": self.position_dependence,
+                "mark_traced": self.mark is not None,
+            },
             "detect_others_heads": [list(h) for h in self.detect_others_heads],
             "mark_heads": [] if self.mark is None else [list(h) for h in self.mark.mark_heads()],
             "paths": mark["path"],
@@ -158,7 +170,9 @@ def first_layer_circuit(
     settings = Settings.of(settings, **choices)
     settings.check_analysis()
     text = settings.corpus_text() if text is None else text
-    tokens = default_words(model) if settings.words is None else words_to_tokens(model, settings.words)
+    tokens = (
+        default_words(model) if settings.words is None else words_to_tokens(model, settings.words)
+    )
     check_context(model, settings.n_repeats + 1)
     typical_text = text[: settings.corpus_chars]
     n_repeats = settings.n_repeats
@@ -166,12 +180,25 @@ def first_layer_circuit(
         setup = table.setup if table is not None else circuit_setup(model, text, settings)
         start, reference = setup.first.id, setup.reference
         if not setup.sink_neurons:
-            raise SinklensError(f"no sink neurons found on {setup.model} ({setup.neurons.case}; first token: "
-                                f"{setup.choice.reason})", "there is no sink to explain; see sinklens table for the numbers")
+            raise SinklensError(
+                f"no sink neurons found on {setup.model} ({setup.neurons.case}; first token: "
+                f"{setup.choice.reason})",
+                "there is no sink to explain; see sinklens table for the numbers",
+            )
         bar.update()
         layer = setup.sink_layer
-        curves = table.curves if table is not None else repetition_curves(
-            model, tokens, layer=layer, baseline=setup.baseline, n_repeats=n_repeats, first=start)
+        curves = (
+            table.curves
+            if table is not None
+            else repetition_curves(
+                model,
+                tokens,
+                layer=layer,
+                baseline=setup.baseline,
+                n_repeats=n_repeats,
+                first=start,
+            )
+        )
         word = curves.words[max(range(len(tokens)), key=lambda i: curves.max_norms[i])]
         repeat = repeated_tokens(model, word.id, n_repeats, first=start)
         label = f"{word.text!r} x {n_repeats}"
@@ -179,15 +206,31 @@ def first_layer_circuit(
         heads = head_behaviour(model, {"natural text": reference, label: repeat})
         bar.update()
         contexts = {} if n_contexts is None else {"n_contexts": n_contexts}
-        lone, later = first_token_dependence(model, start, typical_text, setup.sink_neurons, **contexts)
+        lone, later = first_token_dependence(
+            model, start, typical_text, setup.sink_neurons, **contexts
+        )
         mark = None
-        if lone - float(later.max()) > MIN_EFFECT * abs(lone):  # else the sink does not need the token to be first
-            mark = mark_patching(model, start, typical_text, setup.sink_neurons, repeat_word=word.id,
-                                 n_repeats=n_repeats, seed=seed, **contexts)
+        if lone - float(later.max()) > MIN_EFFECT * abs(
+            lone
+        ):  # else the sink does not need the token to be first
+            mark = first_token_mark_patching(
+                model,
+                start,
+                typical_text,
+                setup.sink_neurons,
+                repeat_word=word.id,
+                n_repeats=n_repeats,
+                seed=seed,
+                **contexts,
+            )
         bar.update()
-        detectors = first_detector_neurons(model, text, repeat, sink_layer=layer, repeat_label=label)
+        detectors = first_detector_neurons(
+            model, text, repeat, sink_layer=layer, repeat_label=label
+        )
         bar.update()
-        probe = train_first_token_probe(model, text, repeat, max_layer=layer, seed=seed, repeat_label=label)
+        probe = train_first_token_probe(
+            model, text, repeat, max_layer=layer, seed=seed, repeat_label=label
+        )
         bar.update()
         converged = convergence(model, first=start)
         bar.update()

@@ -17,10 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from sinklens._io import write_json
 from sinklens.analyses.norms import sink_threshold
+from sinklens.defaults import SCREEN_CALIBRATION, SCREEN_POSITIVES, SCREEN_REPEATS, SCREEN_THRESHOLD
 from sinklens.errors import SinklensError
-from sinklens.settings import SCREEN_CALIBRATION, SCREEN_REPEATS, SCREEN_THRESHOLD
 
 SETUP_FILE = "scan.json"
 SCREEN_FILE = "screen.json"
@@ -53,15 +55,27 @@ class ScanSetup:
 
     def to_json(self) -> dict:
         data = asdict(self)
-        data["prefix"], data["sink_neurons"] = list(self.prefix), [list(n) for n in self.sink_neurons]
-        data["detector"], data["sink_neuron_first"] = list(self.detector), list(self.sink_neuron_first)
+        data["prefix"], data["sink_neurons"] = (
+            list(self.prefix),
+            [list(n) for n in self.sink_neurons],
+        )
+        data["detector"], data["sink_neuron_first"] = (
+            list(self.detector),
+            list(self.sink_neuron_first),
+        )
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> ScanSetup:
-        return cls(**{**data, "prefix": tuple(data["prefix"]), "detector": tuple(data["detector"]),
-                      "sink_neurons": tuple(tuple(n) for n in data["sink_neurons"]),
-                      "sink_neuron_first": tuple(data["sink_neuron_first"])})
+        return cls(
+            **{
+                **data,
+                "prefix": tuple(data["prefix"]),
+                "detector": tuple(data["detector"]),
+                "sink_neurons": tuple(tuple(n) for n in data["sink_neurons"]),
+                "sink_neuron_first": tuple(data["sink_neuron_first"]),
+            }
+        )
 
 
 class Screen(NamedTuple):
@@ -80,7 +94,7 @@ class Screen(NamedTuple):
     n_repeats: int = SCREEN_REPEATS
     threshold: float = SCREEN_THRESHOLD
     calibration: int = SCREEN_CALIBRATION
-    positives: float = 1.0
+    positives: float = SCREEN_POSITIVES
     seed: int = 0
 
     def positive(self, short_row: dict, setup: ScanSetup) -> bool:
@@ -90,7 +104,9 @@ class Screen(NamedTuple):
 
 def screen_score(row: dict, setup: ScanSetup) -> float:
     """How far a row's peak norm went from the typical norm toward the first token's, in log space."""
-    return math.log(max(row["peak_ratio"], 1e-12)) / math.log(setup.first_token_norm / setup.typical_norm)
+    return math.log(max(row["peak_ratio"], 1e-12)) / math.log(
+        setup.first_token_norm / setup.typical_norm
+    )
 
 
 class RowFile:
@@ -147,8 +163,9 @@ def scan_settings(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in ("model", "device")}
 
 
-def stored_setup(out: str | Path, model: str, settings: dict, prefix: tuple[int, ...] | None = None
-                 ) -> ScanSetup | None:
+def stored_setup(
+    out: str | Path, model: str, settings: dict, prefix: tuple[int, ...] | None = None
+) -> ScanSetup | None:
     """The setup of the scan already in ``out`` (so shards and resumed runs share one, measured once), after
     checking that it was measured on ``model`` with the same ``settings`` (and ``prefix``, unless None); None if
     ``out`` holds no scan."""
@@ -156,13 +173,24 @@ def stored_setup(out: str | Path, model: str, settings: dict, prefix: tuple[int,
     if not path.is_file():
         return None
     stored = ScanSetup.from_json(json.loads(path.read_text(encoding="utf-8")))
-    asked = {"model": model, **({} if prefix is None else {"prefix": list(prefix)}), **scan_settings(settings)}
-    held = {"model": stored.model, "prefix": list(stored.prefix), "n_repeats": stored.n_repeats, **stored.settings}
+    asked = {
+        "model": model,
+        **({} if prefix is None else {"prefix": list(prefix)}),
+        **scan_settings(settings),
+    }
+    held = {
+        "model": stored.model,
+        "prefix": list(stored.prefix),
+        "n_repeats": stored.n_repeats,
+        **stored.settings,
+    }
     differ = sorted(k for k in asked if k in held and asked[k] != held[k])
     if differ:
-        raise SinklensError(f"{out} holds a scan measured with another {', '.join(differ)} "
-                            f"({', '.join(f'{k}={held[k]!r}' for k in differ)})",
-                            "use another --out, or the settings of the scan already there")
+        raise SinklensError(
+            f"{out} holds a scan measured with another {', '.join(differ)} "
+            f"({', '.join(f'{k}={held[k]!r}' for k in differ)})",
+            "use another --out, or the settings of the scan already there",
+        )
     return stored
 
 
@@ -171,7 +199,9 @@ def stored_screen(out: Path) -> Screen | None:
     return Screen(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
 
 
-def prepare_scan_dir(out: Path, setup: ScanSetup, screen: Screen | None, request: Sequence[int]) -> None:
+def prepare_scan_dir(
+    out: Path, setup: ScanSetup, screen: Screen | None, request: Sequence[int]
+) -> None:
     """Record ``setup``, ``screen`` and the tokens asked for (``request``) in ``out``, or check that the scan
     already there has the same setup and screen (a directory holds either an exhaustive scan or a screened one,
     never both). The request is the latest one: a directory may serve several, and its summary is the last's."""
@@ -180,17 +210,25 @@ def prepare_scan_dir(out: Path, setup: ScanSetup, screen: Screen | None, request
         stored = json.loads(path.read_text(encoding="utf-8"))
         if stored != setup.to_json():
             differ = sorted(k for k in stored if stored.get(k) != setup.to_json().get(k))
-            raise SinklensError(f"{out} holds a scan with other settings ({', '.join(differ)} differ)",
-                                "use another --out, or the settings of the scan already there")
+            raise SinklensError(
+                f"{out} holds a scan with other settings ({', '.join(differ)} differ)",
+                "use another --out, or the settings of the scan already there",
+            )
     earlier = stored_screen(out)
     if screen is None and earlier is not None:
-        raise SinklensError(f"{out} holds a screened scan", "drop --exhaustive, or use another --out")
+        raise SinklensError(
+            f"{out} holds a screened scan", "drop --exhaustive, or use another --out"
+        )
     if screen is not None and earlier is None and any(out.glob("rows-*.jsonl")):
-        raise SinklensError(f"{out} holds an exhaustive scan", "pass --exhaustive, or use another --out")
+        raise SinklensError(
+            f"{out} holds an exhaustive scan", "pass --exhaustive, or use another --out"
+        )
     if screen is not None and earlier is not None and earlier != screen:
         differ = [k for k in Screen._fields if getattr(earlier, k) != getattr(screen, k)]
-        raise SinklensError(f"{out} holds a scan with another screen ({', '.join(differ)} differ)",
-                            "use another --out, or the screen settings of the scan already there")
+        raise SinklensError(
+            f"{out} holds a scan with another screen ({', '.join(differ)} differ)",
+            "use another --out, or the screen settings of the scan already there",
+        )
     if not path.is_file():
         write_json(path, setup.to_json())
     if screen is not None and earlier is None:
@@ -203,3 +241,20 @@ def stored_request(out: Path) -> list[int] | None:
     recorded)."""
     path = out / REQUEST_FILE
     return json.loads(path.read_text(encoding="utf-8"))["token_ids"] if path.is_file() else None
+
+
+def screen_draws(token_ids: Sequence[int], screen: Screen) -> tuple[set[int], set[int]]:
+    """The random parts of a screened scan, drawn with ``screen.seed`` from the sorted request (so every shard
+    draws the same): the calibration sample (``screen.calibration`` tokens run in full whatever the screen says),
+    and the tokens that get a full run if the screen finds them positive (each with probability
+    ``screen.positives``)."""
+    ids = np.array(sorted(set(int(t) for t in token_ids)))
+    rng = np.random.default_rng(screen.seed)
+    calibration = rng.choice(ids, min(screen.calibration, len(ids)), replace=False)
+    eligible = ids[rng.random(len(ids)) < screen.positives]
+    return {int(t) for t in calibration}, {int(t) for t in eligible}
+
+
+def runs_in_full(token: int, positive: bool, calibration: set[int], eligible: set[int]) -> bool:
+    """Whether a screened scan runs ``token`` in full: a calibration token, or a screen positive drawn for it."""
+    return token in calibration or positive and token in eligible

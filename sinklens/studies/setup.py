@@ -23,9 +23,9 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens.analyses.first_token import FirstTokenChoice, choose_first_token
 from sinklens.analyses.norms import NormBaseline, norm_baseline
-from sinklens.analyses.sink_layer import SinkLayerResult, find_sink_layer
+from sinklens.analyses.sink_layer import SinkLayer, find_sink_layer
 from sinklens.analyses.sink_neurons import (
-    SinkNeuronsResult,
+    SinkNeurons,
     check_criterion,
     check_layers,
     find_sink_neurons,
@@ -49,11 +49,11 @@ class OnSetup:
         return self.setup.choice
 
     @property
-    def sink(self) -> SinkLayerResult:
+    def sink(self) -> SinkLayer:
         return self.setup.sink
 
     @property
-    def neurons(self) -> SinkNeuronsResult:
+    def neurons(self) -> SinkNeurons:
         return self.setup.neurons
 
     @property
@@ -70,8 +70,8 @@ class CircuitSetup(Result):
     model: str
     choice: FirstTokenChoice
     reference: Int[torch.Tensor, "1 pos"]
-    sink: SinkLayerResult
-    neurons: SinkNeuronsResult | None
+    sink: SinkLayer
+    neurons: SinkNeurons | None
     baseline: NormBaseline
     settings: dict[str, Any]
 

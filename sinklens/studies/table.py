@@ -13,6 +13,7 @@ still made (on the tokenizer's BOS, or the most sink-like candidate), so the num
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,16 @@ from sinklens.studies.setup import CircuitSetup, OnSetup, circuit_setup
 
 ABLATED = "sink neurons ablated"
 NO_SINK = "no sink found"
+
+
+class _NoProgress(contextlib.AbstractContextManager):
+    """What the row's steps report to when no bar is shown (a disabled tqdm still costs its setup)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def layer_range(layers: list[int]) -> str:
@@ -145,7 +156,7 @@ def sink_table_row(
     settings.check_analysis()
     tokens = default_words(model) if settings.words is None else words_to_tokens(model, settings.words)
     check_context(model, settings.n_repeats + 1)  # a too-long run or a bad setting fails before any forward pass
-    with tqdm(total=3, desc="sinklens table", disable=not progress) as steps:
+    with tqdm(total=3, desc="sinklens table") if progress else _NoProgress() as steps:
         setup = setup or circuit_setup(model, text, settings)
         steps.update()
         curves_of = dict(layer=setup.sink_layer, baseline=setup.baseline, n_repeats=settings.n_repeats,

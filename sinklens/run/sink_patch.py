@@ -49,8 +49,8 @@ from transformer_lens.utilities import get_act_name
 from sinklens._io import write_json
 from sinklens.errors import SinklensError
 from sinklens.results import value_type
-from sinklens.settings import PATCH_HOOKS as HOOKS
-from sinklens.settings import PATCH_VALUES as VALUES
+from sinklens.defaults import PATCH_HOOKS as HOOKS
+from sinklens.defaults import PATCH_VALUES as VALUES
 
 FORMAT = "sinklens-patch/1"
 

@@ -54,8 +54,9 @@ from sinklens.analyses._stats import mean_interval
 from sinklens.errors import SinklensError
 from sinklens.results import Result
 from sinklens.run.cache import run_cache, shared_prefix
+from sinklens.defaults import MARK_CONTEXTS
 from sinklens.run.interventions import Neuron, check_neurons, neuron_hook_name
-from sinklens.run.patching import (
+from sinklens.run.activation_patching import (
     Patch,
     Site,
     activation_gradients,
@@ -65,7 +66,7 @@ from sinklens.run.patching import (
 from sinklens.run.tokens import Token, encode, repeated_tokens, token
 
 MIN_EFFECT = 0.1
-N_CONTEXTS = 8
+N_CONTEXTS = MARK_CONTEXTS
 TOP_NEURONS = 10
 TOKENS_PER_BATCH = 8192
 MAX_CONTEXT = 32  # tokens of text before the token in the longest corrupted run
@@ -84,7 +85,7 @@ def circuit_sites(model: TransformerBridge, sink_layer: int) -> list[Site]:
 
 
 @dataclass
-class MarkPatching(Result):
+class FirstTokenMarkPatching(Result):
     """Effects (share of the sink) of each component per corrupted run, for each experiment."""
 
     first_token: Token
@@ -92,12 +93,12 @@ class MarkPatching(Result):
     sites: list[Site]
     contexts: list[int]  # tokens of natural text before the token in each corrupted run
     clean_metric: float
-    corrupted_metric: Float[torch.Tensor, "context"]
+    corrupted_metric: Float[torch.Tensor, " context"]
     effects: Float[torch.Tensor, "experiment site context"]
     placebo: Float[torch.Tensor, "experiment site context"]
     min_effect: float
     neurons: list[Neuron]  # the top neurons by attribution
-    neuron_attribution: Float[torch.Tensor, "neuron"]  # estimated necessity (share of the sink)
+    neuron_attribution: Float[torch.Tensor, " neuron"]  # estimated necessity (share of the sink)
     neuron_necessity: Float[torch.Tensor, "neuron context"]  # patched for real
     repeat_word: Token | None
     repeat_sites: list[Site]
@@ -270,7 +271,7 @@ def _placebo(clean: torch.Tensor, other: torch.Tensor, generator: torch.Generato
     return clean + direction / direction.norm() * (other - clean).float().cpu().norm()
 
 
-def mark_patching(
+def first_token_mark_patching(
     model: TransformerBridge,
     first: int,
     text: str,
@@ -283,7 +284,7 @@ def mark_patching(
     min_effect: float = MIN_EFFECT,
     seed: int = 0,
     progress: bool = False,
-) -> MarkPatching:
+) -> FirstTokenMarkPatching:
     """Patch every component before the sink neurons between the lone first token ``first`` and
     the same token after ``n_contexts`` stretches of ``text`` (1 to 32 tokens)."""
     sink_neurons = check_neurons(model, sink_neurons)
@@ -350,7 +351,7 @@ def mark_patching(
         placebo[2, :, c] = (clean_metric - values[:, 1]) / gap[c]
         bar.update()
     bar.close()
-    result = MarkPatching(token(model, first), sink_neurons, sites, contexts, clean_metric, corrupted_metric, effects,
+    result = FirstTokenMarkPatching(token(model, first), sink_neurons, sites, contexts, clean_metric, corrupted_metric, effects,
                           placebo, min_effect, [], torch.zeros(0), torch.zeros(0, len(contexts)), None, [], None, None)
     _trace_neurons(model, result, lone, runs, metric, top_neurons)
     if repeat_word is not None:
@@ -358,7 +359,7 @@ def mark_patching(
     return result
 
 
-def _trace_neurons(model, result: MarkPatching, lone, runs, metric: SinkMetric, top: int) -> None:
+def _trace_neurons(model, result: FirstTokenMarkPatching, lone, runs, metric: SinkMetric, top: int) -> None:
     """Attribution for every MLP neuron before the (last) sink layer, then real necessity for the top ones."""
     if metric.layer == 0 or top < 1:
         return
@@ -384,7 +385,7 @@ def _trace_neurons(model, result: MarkPatching, lone, runs, metric: SinkMetric, 
     result.neuron_necessity = (result.clean_metric - values) / gap[None]
 
 
-def _repeat_positions(model, result: MarkPatching, first, text_ids, word, n_repeats, metric: SinkMetric,
+def _repeat_positions(model, result: FirstTokenMarkPatching, first, text_ids, word, n_repeats, metric: SinkMetric,
                       generator) -> None:
     """Necessity of each layer and mark-carrying head at the last repeat of ``word``, against the value
     the word has after natural text; skipped when the word's repeats do not drive the sink neurons."""

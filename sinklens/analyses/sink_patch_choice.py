@@ -35,7 +35,7 @@ from sinklens.analyses.norms import resid_norms
 from sinklens.errors import SinklensError
 from sinklens.results import Result
 from sinklens.run.cache import run_cache
-from sinklens.run.patch import HOOKS, VALUES, SinkPatch, patch_for
+from sinklens.run.sink_patch import HOOKS, VALUES, SinkPatch, patch_for
 from sinklens.run.tokens import Token, repeated_tokens
 from sinklens.settings import require_words
 
@@ -60,7 +60,7 @@ def calibrated_values(model: TransformerBridge, text: Int[torch.Tensor, "1 pos"]
 
 
 @dataclass
-class PatchChoice(Result):
+class SinkPatchChoice(Result):
     """Each candidate patch's effect on repeats, on the first token and on natural text, and the choice."""
 
     candidates: list[SinkPatch]
@@ -71,9 +71,9 @@ class PatchChoice(Result):
     typical_norm: float
     first_token_norm: float  # intact
     repeat_max_norm: float  # intact, over the words
-    repeat_max: Float[torch.Tensor, "candidate"]
-    first_norm: Float[torch.Tensor, "candidate"]
-    kl: Float[torch.Tensor, "candidate"]
+    repeat_max: Float[torch.Tensor, " candidate"]
+    first_norm: Float[torch.Tensor, " candidate"]
+    kl: Float[torch.Tensor, " candidate"]
     target_ratio: float
     chosen: int
     reason: str
@@ -133,7 +133,7 @@ def choose_patch(
     hooks: Sequence[str] = tuple(HOOKS),
     values: Sequence[str] = VALUES,
     target_ratio: float = TARGET_RATIO,
-) -> PatchChoice:
+) -> SinkPatchChoice:
     """Measure each patch of ``neurons`` (hook x value) on ``words`` repeated after ``reference``'s first
     token and on ``reference`` (``[first] + natural text``), and choose one."""
     if not neurons:
@@ -155,13 +155,13 @@ def choose_patch(
             maxima.append(max(float(resid_norms(model, r, layer)[0, 1:].max()) for r in runs))
             firsts.append(float(resid_norms(model, reference, layer)[0, 0]))
             kls.append(float(kl_divergence(original, model(reference))[0].mean()))
-    result = PatchChoice(candidates, layer, list(words), first, n_repeats, typical, first_norm, repeat_max,
+    result = SinkPatchChoice(candidates, layer, list(words), first, n_repeats, typical, first_norm, repeat_max,
                          torch.tensor(maxima), torch.tensor(firsts), torch.tensor(kls), target_ratio, 0, "")
     result.chosen, result.reason = _choose(result)
     return result
 
 
-def _choose(result: PatchChoice) -> tuple[int, str]:
+def _choose(result: SinkPatchChoice) -> tuple[int, str]:
     ok = result.meets_target()
     labels = [(c.hook, c.value) for c in result.candidates]
     ratio = (result.repeat_max / result.typical_norm).tolist()
