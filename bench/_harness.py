@@ -37,8 +37,12 @@ def measure(run, rounds):
 
 
 def run_worker(worker: str, *args, env: dict | None = None) -> dict:
-    proc = subprocess.run([sys.executable, "-c", PRELUDE + worker, *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-c", PRELUDE + worker, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     if proc.returncode != 0:
         sys.exit(f"worker {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -49,8 +53,13 @@ def alternate(worker: str, ours: tuple, plain: tuple, trials: int) -> list[tuple
     return [(run_worker(worker, *ours), run_worker(worker, *plain)) for _ in range(trials)]
 
 
-def print_pairs(title: str, pairs: list[tuple[dict, dict]], targets: dict[str, float],
-                names: tuple[str, str] = ("sinklens", "plain HF"), same_results: bool = True) -> dict:
+def print_pairs(
+    title: str,
+    pairs: list[tuple[dict, dict]],
+    targets: dict[str, float],
+    names: tuple[str, str] = ("sinklens", "plain HF"),
+    same_results: bool = True,
+) -> dict:
     """Medians per side, then the time and memory ratios (first side over second) with their range
     against their targets, and whether both sides computed the same checksum. Returns the same as a
     dict (``time_ratio``, ``memory_ratio``, ``same_results``, ``targets``) for :func:`print_summary`."""
@@ -64,13 +73,17 @@ def print_pairs(title: str, pairs: list[tuple[dict, dict]], targets: dict[str, f
         if key not in targets:
             continue
         ratios = [ours[key] / max(plain[key], 1e-9) for ours, plain in pairs]
-        print(f"  {label} ratio median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}; "
-              f"target <= {targets[key]}x)")
+        print(
+            f"  {label} ratio median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}; "
+            f"target <= {targets[key]}x)"
+        )
         summary[f"{label}_ratio"] = round(statistics.median(ratios), 3)
         summary[f"{label}_ratio_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
         summary["targets"][f"{label}_ratio"] = f"<= {targets[key]}"
     if same_results:
-        same = all(abs(o["checksum"] - p["checksum"]) <= 1e-4 * abs(p["checksum"]) for o, p in pairs)
+        same = all(
+            abs(o["checksum"] - p["checksum"]) <= 1e-4 * abs(p["checksum"]) for o, p in pairs
+        )
         print(f"  same results: {same}")
         summary["same_results"] = same
     return summary

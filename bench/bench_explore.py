@@ -19,9 +19,9 @@ import statistics
 import time
 
 import torch
-from _harness import print_summary
 
 import sinklens as sl
+from _harness import print_summary
 from sinklens.present.explore import explore
 from sinklens.studies.census import find_sinks
 
@@ -42,7 +42,9 @@ def main() -> None:
     hf_model, _ = sl.load_hf_model()
     explorer = explore(model, word="the", n_repeats=1000)
     setup = sl.circuit_setup(model)
-    text = sl.text_tokens(model, sl.corpus.shakespeare()[:8000], first=setup.first.id, max_tokens=1000)
+    text = sl.text_tokens(
+        model, sl.corpus.shakespeare()[:8000], first=setup.first.id, max_tokens=1000
+    )
     _plain_seconds(hf_model, text)  # warm-up
     updates, census, plain_prompt, plain_text, head, layer = [], [], [], [], [], []
     for _ in range(args.rounds):
@@ -64,16 +66,29 @@ def main() -> None:
     update_ratios = [u / p for u, p in zip(updates, plain_prompt)]
     census_ratios = [c / p for c, p in zip(census, plain_text)]
     median = statistics.median
-    print(f"new 1,001-token prompt, patch off: median {median(updates):.2f} s; plain HF SDPA forward "
-          f"{median(plain_prompt):.2f} s; ratio {median(update_ratios):.2f}x (range {min(update_ratios):.2f}-"
-          f"{max(update_ratios):.2f}; target <= 1.2x)")
-    print(f"census of 1,000 tokens of natural text: median {median(census):.2f} s; plain forward {median(plain_text):.2f}"
-          f" s; ratio {median(census_ratios):.2f}x (range {min(census_ratios):.2f}-{max(census_ratios):.2f}; target <= 2x)")
-    print(f"moving the head (from memory): {median(head):.3f} s; moving the layer (a forward pass): {median(layer):.2f} s")
-    print_summary("explore", update_ratio=round(median(update_ratios), 3), census_ratio=round(median(census_ratios), 3),
-                  update_seconds=round(median(updates), 3), plain_seconds=round(median(plain_prompt), 3),
-                  census_seconds=round(median(census), 3), head_seconds=round(median(head), 3),
-                  layer_seconds=round(median(layer), 3), targets={"update_ratio": "<= 1.2", "census_ratio": "<= 2"})
+    print(
+        f"new 1,001-token prompt, patch off: median {median(updates):.2f} s; plain HF SDPA forward "
+        f"{median(plain_prompt):.2f} s; ratio {median(update_ratios):.2f}x (range {min(update_ratios):.2f}-"
+        f"{max(update_ratios):.2f}; target <= 1.2x)"
+    )
+    print(
+        f"census of 1,000 tokens of natural text: median {median(census):.2f} s; plain forward {median(plain_text):.2f}"
+        f" s; ratio {median(census_ratios):.2f}x (range {min(census_ratios):.2f}-{max(census_ratios):.2f}; target <= 2x)"
+    )
+    print(
+        f"moving the head (from memory): {median(head):.3f} s; moving the layer (a forward pass): {median(layer):.2f} s"
+    )
+    print_summary(
+        "explore",
+        update_ratio=round(median(update_ratios), 3),
+        census_ratio=round(median(census_ratios), 3),
+        update_seconds=round(median(updates), 3),
+        plain_seconds=round(median(plain_prompt), 3),
+        census_seconds=round(median(census), 3),
+        head_seconds=round(median(head), 3),
+        layer_seconds=round(median(layer), 3),
+        targets={"update_ratio": "<= 1.2", "census_ratio": "<= 2"},
+    )
 
 
 if __name__ == "__main__":

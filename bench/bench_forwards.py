@@ -93,7 +93,9 @@ TARGET_REPLAY, TARGET_REPORT_FORWARDS = 1.2, 50
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--what", choices=("circuit", "report", "both"), default="both")
-    parser.add_argument("--trials", type=int, default=2, help="alternating process pairs (default: %(default)s)")
+    parser.add_argument(
+        "--trials", type=int, default=2, help="alternating process pairs (default: %(default)s)"
+    )
     args = parser.parse_args()
     results = {}
     for what in ("circuit", "report") if args.what == "both" else (args.what,):
@@ -107,16 +109,26 @@ def main() -> None:
         seconds = statistics.median(ours["seconds"] for ours, _ in pairs)
         replayed = statistics.median(plain["seconds"] for _, plain in pairs)
         unit = statistics.median(plain["one_forward_1001"] for _, plain in pairs)
-        print(f"{what} on the default model ({args.trials} alternating process pairs): sinklens {seconds:.1f} s, "
-              f"{pairs[0][0]['forwards']} forward passes; the same passes on plain HF (SDPA) {replayed:.1f} s: ratio "
-              f"median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}; target <= "
-              f"{TARGET_REPLAY}x); one 1,001-token forward of the whole model {unit:.2f} s, so {what} = "
-              f"{seconds / unit:.0f} of them")
-        results[what] = {"seconds": round(seconds, 1), "forwards": pairs[0][0]["forwards"],
-                         "replayed_seconds": round(replayed, 1), "ratio_to_replay": round(statistics.median(ratios), 3),
-                         "ratio_to_replay_range": [round(min(ratios), 3), round(max(ratios), 3)],
-                         "one_forward_1001_seconds": round(unit, 3), "in_1001_token_forwards": round(seconds / unit, 1)}
-    targets = {"ratio_to_replay": f"<= {TARGET_REPLAY}", "report.in_1001_token_forwards": f"<= {TARGET_REPORT_FORWARDS}"}
+        print(
+            f"{what} on the default model ({args.trials} alternating process pairs): sinklens {seconds:.1f} s, "
+            f"{pairs[0][0]['forwards']} forward passes; the same passes on plain HF (SDPA) {replayed:.1f} s: ratio "
+            f"median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}; target <= "
+            f"{TARGET_REPLAY}x); one 1,001-token forward of the whole model {unit:.2f} s, so {what} = "
+            f"{seconds / unit:.0f} of them"
+        )
+        results[what] = {
+            "seconds": round(seconds, 1),
+            "forwards": pairs[0][0]["forwards"],
+            "replayed_seconds": round(replayed, 1),
+            "ratio_to_replay": round(statistics.median(ratios), 3),
+            "ratio_to_replay_range": [round(min(ratios), 3), round(max(ratios), 3)],
+            "one_forward_1001_seconds": round(unit, 3),
+            "in_1001_token_forwards": round(seconds / unit, 1),
+        }
+    targets = {
+        "ratio_to_replay": f"<= {TARGET_REPLAY}",
+        "report.in_1001_token_forwards": f"<= {TARGET_REPORT_FORWARDS}",
+    }
     print_summary("forwards", **results, targets=targets)
 
 

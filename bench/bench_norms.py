@@ -61,24 +61,55 @@ print(json.dumps(measure(run, rounds)))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=1000, help="repeats per word (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per process, best kept (default: %(default)s)")
-    parser.add_argument("--trials", type=int, default=3,
-                        help="process pairs, alternating; medians reported (default: %(default)s)")
+    parser.add_argument(
+        "--repeats", type=int, default=1000, help="repeats per word (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timed rounds per process, best kept (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=3,
+        help="process pairs, alternating; medians reported (default: %(default)s)",
+    )
     args = parser.parse_args()
 
-    run_worker(WORKER, "warm", 0, 0)  # make sure the default model is converted before timing anything
-    pairs = alternate(WORKER, ("sinklens", args.repeats, args.rounds), ("hf", args.repeats, args.rounds), args.trials)
-    curves = print_pairs(f"norm curves, 5 words x {args.repeats} repeats, to the sink layer ({args.trials} alternating "
-                         f"process pairs, best of {args.rounds} rounds each):", pairs, {"seconds": 1.0, "peak_bytes": 1.2})
+    run_worker(
+        WORKER, "warm", 0, 0
+    )  # make sure the default model is converted before timing anything
+    pairs = alternate(
+        WORKER,
+        ("sinklens", args.repeats, args.rounds),
+        ("hf", args.repeats, args.rounds),
+        args.trials,
+    )
+    curves = print_pairs(
+        f"norm curves, 5 words x {args.repeats} repeats, to the sink layer ({args.trials} alternating "
+        f"process pairs, best of {args.rounds} rounds each):",
+        pairs,
+        {"seconds": 1.0, "peak_bytes": 1.2},
+    )
     with tempfile.TemporaryDirectory() as empty_cache:
         cold = run_worker(WORKER, "cold", 0, 0, env={"SINKLENS_CACHE": empty_cache})
     warm = run_worker(WORKER, "warm", 0, 0)
-    print(f"default model load_model(): cold {cold['seconds']:.1f} s (fetch + dequantise), warm "
-          f"{warm['seconds']:.1f} s (target < 5 s), ratio {cold['seconds'] / warm['seconds']:.1f}x; "
-          f"import sinklens {warm['import_seconds']:.1f} s before it")
-    print_summary("norms", norm_curves=curves, load_seconds={"cold": round(cold["seconds"], 1),
-                  "warm": round(warm["seconds"], 1), "target_warm": "< 5"})
+    print(
+        f"default model load_model(): cold {cold['seconds']:.1f} s (fetch + dequantise), warm "
+        f"{warm['seconds']:.1f} s (target < 5 s), ratio {cold['seconds'] / warm['seconds']:.1f}x; "
+        f"import sinklens {warm['import_seconds']:.1f} s before it"
+    )
+    print_summary(
+        "norms",
+        norm_curves=curves,
+        load_seconds={
+            "cold": round(cold["seconds"], 1),
+            "warm": round(warm["seconds"], 1),
+            "target_warm": "< 5",
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -70,7 +70,9 @@ print(json.dumps(result))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", choices=("smollm2", "random-1b"))
-    parser.add_argument("--patch", default="patch.json", help="the patch file for smollm2 (written if missing)")
+    parser.add_argument(
+        "--patch", default="patch.json", help="the patch file for smollm2 (written if missing)"
+    )
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=64)
@@ -85,19 +87,30 @@ def main() -> None:
         import sys
 
         if not os.path.exists(args.patch):
-            subprocess.run([sys.executable, "-m", "sinklens", "patch", "--out", args.patch], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "sinklens", "patch", "--out", args.patch], check=True
+            )
         source = args.patch
     results = {}
     for path in args.paths.split(","):
         if path == "bridge" and args.model != "smollm2":
             continue  # the bridge boots from a sinklens model spec
         common = (source, args.prompt, args.new_tokens, args.batch, args.rounds)
-        pairs = alternate(WORKER, (path, "patched", *common), (path, "unpatched", *common), args.trials)
-        results[path] = print_pairs(f"{args.model}, {path} path: greedy generation of {args.new_tokens} tokens after {args.prompt}, "
-                    f"batch {args.batch}", pairs, {"seconds": 1.03, "peak_bytes": 1.1},
-                    names=("patched", "unpatched"), same_results=False)
+        pairs = alternate(
+            WORKER, (path, "patched", *common), (path, "unpatched", *common), args.trials
+        )
+        results[path] = print_pairs(
+            f"{args.model}, {path} path: greedy generation of {args.new_tokens} tokens after {args.prompt}, "
+            f"batch {args.batch}",
+            pairs,
+            {"seconds": 1.03, "peak_bytes": 1.1},
+            names=("patched", "unpatched"),
+            same_results=False,
+        )
         speeds = [(ours["tokens_per_second"], plain["tokens_per_second"]) for ours, plain in pairs]
-        print("  tokens/s patched vs unpatched: " + ", ".join(f"{a:.1f} / {b:.1f}" for a, b in speeds))
+        print(
+            "  tokens/s patched vs unpatched: " + ", ".join(f"{a:.1f} / {b:.1f}" for a, b in speeds)
+        )
         if "gpu" in pairs[0][0]:
             print(f"  device: {pairs[0][0]['gpu']}")
     print_summary("patch", model=args.model, **results)

@@ -85,7 +85,9 @@ print(json.dumps(result))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setup", default="scan-setup.json", help="a scan.json (written from smollm2 if missing)")
+    parser.add_argument(
+        "--setup", default="scan-setup.json", help="a scan.json (written from smollm2 if missing)"
+    )
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--n-repeats", type=int, default=1000)
     parser.add_argument("--trials", type=int, default=2)
@@ -99,7 +101,10 @@ def main() -> None:
         from sinklens.load.corpus import shakespeare
         from sinklens.studies.scan import scan_setup
 
-        write_json(Path(args.setup), scan_setup(load_model(), shakespeare(), n_repeats=args.n_repeats).to_json())
+        write_json(
+            Path(args.setup),
+            scan_setup(load_model(), shakespeare(), n_repeats=args.n_repeats).to_json(),
+        )
     setup = json.loads(Path(args.setup).read_text())
     if setup["n_repeats"] != args.n_repeats:  # the sink regime does not depend on it; the cost does
         Path(args.setup).write_text(json.dumps({**setup, "n_repeats": args.n_repeats}))
@@ -109,26 +114,42 @@ def main() -> None:
     speeds = {}
     for size in map(int, args.batch_sizes.split(",")):
         if "sinklens" in sides:
-            speeds[size] = run_worker(WORKER, "sinklens", *common, size, args.rounds)["tokens_per_second"]
+            speeds[size] = run_worker(WORKER, "sinklens", *common, size, args.rounds)[
+                "tokens_per_second"
+            ]
             print(f"sinklens, batch {size}: {speeds[size]:.2f} tokens/s")
     best = max(speeds, key=speeds.get) if speeds else int(args.batch_sizes.split(",")[-1])
-    print(f"SmolLM2, {args.tokens} tokens x {args.n_repeats} repeats; sinklens batch size {best} (fastest)")
+    print(
+        f"SmolLM2, {args.tokens} tokens x {args.n_repeats} repeats; sinklens batch size {best} (fastest)"
+    )
     ratios = {}
     for other in ("naive", "hf", "eager"):
         if other not in sides or "sinklens" not in sides:
             continue
         size = 1 if other == "naive" else best
-        pairs = alternate(WORKER, ("sinklens", *common, best, args.rounds), (other, *common, size, args.rounds),
-                          args.trials)
+        pairs = alternate(
+            WORKER,
+            ("sinklens", *common, best, args.rounds),
+            (other, *common, size, args.rounds),
+            args.trials,
+        )
         speed = [ours["tokens_per_second"] / theirs["tokens_per_second"] for ours, theirs in pairs]
-        print(f"  vs {other}: tokens/s {statistics.median(p[0]['tokens_per_second'] for p in pairs):.2f} vs "
-              f"{statistics.median(p[1]['tokens_per_second'] for p in pairs):.2f}; speed ratio median "
-              f"{statistics.median(speed):.2f}x (range {min(speed):.2f}-{max(speed):.2f}; target {TARGETS[other]})")
+        print(
+            f"  vs {other}: tokens/s {statistics.median(p[0]['tokens_per_second'] for p in pairs):.2f} vs "
+            f"{statistics.median(p[1]['tokens_per_second'] for p in pairs):.2f}; speed ratio median "
+            f"{statistics.median(speed):.2f}x (range {min(speed):.2f}-{max(speed):.2f}; target {TARGETS[other]})"
+        )
         ratios[f"speed_vs_{other}"] = round(statistics.median(speed), 3)
         ratios[f"speed_vs_{other}_range"] = [round(min(speed), 3), round(max(speed), 3)]
-    print_summary("scan", tokens=args.tokens, n_repeats=args.n_repeats, batch_size=best,
-                  tokens_per_second={str(k): round(v, 3) for k, v in speeds.items()}, **ratios,
-                  targets={f"speed_vs_{k}": v for k, v in TARGETS.items()})
+    print_summary(
+        "scan",
+        tokens=args.tokens,
+        n_repeats=args.n_repeats,
+        batch_size=best,
+        tokens_per_second={str(k): round(v, 3) for k, v in speeds.items()},
+        **ratios,
+        targets={f"speed_vs_{k}": v for k, v in TARGETS.items()},
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ TARGET_SECONDS = 1.0
 
 
 def commands() -> dict[str, list[str]]:
-    sinklens = shutil.which("sinklens") or sys.exit("the sinklens command is not installed (pip install -e .)")
+    sinklens = shutil.which("sinklens") or sys.exit(
+        "the sinklens command is not installed (pip install -e .)"
+    )
     python = sys.executable
     return {
         "python -c pass": [python, "-c", "pass"],
@@ -30,7 +32,11 @@ def commands() -> dict[str, list[str]]:
         "sinklens --help": [sinklens, "--help"],
         "sinklens table --help": [sinklens, "table", "--help"],
         "sinklens table --dtype float8 (refused)": [sinklens, "table", "--dtype", "float8"],
-        "import sinklens; sl.load_model (torch, TransformerLens)": [python, "-c", "import sinklens as sl; sl.load_model"],
+        "import sinklens; sl.load_model (torch, TransformerLens)": [
+            python,
+            "-c",
+            "import sinklens as sl; sl.load_model",
+        ],
     }
 
 
@@ -48,9 +54,13 @@ def main() -> None:
         medians[name] = statistics.median(times)
         print(f"{name}: median {medians[name]:.2f} s (range {min(times):.2f}-{max(times):.2f})")
     answering = [n for n in medians if n.startswith("sinklens ")]
-    print_summary("startup", seconds={n: round(t, 3) for n, t in medians.items()},
-                  over_python={n: round(t / medians["python -c pass"], 1) for n, t in medians.items()},
-                  met={n: medians[n] < TARGET_SECONDS for n in answering}, targets={"seconds": f"< {TARGET_SECONDS}"})
+    print_summary(
+        "startup",
+        seconds={n: round(t, 3) for n, t in medians.items()},
+        over_python={n: round(t / medians["python -c pass"], 1) for n, t in medians.items()},
+        met={n: medians[n] < TARGET_SECONDS for n in answering},
+        targets={"seconds": f"< {TARGET_SECONDS}"},
+    )
 
 
 if __name__ == "__main__":

@@ -98,14 +98,34 @@ print(json.dumps(measure(run, rounds)))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=1000, help="repeats per word (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=1, help="timed rounds per process, best kept (default: %(default)s)")
-    parser.add_argument("--trials", type=int, default=3,
-                        help="process pairs, alternating; medians reported (default: %(default)s)")
+    parser.add_argument(
+        "--repeats", type=int, default=1000, help="repeats per word (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="timed rounds per process, best kept (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=3,
+        help="process pairs, alternating; medians reported (default: %(default)s)",
+    )
     args = parser.parse_args()
-    pairs = alternate(WORKER, ("sinklens", args.repeats, args.rounds), ("hf", args.repeats, args.rounds), args.trials)
-    row = print_pairs(f"Table-1 row of the default model, 5 words x {args.repeats} repeats ({args.trials} alternating "
-                f"process pairs, best of {args.rounds} rounds each):", pairs, {"seconds": 1.0})
+    pairs = alternate(
+        WORKER,
+        ("sinklens", args.repeats, args.rounds),
+        ("hf", args.repeats, args.rounds),
+        args.trials,
+    )
+    row = print_pairs(
+        f"Table-1 row of the default model, 5 words x {args.repeats} repeats ({args.trials} alternating "
+        f"process pairs, best of {args.rounds} rounds each):",
+        pairs,
+        {"seconds": 1.0},
+    )
     print_summary("table", table_row=row)
 
 

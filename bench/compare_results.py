@@ -27,10 +27,16 @@ def differences(before: Any, after: Any, rtol: float, path: str = "") -> list[st
     if isinstance(before, list) and isinstance(after, list):
         if len(before) != len(after):
             return [f"{path}: {len(before)} items before, {len(after)} after"]
-        return [d for i, (b, a) in enumerate(zip(before, after)) for d in differences(b, a, rtol, f"{path}[{i}]")]
+        return [
+            d
+            for i, (b, a) in enumerate(zip(before, after))
+            for d in differences(b, a, rtol, f"{path}[{i}]")
+        ]
     numbers = (int, float)
     if isinstance(before, numbers) and isinstance(after, numbers) and not isinstance(before, bool):
-        if math.isclose(before, after, rel_tol=rtol, abs_tol=1e-12) or (math.isnan(before) and math.isnan(after)):
+        if math.isclose(before, after, rel_tol=rtol, abs_tol=1e-12) or (
+            math.isnan(before) and math.isnan(after)
+        ):
             return []
         return [f"{path}: {before!r} -> {after!r}"]
     return [] if before == after else [f"{path}: {before!r} -> {after!r}"]
@@ -48,7 +54,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
-    parser.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of numbers (default: 1e-3)")
+    parser.add_argument(
+        "--rtol", type=float, default=1e-3, help="relative tolerance of numbers (default: 1e-3)"
+    )
     parser.add_argument("--ignore", nargs="*", default=["versions"], help="top-level keys to skip")
     args = parser.parse_args()
     before, after = (json.loads(p.read_text(encoding="utf-8")) for p in (args.before, args.after))
@@ -57,8 +65,16 @@ def main() -> int:
     found = differences(before, after, args.rtol)
     for line in found:
         print(line)
-    print(json.dumps({"values_compared": count_leaves(before), "differences": len(found), "rtol": args.rtol,
-                      "ignored": args.ignore}))
+    print(
+        json.dumps(
+            {
+                "values_compared": count_leaves(before),
+                "differences": len(found),
+                "rtol": args.rtol,
+                "ignored": args.ignore,
+            }
+        )
+    )
     return 1 if found else 0
 
 

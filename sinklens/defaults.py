@@ -17,9 +17,6 @@ from typing import Any
 # half of 64's screen (27 against 57 ms per token) for full runs on 55% of the tokens instead of 49%; 0.26
 # keeps 97% of a random half's sink-opening tokens, 97.9% of the other's.
 SCAN_TOKENS = 2000  # tokens in the default stratified sample
-# tokens per forward pass: on SmolLM2 at 1000 repeats, 2 CPU cores, batches of 1, 4 and 8 gave 0.77, 0.82
-# and 0.80 tokens/s (bench/bench_scan.py)
-SCAN_BATCH = 4
 SCREEN_REPEATS = 32
 SCREEN_THRESHOLD = 0.26
 SCREEN_CALIBRATION = (

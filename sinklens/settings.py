@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sinklens.errors import SinklensError
 from sinklens.load.registry import DEFAULT_MODEL
-from sinklens.load.sources import check_device, check_dtype_name, resolve_model
+from sinklens.load.sources import check_device, check_dtype_name, check_max_memory, resolve_model
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -97,8 +97,10 @@ class Settings:
     share: float = REMOVED_SHARE
     max_neurons: int = MAX_NEURONS
     min_ratio: float = MIN_SINK_RATIO
-    dtype: str = "float32"
+    dtype: str | None = None  # None: float32 on the CPU, the checkpoint's own dtype on a GPU
     device: str | None = None  # None: the first GPU, else the CPU
+    # with device "auto": the most accelerate's device map puts on each device, "0=20GiB,cpu=64GiB"
+    max_memory: str | None = None
 
     @property
     def given_first_token(self) -> str | int | None:
@@ -134,8 +136,14 @@ class Settings:
     def check(self) -> None:
         """Every check that needs no model, so a bad setting fails before anything is loaded."""
         resolve_model(self.model)
-        check_dtype_name(self.dtype)
+        if self.dtype is not None:
+            check_dtype_name(self.dtype)
         check_device(self.device)
+        if check_max_memory(self.max_memory) is not None and self.device != "auto":
+            raise SinklensError(
+                "--max-memory caps accelerate's device map, which only --device auto uses",
+                "add --device auto, or drop --max-memory",
+            )
         self.check_analysis()
         if self.corpus:
             self.corpus_text()
@@ -216,7 +224,12 @@ class Settings:
 
         n_layers = self.layers_reached() if early_layers_only else None
         return load_model(
-            self.model, dtype=self.dtype, device=self.device, n_layers=n_layers, verbose=verbose
+            self.model,
+            dtype=self.dtype,
+            device=self.device,
+            n_layers=n_layers,
+            max_memory=self.max_memory,
+            verbose=verbose,
         )
 
 

@@ -60,6 +60,7 @@ VALUES = {
     "lengths": ["--lengths", "6"],
     "sequences": ["--sequences", "3"],
     "site": ["--site", "mlp_out"],
+    "max_memory": ["--max-memory", "0=1GiB,cpu=8GiB"],
     "metric": ["--metric", "sink_neurons"],
     "position": ["--position", "1"],
     "clean": ["--clean", "Speak, speak."],

@@ -257,9 +257,8 @@ def test_bfloat16_finds_what_float32_finds(spec):
     rows = {}
     for dtype in ("float32", "bfloat16"):
         config = ReportConfig(model=spec, words=["the", "dust"], n_repeats=300, dtype=dtype)
-        rows[dtype] = config.table_row(
-            config.load_model(early_layers_only=True), config.natural_text()
-        ).summary()
+        model = config.load_model(early_layers_only=True)
+        rows[dtype] = sink_table_row(model, config.natural_text(), config).summary()
     full, half = rows["float32"], rows["bfloat16"]
     assert half["dtype"] == "bfloat16" and half["layers_loaded"].startswith("0..14 of ")
     for key in ("sink_found", "case", "sink_layer", "sink_layers", "sink_neurons_by_layer"):

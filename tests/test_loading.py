@@ -74,8 +74,16 @@ def test_a_directory_without_tokenizer_files_is_a_clear_error(tmp_path, tiny_dir
 def test_a_model_that_is_not_a_causal_lm_is_a_clear_error(tmp_path, tiny_dir):
     from transformers import ViTConfig, ViTModel
 
-    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                       image_size=8, patch_size=4)).save_pretrained(tmp_path)
+    ViTModel(
+        ViTConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=8,
+            patch_size=4,
+        )
+    ).save_pretrained(tmp_path)
     for source in tiny_dir.glob("tokenizer*"):
         (tmp_path / source.name).write_bytes(source.read_bytes())
     with pytest.raises(SinklensError, match="is not a causal language model"):

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import arch_config, build_tokenizer, save_arch
 
 import sinklens as sl
-from sinklens.load.models import placement
+from conftest import arch_config, build_tokenizer, save_arch
 from sinklens.cli import main
+from sinklens.load.models import placement
 
 DEPTH, KEPT = 5, 2
 
@@ -21,22 +21,37 @@ def checkpoint(request, tmp_path_factory):
     return save_arch(tmp_path_factory.mktemp(request.param), request.param, DEPTH)
 
 
-NAMES = [f"blocks.{layer}.{hook}" for layer in range(KEPT)
-         for hook in ("hook_resid_post", "hook_mlp_out", "mlp.hook_post", "attn.hook_pattern")]
+NAMES = [
+    f"blocks.{layer}.{hook}"
+    for layer in range(KEPT)
+    for hook in ("hook_resid_post", "hook_mlp_out", "mlp.hook_post", "attn.hook_pattern")
+]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_truncated_load_gives_the_whole_models_activations_on_its_layers(checkpoint, dtype):
     whole = sl.load_model(str(checkpoint), device="cpu", dtype=dtype)
     early = sl.load_model(str(checkpoint), device="cpu", dtype=dtype, n_layers=KEPT)
-    assert (whole.cfg.n_layers, early.cfg.n_layers, len(early.original_model.model.layers)) == (DEPTH, KEPT, KEPT)
-    tokens = torch.randint(3, whole.cfg.d_vocab, (2, 20), generator=torch.Generator().manual_seed(0))
+    assert (whole.cfg.n_layers, early.cfg.n_layers, len(early.original_model.model.layers)) == (
+        DEPTH,
+        KEPT,
+        KEPT,
+    )
+    tokens = torch.randint(
+        3, whole.cfg.d_vocab, (2, 20), generator=torch.Generator().manual_seed(0)
+    )
     full, truncated = (sl.run_cache(m, tokens, NAMES) for m in (whole, early))
     for name in NAMES:
         assert torch.equal(full[name], truncated[name]), name
-    assert placement(early) == {"dtype": dtype, "device": "cpu", "layers_loaded": f"0..{KEPT - 1} of {DEPTH}"}
+    assert placement(early) == {
+        "dtype": dtype,
+        "device": "cpu",
+        "layers_loaded": f"0..{KEPT - 1} of {DEPTH}",
+    }
     assert placement(whole) == {"dtype": dtype, "device": "cpu"}
-    assert sl.load_model(str(checkpoint), device="cpu", n_layers=DEPTH + 3).cfg.n_layers == DEPTH  # all there is
+    assert (
+        sl.load_model(str(checkpoint), device="cpu", n_layers=DEPTH + 3).cfg.n_layers == DEPTH
+    )  # all there is
 
 
 @pytest.mark.parametrize("n_layers", [None, KEPT])
@@ -50,32 +65,54 @@ def test_a_converting_load_holds_what_transformers_loads(checkpoint, tmp_path, n
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (stored / name).write_bytes((checkpoint / name).read_bytes())
     reference = AutoModelForCausalLM.from_pretrained(stored, dtype=torch.float32)
-    loaded = sl.load_model(str(stored), device="cpu", dtype="float32", n_layers=n_layers).original_model
+    loaded = sl.load_model(
+        str(stored), device="cpu", dtype="float32", n_layers=n_layers
+    ).original_model
     expected = dict(reference.named_parameters()) | dict(reference.named_buffers())
-    held = {name.replace("._original_component", ""): tensor  # the bridge wraps each module it hooks
-            for name, tensor in [*loaded.named_parameters(), *loaded.named_buffers()]}
-    kept = {name for name in expected if not any(f".layers.{layer}." in name for layer in range(n_layers or DEPTH, DEPTH))}
-    if n_layers is not None:  # a model cut short never runs its head: tied to the embeddings, it is not read
+    held = {
+        name.replace("._original_component", ""): tensor  # the bridge wraps each module it hooks
+        for name, tensor in [*loaded.named_parameters(), *loaded.named_buffers()]
+    }
+    kept = {
+        name
+        for name in expected
+        if not any(f".layers.{layer}." in name for layer in range(n_layers or DEPTH, DEPTH))
+    }
+    if (
+        n_layers is not None
+    ):  # a model cut short never runs its head: tied to the embeddings, it is not read
         kept.discard("lm_head.weight")
         assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
     assert kept <= set(held)
     for name in kept:
-        assert held[name].dtype == expected[name].dtype and torch.equal(held[name], expected[name]), name
+        assert held[name].dtype == expected[name].dtype and torch.equal(
+            held[name], expected[name]
+        ), name
 
 
 def test_bad_precision_or_device_is_one_clear_line_before_loading(tiny_dir, capsys, monkeypatch):
     monkeypatch.setattr("sinklens.load.models._load", lambda *a: pytest.fail("loaded the model"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cases = [(["table", "--dtype", "float8"], "invalid choice: 'float8'"),
-             (["table", "--device", "cuda"], "device cuda asked for, but this machine has no CUDA GPU"),
-             (["scan", "--device", "cuda:1"], "no CUDA GPU"),
-             (["neurons", "--device", "tpu"], "unknown device 'tpu'. Fix: pass cpu, cuda, cuda:N or auto"),
-             (["evaluate", "--patch", "p.json", "--device", "gpu"], "unknown device 'gpu'")]
+    cases = [
+        (["table", "--dtype", "float8"], "invalid choice: 'float8'"),
+        (["table", "--device", "cuda"], "device cuda asked for, but this machine has no CUDA GPU"),
+        (["scan", "--device", "cuda:1"], "no CUDA GPU"),
+        (
+            ["neurons", "--device", "tpu"],
+            "unknown device 'tpu'. Fix: pass cpu, cuda, cuda:N or auto",
+        ),
+        (["evaluate", "--patch", "p.json", "--device", "gpu"], "unknown device 'gpu'"),
+    ]
     for args, message in cases:
         assert main([*args, "--model", str(tiny_dir)]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        assert len(err) == 1 and err[0].startswith("sinklens: error:") and message in err[0], (args, err)
-    with pytest.raises(sl.SinklensError, match="unknown dtype 'int8'. Fix: pass one of float32, bfloat16, float16"):
+        assert len(err) == 1 and err[0].startswith("sinklens: error:") and message in err[0], (
+            args,
+            err,
+        )
+    with pytest.raises(
+        sl.SinklensError, match="unknown dtype 'int8'. Fix: pass one of float32, bfloat16, float16"
+    ):
         sl.load_model(str(tiny_dir), dtype="int8")
     with pytest.raises(sl.SinklensError, match="n_layers=0 builds no layer"):
         sl.load_model(str(tiny_dir), n_layers=0)
@@ -100,19 +137,36 @@ def test_auto_hands_accelerate_every_gpu_and_is_the_cpu_without_one(tiny_dir, mo
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
     caps = {0: "1GiB", 1: "1GiB", "cpu": "8GiB"} if gpus else None
     model = sl.load_model(str(tiny_dir), device="auto", max_memory=caps)
-    assert (asked["device_map"], asked["max_memory"]) == (("auto", caps) if gpus else ("cpu", None))
+    in_bytes = {0: 2**30, 1: 2**30, "cpu": 8 * 2**30}  # checked and read as accelerate reads them
+    expected = ("auto", in_bytes) if gpus else ("cpu", None)
+    assert (asked["device_map"], asked["max_memory"]) == expected
     assert placement(model)["device"] == "cpu"
-    with pytest.raises(sl.SinklensError, match="max_memory caps accelerate's device map, but the device is cpu"):
+    with pytest.raises(
+        sl.SinklensError, match="max_memory caps accelerate's device map, but the device is cpu"
+    ):
         sl.load_model(str(tiny_dir), device="cpu", max_memory={"cpu": "8GiB"})
 
 
-@pytest.mark.parametrize("command", [["table", "--n-repeats", "20"], ["neurons"], ["circuit", "--n-repeats", "20"]])
-def test_early_layer_commands_build_only_their_layers_and_find_the_same(command, tiny_dir, long_corpus_file, capsys,
-                                                                         monkeypatch):
+@pytest.mark.parametrize(
+    "command", [["table", "--n-repeats", "20"], ["neurons"], ["circuit", "--n-repeats", "20"]]
+)
+def test_early_layer_commands_build_only_their_layers_and_find_the_same(
+    command, tiny_dir, long_corpus_file, capsys, monkeypatch
+):
     from sinklens.settings import Settings
 
-    args = [*command, "--model", str(tiny_dir), "--corpus", str(long_corpus_file), "--corpus-chars", "400",
-            "--max-layer", "4", "--json"]
+    args = [
+        *command,
+        "--model",
+        str(tiny_dir),
+        "--corpus",
+        str(long_corpus_file),
+        "--corpus-chars",
+        "400",
+        "--max-layer",
+        "4",
+        "--json",
+    ]
     built = []
     real = sl.load_model
 
@@ -125,18 +179,23 @@ def test_early_layer_commands_build_only_their_layers_and_find_the_same(command,
     assert main(args) == 0
     early = capsys.readouterr().out
     load = Settings.load_model
-    monkeypatch.setattr(Settings, "load_model", lambda self, verbose=False, **_: load(self, verbose))
+    monkeypatch.setattr(
+        Settings, "load_model", lambda self, verbose=False, **_: load(self, verbose)
+    )
     assert main(args) == 0
     whole = capsys.readouterr().out
     assert built == [4, 6] and early.replace('"layers_loaded": "0..3 of 6", ', "") == whole
 
 
-def test_a_checkpoint_whose_index_names_a_missing_shard_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+def test_a_checkpoint_whose_index_names_a_missing_shard_is_one_line_before_loading(
+    tmp_path, capsys, monkeypatch
+):
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_tokenizer()
     AutoModelForCausalLM.from_config(arch_config("llama", tokenizer, DEPTH)).save_pretrained(
-        tmp_path, max_shard_size="20KB")
+        tmp_path, max_shard_size="20KB"
+    )
     tokenizer.save_pretrained(tmp_path)
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 2
@@ -145,11 +204,17 @@ def test_a_checkpoint_whose_index_names_a_missing_shard_is_one_line_before_loadi
     monkeypatch.setattr("sinklens.load.models._load", lambda *a: pytest.fail("loaded the model"))
     assert main(["table", "--model", str(tmp_path)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and "is incomplete: its index model.safetensors.index.json names 1 missing shard(s), " \
-                              f"{shards[1].name}. Fix: copy or download" in err[0], err
+    assert (
+        len(err) == 1
+        and "is incomplete: its index model.safetensors.index.json names 1 missing shard(s), "
+        f"{shards[1].name}. Fix: copy or download"
+        in err[0]
+    ), err
 
 
-def test_every_command_runs_in_bfloat16_and_finds_what_float32_finds(tiny_dir, long_corpus_file, tmp_path, capsys):
+def test_every_command_runs_in_bfloat16_and_finds_what_float32_finds(
+    tiny_dir, long_corpus_file, tmp_path, capsys
+):
     study = ["--model", str(tiny_dir), "--corpus", str(long_corpus_file), "--corpus-chars", "400"]
     tables = {}
     for dtype in ("float32", "bfloat16"):
@@ -162,14 +227,53 @@ def test_every_command_runs_in_bfloat16_and_finds_what_float32_finds(tiny_dir, l
     assert half["first_token"]["id"] == full["first_token"]["id"]
     assert half["first_token_norm"] == pytest.approx(full["first_token_norm"], rel=0.01)
     bf16 = ["--dtype", "bfloat16"]
-    assert main(["report", *study, *bf16, "--words", "the", "--n-repeats", "20", "--out", str(tmp_path / "r")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                *study,
+                *bf16,
+                "--words",
+                "the",
+                "--n-repeats",
+                "20",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "r" / "results.json").read_text())["model"]["dtype"] == "bfloat16"
-    for command in (["neurons", "--json"], ["sink-layer"], ["circuit", "--n-repeats", "20", "--json"],
-                    ["patch", "--n-repeats", "20", "--out", str(tmp_path / "p.json"), "--json"],
-                    ["scan", "--n-repeats", "20", "--tokens", "60", "--screen-repeats", "4", "--out", str(tmp_path / "s"),
-                     "--json"],
-                    ["attack", "--scan", str(tmp_path / "s"), "--lengths", "8", "--sequences", "4",
-                     "--patch", str(tmp_path / "p.json"), "--json"]):
+    for command in (
+        ["neurons", "--json"],
+        ["sink-layer"],
+        ["circuit", "--n-repeats", "20", "--json"],
+        ["patch", "--n-repeats", "20", "--out", str(tmp_path / "p.json"), "--json"],
+        [
+            "scan",
+            "--n-repeats",
+            "20",
+            "--tokens",
+            "60",
+            "--screen-repeats",
+            "4",
+            "--out",
+            str(tmp_path / "s"),
+            "--json",
+        ],
+        [
+            "attack",
+            "--scan",
+            str(tmp_path / "s"),
+            "--lengths",
+            "8",
+            "--sequences",
+            "4",
+            "--patch",
+            str(tmp_path / "p.json"),
+            "--json",
+        ],
+    ):
         assert main([*command, *study, *bf16]) == 0, command
     assert json.loads((tmp_path / "s" / "scan.json").read_text())["dtype"] == "bfloat16"
 
@@ -184,7 +288,9 @@ def test_a_hub_checkpoint_is_fetched_only_for_the_layers_built(tmp_path, monkeyp
 
     hub = tmp_path / "hub"
     tokenizer = build_tokenizer()
-    AutoModelForCausalLM.from_config(arch_config("llama", tokenizer, DEPTH)).save_pretrained(hub, max_shard_size="20KB")
+    AutoModelForCausalLM.from_config(arch_config("llama", tokenizer, DEPTH)).save_pretrained(
+        hub, max_shard_size="20KB"
+    )
     tokenizer.save_pretrained(hub)
     fetched = []
 
@@ -206,11 +312,19 @@ def test_a_hub_checkpoint_is_fetched_only_for_the_layers_built(tmp_path, monkeyp
     monkeypatch.setenv("SINKLENS_CACHE", str(tmp_path / "cache"))
     early = sl.load_model("someone/tiny-llama", device="cpu", n_layers=KEPT)
     index = json.loads((hub / "model.safetensors.index.json").read_text())["weight_map"]
-    needed = {shard for key, shard in index.items()  # the embeddings, the final norm and the layers built; no head
-              if not key.startswith("lm_head.") and (".layers." not in key or int(key.split(".")[2]) < KEPT)}
+    needed = {
+        shard
+        for key, shard in index.items()  # the embeddings, the final norm and the layers built; no head
+        if not key.startswith("lm_head.")
+        and (".layers." not in key or int(key.split(".")[2]) < KEPT)
+    }
     shards = {name for name in fetched if name.endswith(".safetensors")}
     assert shards == needed and len(needed) < len(set(index.values()))
     whole = sl.load_model(str(hub), device="cpu")
-    tokens = torch.randint(3, whole.cfg.d_vocab, (1, 12), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        3, whole.cfg.d_vocab, (1, 12), generator=torch.Generator().manual_seed(0)
+    )
     names = [f"blocks.{KEPT - 1}.hook_resid_post"]
-    assert torch.equal(sl.run_cache(early, tokens, names)[names[0]], sl.run_cache(whole, tokens, names)[names[0]])
+    assert torch.equal(
+        sl.run_cache(early, tokens, names)[names[0]], sl.run_cache(whole, tokens, names)[names[0]]
+    )

@@ -46,6 +46,11 @@ def public_modules(name: str) -> list[str]:
     return [f"{name}.{p.stem}" for p in sorted(path.glob("*.py")) if not p.stem.startswith("_")]
 
 
+def package_only(name: str) -> list[str]:
+    """A package's own entry: its docstring, its members left to their modules' entries."""
+    return [f"::: {name}", "    options:", "      members: false", ""]
+
+
 def exports() -> dict[str, tuple[str, ...]]:
     """``_EXPORTS`` of ``sinklens/__init__.py``: module -> the names ``sl.`` gives from it."""
     tree = ast.parse((PACKAGE / "__init__.py").read_text(encoding="utf-8"))
@@ -58,6 +63,8 @@ def exports() -> dict[str, tuple[str, ...]]:
 def part_page(title: str, holds: str, names: list[str]) -> str:
     lines = [f"# {title}", "", f"{holds[0].upper()}{holds[1:]}.", ""]
     for name in names:
+        if (PACKAGE.parent / name.replace(".", "/")).is_dir():
+            lines += package_only(name)
         for module in public_modules(name):
             lines += [f"::: {module}", ""]
     return "\n".join(lines)
@@ -71,8 +78,8 @@ def index_page() -> str:
         "",
     ]
     lines += [f"- [{title}]({page}.md): {holds}" for page, (title, holds, _) in PARTS.items()]
+    lines += ["", *package_only("sinklens")]
     lines += [
-        "",
         "## `import sinklens as sl`",
         "",
         "Every public name is importable from the package itself (each is imported from its module on first "

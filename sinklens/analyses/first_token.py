@@ -151,7 +151,8 @@ def choose_first_token(
     candidates = _candidates(model, text_ids, given)
     n_layers = min(max_layer or model.cfg.n_layers, model.cfg.n_layers)
     text = torch.tensor(text_ids[1:], dtype=torch.long)
-    tokens = torch.cat([torch.tensor([[c.id] for c, _ in candidates]), text.expand(len(candidates), -1)], dim=1)
+    firsts = torch.tensor([[c.id] for c, _ in candidates])
+    tokens = torch.cat([firsts, text.expand(len(candidates), -1)], dim=1)
     names = [act_name("resid_post", layer) for layer in range(n_layers)]
     cache = run_cache(model, tokens, names, reduce=l2_norms)
     norms = torch.stack([cache[name] for name in names], dim=1).cpu()  # [cand, layer, pos]

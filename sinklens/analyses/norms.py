@@ -44,7 +44,8 @@ def resid_norms(
 ) -> Float[torch.Tensor, "batch pos"]:
     """L2 norm of ``blocks.{layer}.hook_resid_post`` at every position (under ``interventions``, if any)."""
     name = act_name("resid_post", check_layer(model, layer))
-    return run_cache(model, tokens, [name], interventions=interventions, reduce=l2_norms)[name].cpu()
+    cache = run_cache(model, tokens, [name], interventions=interventions, reduce=l2_norms)
+    return cache[name].cpu()
 
 
 @dataclass
@@ -208,8 +209,9 @@ def repetition_curves(
     start = first_token(model, first)
     sequences = [repeated_tokens(model, w.id if isinstance(w, Token) else w, n_repeats, first=first) for w in words]
     tokens = [token(model, int(seq[0, -1])) for seq in sequences]
-    rows = [resid_norms(model, seq, layer, interventions=interventions)[0]
-            for seq in (tqdm(sequences, desc=f"repetition curves ({condition})") if progress else sequences)]
+    if progress:
+        sequences = tqdm(sequences, desc=f"repetition curves ({condition})")
+    rows = [resid_norms(model, seq, layer, interventions=interventions)[0] for seq in sequences]
     return RepetitionCurves(layer, start, tokens, torch.stack(rows), baseline, sink_fraction, condition)
 
 

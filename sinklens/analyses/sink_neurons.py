@@ -381,26 +381,28 @@ def _write_scales(cache, layers: list[int], model: TransformerBridge, position: 
 
 
 def _lower_median(values: torch.Tensor) -> torch.Tensor:
-    """The lower median of each column (``values.median(dim=0)``, exactly), on the CPU. On the CPU torch sorts
-    every column for it; numpy's partition selects it, about 3 times faster (a 7B sink layer's 11,008 neurons
-    over 1,000 tokens: 0.2 s)."""
+    """The lower median of each column (``values.median(dim=0)``, exactly). On the CPU numpy's
+    partition selects it faster than torch's median (one thread, 11,008 neurons over 999 tokens:
+    0.12 s against 0.21 s; 176 neurons: 1.5 ms against 4.1 ms); elsewhere torch's own."""
     if values.device.type != "cpu":
         return values.median(dim=0).values.cpu()
     k = (values.shape[0] - 1) // 2
     return torch.from_numpy(np.partition(values.numpy(), k, axis=0)[k].copy())
 
 
-_ENTRIES_AT_ONCE = 2**24  # W_out entries placed among the thresholds in one step when ranking super weights
+_ENTRIES_AT_ONCE = 2**24  # W_out entries ranked in one step (super weights)
 
 
 def _super_weights(w_outs: dict[int, torch.Tensor],
                    candidates: list[Neuron]) -> tuple[list[int], list[float], list[int]]:
-    """For each candidate, its ``W_out`` row's largest entry (a super weight, Yu et al. 2024): the residual
-    dimension, the value, and its rank by size among all of the layer's ``W_out`` entries (1: the largest).
+    """For each candidate, its ``W_out`` row's largest entry (a super weight, Yu et al. 2024): the
+    residual dimension, the value, and its rank by size among all of the layer's ``W_out`` entries
+    (1: the largest).
 
-    The ranks come from one pass over each layer's entries on its own device: each entry is placed among the
-    candidates' sorted sizes (``searchsorted``), and the counts above each size are a suffix sum of that
-    histogram, exact integers, instead of one comparison of the whole matrix per candidate."""
+    The ranks come from one pass over each layer's entries on its own device: each entry is placed
+    among the candidates' sorted sizes (``searchsorted``), and the counts above each size are a
+    suffix sum of that histogram, exact integers, instead of one comparison of the whole matrix per
+    candidate."""
     dims, values, ranks = [0] * len(candidates), [0.0] * len(candidates), [0] * len(candidates)
     for layer, w_out in w_outs.items():
         at = [i for i, (l, _) in enumerate(candidates) if l == layer]
@@ -411,10 +413,11 @@ def _super_weights(w_outs: dict[int, torch.Tensor],
         value = rows.gather(1, dim[:, None])[:, 0]
         sizes = value.abs().sort()
         entries = w_out.abs().flatten()
-        histogram = sum(torch.bincount(torch.searchsorted(sizes.values, entries[i : i + _ENTRIES_AT_ONCE]),
-                                       minlength=len(at) + 1)
-                        for i in range(0, entries.numel(), _ENTRIES_AT_ONCE))
-        above = histogram.flip(0).cumsum(0).flip(0)[1:]  # per sorted size: the entries larger than it
+        histogram = sum(
+            torch.bincount(torch.searchsorted(sizes.values, chunk), minlength=len(at) + 1)
+            for chunk in entries.split(_ENTRIES_AT_ONCE)
+        )
+        above = histogram.flip(0).cumsum(0).flip(0)[1:]  # per sorted size: the entries above it
         larger = torch.empty_like(above)
         larger[sizes.indices] = above
         for i, d, v, r in zip(at, dim.tolist(), value.tolist(), larger.tolist()):
@@ -443,16 +446,20 @@ def _search(
     typical = float(resid[1:].norm(dim=-1).mean())
     direction = resid[0] / resid[0].norm()
     paper, direct, text = [], [], []
-    # Each layer's W_out, its statistics and the activations stay on the model's device; only vectors of d_mlp
-    # come back (a 7B layer's W_out is 45M numbers: copied to the CPU and scanned there, it took seconds).
+    # Each layer's W_out, its statistics and the activations stay on the model's device; only
+    # vectors of d_mlp come back (a 7B layer's W_out is 45M numbers, which the last release copied
+    # to the CPU and scanned there, once per candidate for the super weights' ranks).
     w_outs = {layer: model.blocks[layer].mlp.W_out.detach().float() for layer in layers}
     for layer, scale in zip(layers, _write_scales(cache, layers, model)):
         w_out = w_outs[layer]
         post = cache[neuron_hook_name(layer)][0].to(w_out.device)
-        w_out = w_out * scale.to(w_out.device)  # what each neuron writes into the residual stream, per unit
+        w_out = w_out * scale.to(w_out.device)  # what each neuron writes into the stream, per unit
         paper.append((post[0].abs() * w_out.norm(dim=-1)).cpu())
         direct.append((post[0] * (w_out @ direction.to(w_out.device))).cpu())
-        text.append(_lower_median(post[1:].abs()) if post.shape[0] > 1 else torch.zeros(post.shape[1]))
+        if post.shape[0] > 1:
+            text.append(_lower_median(post[1:].abs()))
+        else:
+            text.append(torch.zeros(post.shape[1]))
     paper_scores, direct_contributions = torch.stack(paper), torch.stack(direct)
     resid = resid.cpu()
 

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from sinklens.errors import SinklensError
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
-from sinklens.load.sources import DTYPE_NAMES
+from sinklens.load.sources import DTYPE_NAMES, MAX_MEMORY_EXAMPLE, parse_max_memory
 from sinklens.settings import (
     AUTO,
     CRITERIA,
@@ -143,6 +143,15 @@ def lengths(value: str) -> tuple[int, ...]:
     return parsed
 
 
+def max_memory(value: str) -> str:
+    """``0=20GiB,cpu=64GiB``, checked (the text is kept: the settings record it as given)."""
+    try:
+        parse_max_memory(value)
+    except SinklensError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(". Fix:")[0]) from None
+    return value
+
+
 def comma_list(values: tuple | list) -> str:
     """A default sequence as a user would type it: ``100,300,1000``."""
     return ",".join(str(v) for v in values)
@@ -155,15 +164,21 @@ def placement(parser: argparse.ArgumentParser) -> None:
     """Where the model runs and in what precision."""
     parser.add_argument(
         "--dtype",
-        default="float32",
         choices=DTYPE_NAMES,
         help="precision of the weights and activations; statistics are float32 whatever it is "
-        "(default: %(default)s)",
+        "(default: float32 on the CPU, the checkpoint's own dtype on a GPU)",
     )
     parser.add_argument(
         "--device",
         help="cpu, cuda, cuda:N, or auto (every GPU, split by accelerate's device "
         "map) (default: the first GPU, else the CPU)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=max_memory,
+        metavar="DEVICE=SIZE,...",
+        help=f"with --device auto: the most accelerate's device map puts on each device, GPUs by index, "
+        f"then cpu and disk, e.g. {MAX_MEMORY_EXAMPLE} (default: as much as each has)",
     )
 
 

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         dtype=args.dtype,
         device=args.device,
+        max_memory=args.max_memory,
     )
     results = run_evaluation(
         config, args.out, progress=True, verbose=args.verbose

@@ -16,13 +16,13 @@ import json
 from sinklens.commands import _options as options
 from sinklens.defaults import (
     RAY_LOCAL,
-    SCAN_BATCH,
     SCAN_TOKENS,
     SCREEN_CALIBRATION,
     SCREEN_POSITIVES,
     SCREEN_REPEATS,
     SCREEN_THRESHOLD,
 )
+from sinklens.load.sources import SCAN_BATCH_CPU, SCAN_BATCH_CUDA
 
 HELP = "repeat every token (or a stratified sample) and measure which reach the sink"
 
@@ -100,8 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size",
         type=options.positive(int),
-        default=SCAN_BATCH,
-        help="tokens per forward pass (default: %(default)s)",
+        help=f"tokens per forward pass (default: {SCAN_BATCH_CPU} on the CPU, {SCAN_BATCH_CUDA} on a GPU)",
     )
     parser.add_argument(
         "--prefix", default="", help="text between the first token and the repeats (default: none)"

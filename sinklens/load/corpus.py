@@ -34,7 +34,9 @@ def read_text(path: str | Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise SinklensError(f"cannot read text file {path} ({exc})", "pass an existing UTF-8 text file") from exc
+        raise SinklensError(
+            f"cannot read text file {path} ({exc})", "pass an existing UTF-8 text file"
+        ) from exc
     if not text.strip():
         raise SinklensError(f"text file {path} is empty", "pass a file with natural text")
     return text
@@ -48,12 +50,21 @@ def read_messages(path: str | Path) -> list[dict[str, str]]:
     try:
         messages = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise SinklensError(f"cannot read {path} ({exc})", "pass an existing UTF-8 JSON file") from None
+        raise SinklensError(
+            f"cannot read {path} ({exc})", "pass an existing UTF-8 JSON file"
+        ) from None
     except ValueError as exc:
         raise SinklensError(f"{path} is not JSON ({exc})", fix) from None
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    ):
         raise SinklensError(f"{path} is not a list of messages with a string role and content", fix)
     return messages
 

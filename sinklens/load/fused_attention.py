@@ -64,7 +64,11 @@ class FusedPositionEmbeddingsAttentionBridge(PositionEmbeddingsAttentionBridge):
         if self._internals_observed():
             self.sinklens_path = "eager"
             request = self.sinklens_key_weights
-            with nullcontext() if request is None else _reading_pattern(self, request, self.original_component.layer_idx):
+            with (
+                nullcontext()
+                if request is None
+                else _reading_pattern(self, request, self.original_component.layer_idx)
+            ):
                 return super().forward(*args, **kwargs)
         self.sinklens_path = "fused"
         if "hidden_states" in kwargs:
@@ -74,7 +78,9 @@ class FusedPositionEmbeddingsAttentionBridge(PositionEmbeddingsAttentionBridge):
         hf_attention = self.original_component
         request = self.sinklens_key_weights
         with nullcontext() if request is None else _reporting(request, hf_attention.layer_idx):
-            output, weights = type(hf_attention).forward(hf_attention, self.hook_in(hidden_states), *args, **kwargs)
+            output, weights = type(hf_attention).forward(
+                hf_attention, self.hook_in(hidden_states), *args, **kwargs
+            )
         return self.hook_out(output), weights
 
     def _internals_observed(self) -> bool:
@@ -82,10 +88,16 @@ class FusedPositionEmbeddingsAttentionBridge(PositionEmbeddingsAttentionBridge):
             return True
         if any(getattr(self.config, switch, False) for switch in _PER_HEAD_SWITCHES):
             return True
-        return any(hook._forward_hooks or hook._forward_pre_hooks for hook in self._internal_hook_points())
+        return any(
+            hook._forward_hooks or hook._forward_pre_hooks for hook in self._internal_hook_points()
+        )
 
     def _internal_hook_points(self) -> list[HookPoint]:
-        return [m for name, m in self.named_children() if isinstance(m, HookPoint) and name not in _AROUND]
+        return [
+            m
+            for name, m in self.named_children()
+            if isinstance(m, HookPoint) and name not in _AROUND
+        ]
 
 
 @dataclass
@@ -103,14 +115,19 @@ class KeyWeights:
 
 
 @contextmanager
-def key_weights(model: TransformerBridge, keys: Callable[[int], torch.Tensor | None]) -> Iterator[KeyWeights]:
+def key_weights(
+    model: TransformerBridge, keys: Callable[[int], torch.Tensor | None]
+) -> Iterator[KeyWeights]:
     """While open, every attention layer also measures the weights its queries pay to ``keys(layer)`` (see
     :class:`KeyWeights`): a fused layer with one more kernel on indicator values, a layer that runs step by step
     (its pattern is read, or it has no fused form) from its ``hook_pattern``."""
     request = KeyWeights(keys)
     fused = [m for m in model.modules() if isinstance(m, FusedPositionEmbeddingsAttentionBridge)]
-    others = [(layer, block.attn) for layer, block in enumerate(model.blocks)
-              if block.attn not in fused and hasattr(block.attn, "hook_pattern")]
+    others = [
+        (layer, block.attn)
+        for layer, block in enumerate(model.blocks)
+        if block.attn not in fused and hasattr(block.attn, "hook_pattern")
+    ]
     for module in fused:
         module.sinklens_key_weights = request
     with ExitStack() as readers:
@@ -126,6 +143,7 @@ def key_weights(model: TransformerBridge, keys: Callable[[int], torch.Tensor | N
 @contextmanager
 def _reading_pattern(module: Any, request: KeyWeights, layer: int) -> Iterator[None]:
     """Answer ``request`` for ``layer`` from the pattern ``module`` forms on its step-by-step path."""
+
     def read(hook_point, args, pattern: torch.Tensor) -> None:
         keys = request.keys(layer)
         if keys is not None and len(keys):
@@ -161,7 +179,9 @@ def _reporting(request: KeyWeights, layer: int) -> Iterator[None]:
             chunk = positions[start : start + width]
             indicator = torch.zeros_like(value)
             indicator[:, :, chunk, torch.arange(len(chunk), device=value.device)] = 1.0
-            weights, _ = plain(module, query, key, indicator, attention_mask, **kwargs)  # [batch, query, head, width]
+            weights, _ = plain(
+                module, query, key, indicator, attention_mask, **kwargs
+            )  # [batch, query, head, width]
             parts.append(weights[..., : len(chunk)])
         request.found[layer] = torch.cat(parts, dim=-1).transpose(1, 2).float()
         request.asked[layer] = positions
@@ -179,7 +199,9 @@ def _reporting(request: KeyWeights, layer: int) -> Iterator[None]:
 
 def _has_sdpa_form(hf_attention: Any) -> bool:
     config = getattr(hf_attention, "config", None)
-    softcap = getattr(hf_attention, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None)
+    softcap = getattr(hf_attention, "attn_logit_softcapping", None) or getattr(
+        config, "attn_logit_softcapping", None
+    )
     return softcap is None and getattr(hf_attention, "sinks", None) is None
 
 
@@ -187,8 +209,12 @@ def use_fused_attention(model: TransformerBridge, enabled: bool = True) -> int:
     """Switch ``model``'s attention layers to fused-when-unobserved (or back to always eager) and
     return how many layers can take the fused path. :func:`sinklens.load_model` calls it."""
     fused = FusedPositionEmbeddingsAttentionBridge
-    layers = [m for m in model.modules() if type(m) in (PositionEmbeddingsAttentionBridge, fused)
-              and _has_sdpa_form(m.original_component)]
+    layers = [
+        m
+        for m in model.modules()
+        if type(m) in (PositionEmbeddingsAttentionBridge, fused)
+        and _has_sdpa_form(m.original_component)
+    ]
     enabled = enabled and bool(layers) and _set_implementation(model.original_model, "sdpa")
     if not enabled:
         _set_implementation(model.original_model, "eager")  # as TransformerLens boots it

@@ -178,9 +178,8 @@ def same_figure(expected, actual, rel: float = RELATIVE_TOLERANCE) -> bool:
         return expected.keys() == actual.keys() and all(
             same_figure(expected[k], actual[k], rel) for k in expected
         )
-    numbers = _flat_numbers(expected)
-    if numbers is not None and _flat_numbers(actual) is not None and numbers:
-        other = _flat_numbers(actual)
+    numbers, other = _flat_numbers(expected), _flat_numbers(actual)
+    if numbers is not None and other is not None and numbers:
         scale = max((abs(x) for x in numbers if x is not None and not math.isnan(x)), default=0.0)
         return len(numbers) == len(other) and all(
             _same_number(a, b, rel, rel * scale) for a, b in zip(numbers, other)
@@ -197,7 +196,9 @@ def same_figure(expected, actual, rel: float = RELATIVE_TOLERANCE) -> bool:
 def _same_number(a: float | None, b: float | None, rel: float, absolute: float) -> bool:
     """Both blank (None or NaN), or both numbers within ``rel`` of each other or ``absolute`` apart."""
     blank_a, blank_b = a is None or math.isnan(a), b is None or math.isnan(b)
-    return blank_a == blank_b and (blank_a or math.isclose(a, b, rel_tol=rel, abs_tol=absolute))
+    if blank_a or blank_b or a is None or b is None:
+        return blank_a == blank_b
+    return math.isclose(a, b, rel_tol=rel, abs_tol=absolute)
 
 
 def _flat_numbers(value) -> list[float | None] | None:
@@ -208,7 +209,7 @@ def _flat_numbers(value) -> list[float | None] | None:
         return [float(value)]
     if not isinstance(value, list):
         return None
-    flat = []
+    flat: list[float | None] = []
     for item in value:
         if item is None:
             flat.append(None)

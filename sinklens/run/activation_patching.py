@@ -37,8 +37,13 @@ class Site:
     def label(self) -> str:
         parts = self.name.split(".")
         layer = parts[1] if parts[0] == "blocks" else ""
-        kind = {"hook_attn_out": "attn", "hook_mlp_out": "mlp", "hook_z": "head", "hook_post": "neuron",
-                "hook_resid_pre": "resid"}.get(parts[-1], parts[-1])
+        kind = {
+            "hook_attn_out": "attn",
+            "hook_mlp_out": "mlp",
+            "hook_z": "head",
+            "hook_post": "neuron",
+            "hook_resid_pre": "resid",
+        }.get(parts[-1], parts[-1])
         return f"L{layer} {kind}" + ("" if self.index is None else f" {self.index}")
 
 
@@ -62,7 +67,9 @@ def patch_hooks(patches: Sequence[Patch]) -> list[Hook]:
         rows = torch.tensor([p.row for p in group])
         positions = torch.tensor([p.position for p in group])
         indices = None if whole else torch.tensor([p.site.index for p in group])
-        by_name[name].append((rows, positions, indices, torch.stack([p.value.detach().cpu() for p in group])))
+        by_name[name].append(
+            (rows, positions, indices, torch.stack([p.value.detach().cpu() for p in group]))
+        )
 
     def make(writes):
         def hook(activation: torch.Tensor, hook) -> torch.Tensor:
@@ -114,7 +121,9 @@ def activation_gradients(
 
         return hook
 
-    hooks = [(n, make(n, True)) for n in names] + [(n, make(n, False)) for n in metric_names if n not in names]
+    hooks = [(n, make(n, True)) for n in names] + [
+        (n, make(n, False)) for n in metric_names if n not in names
+    ]
     with torch.enable_grad():
         forward(model, tokens, [*names, *metric_names], hooks=hooks)
         value = metric(store)

@@ -6,12 +6,12 @@ summary is needed (``reduce``), so the ``[batch, head, query, key]`` tensor is n
 rows that share a beginning and differ only after it (activation patching at the last position)
 compute the beginning once (:func:`shared_prefix`).
 
-Every run goes through :func:`forward`, which attaches its hooks straight to the model's hook points, found
-through a table built once per model (:func:`hook_points`): TransformerLens' ``run_with_hooks`` rebuilds
-its hook dictionary and alias map on every call, about 1.7 ms a call, more than the rest of a Table-1
-row's bookkeeping together (``bench/bench_overhead.py``). A name the table does not hold, a hook that
-TransformerLens gates off, or a model in compatibility mode goes through ``run_with_hooks`` as before,
-with its errors.
+Every run goes through :func:`forward`, which attaches its hooks straight to the model's hook
+points, found through a table built once per model (:func:`hook_points`): TransformerLens'
+``run_with_hooks`` rebuilds its hook dictionary and alias map on every call, about 1.7 ms a call,
+more than the rest of a Table-1 row's bookkeeping together (``bench/bench_overhead.py``). A name the
+table does not hold, a hook that TransformerLens gates off, or a model in compatibility mode goes
+through ``run_with_hooks`` as before, with its errors.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ Hook = tuple[str, Callable]
 
 @functools.lru_cache(maxsize=4096)
 def act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
-    """TransformerLens' ``get_act_name`` (``act_name("resid_post", 3)`` is ``blocks.3.hook_resid_post``),
-    remembered: it parses its arguments afresh on every call, about 8 microseconds, and a study names the same
-    few dozen hooks in every forward pass."""
+    """TransformerLens' ``get_act_name`` (``act_name("resid_post", 3)`` is
+    ``blocks.3.hook_resid_post``), remembered: it parses its arguments afresh on every call, about 8
+    microseconds, and a study names the same few dozen hooks in every forward pass."""
     return get_act_name(name, layer, layer_type)
 
 
@@ -55,7 +55,9 @@ def as_index(value, what: str) -> int:
     try:
         return operator.index(value)
     except TypeError:
-        raise SinklensError(f"{what} {value!r} is not an integer", f"pass the {what} as a whole number") from None
+        raise SinklensError(
+            f"{what} {value!r} is not an integer", f"pass the {what} as a whole number"
+        ) from None
 
 
 def check_layer(model: TransformerBridge, layer: int) -> int:
@@ -91,8 +93,9 @@ _POINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def hook_points(model: TransformerBridge) -> dict[str, HookPoint]:
-    """Every hook name of ``model`` (aliases included) and the hook point it names, as ``model.hook_dict``
-    resolves them, built once per model and rebuilt when its hook registry changes."""
+    """Every hook name of ``model`` (aliases included) and the hook point it names, as
+    ``model.hook_dict`` resolves them, built once per model and rebuilt when its hook registry
+    changes."""
     registry = model._hook_registry
     key = (id(registry), len(registry), alias_generation())
     cached = _POINTS.get(model)
@@ -101,10 +104,14 @@ def hook_points(model: TransformerBridge) -> dict[str, HookPoint]:
     hook_dict = model.hook_dict
     aliases = build_alias_to_canonical_map(hook_dict)
     points = {name: point for name, point in hook_dict.items() if isinstance(point, HookPoint)}
-    points |= {alias: points[canonical] for alias, canonical in aliases.items() if canonical in points}
-    blocked = getattr(getattr(model, "_driver", None), "non_fireable_hook_points", frozenset())
-    points = {name: point for name, point in points.items()
-              if name not in blocked and (point.name or name) not in blocked}
+    points |= {alias: points[canon] for alias, canon in aliases.items() if canon in points}
+    driver = getattr(model, "_driver", None)
+    blocked: frozenset = getattr(driver, "non_fireable_hook_points", frozenset())
+    points = {
+        name: point
+        for name, point in points.items()
+        if name not in blocked and (point.name or name) not in blocked
+    }
     _POINTS[model] = (key, points)
     return points
 
@@ -113,12 +120,12 @@ def _stop_at(model: TransformerBridge, stop: int | None) -> tuple[int | None, li
     """How to run ``model`` no further than block ``stop - 1`` (:func:`stop_layer`; None: the whole model): the
     ``stop_at_layer`` to pass TransformerLens and hooks to add.
 
-    A hook on block ``stop``'s input ends the run there, as ``stop_at_layer`` would, without TransformerLens
-    arming and disarming a flag on every block around each run (about 0.2 ms a run). TransformerLens stops only
-    before a block, so a run that needs the last block would go on through the final norm and the unembedding:
-    a vocabulary-sized matmul for nothing, and for a model built with its first layers only
-    (``load_model(n_layers=...)``) a head that need never be read. A hook on the final norm's input ends such a
-    run there instead."""
+    A hook on block ``stop``'s input ends the run there, as ``stop_at_layer`` would, without
+    TransformerLens arming and disarming a flag on every block around each run (about 0.2 ms a run).
+    TransformerLens stops only before a block, so a run that needs the last block would go on
+    through the final norm and the unembedding: a vocabulary-sized matmul for nothing, and for a
+    model built with its first layers only (``load_model(n_layers=...)``) a head that need never be
+    read. A hook on the final norm's input ends such a run there instead."""
     if stop is None:
         return None, []
     name = f"blocks.{stop}.hook_in" if stop < model.cfg.n_layers else _FINAL_NORM_INPUT
@@ -128,68 +135,74 @@ def _stop_at(model: TransformerBridge, stop: int | None) -> tuple[int | None, li
 
 
 def _reached(name, stop: int | None) -> bool:
-    """Whether a run stopping before block ``stop`` reaches the hook point ``name`` (``run_with_hooks`` leaves
-    a hook on a later block off, and so does :func:`forward`)."""
+    """Whether a run stopping before block ``stop`` reaches the hook point ``name``
+    (``run_with_hooks`` leaves a hook on a later block off, and so does :func:`forward`)."""
     block = _BLOCK.match(name) if isinstance(name, str) else None
     return stop is None or block is None or int(block.group(1)) < stop
 
 
-def _lean_hooks(model: TransformerBridge, hooks: Sequence[Hook]) -> list[tuple[HookPoint, Callable]] | None:
-    """``hooks`` as ``(hook point, function)`` pairs to attach, or None where one of them is not for the lean
-    path (see the module's docstring)."""
+def _lean_hooks(
+    model: TransformerBridge, hooks: Sequence[Hook]
+) -> list[tuple[HookPoint, Callable]] | None:
+    """``hooks`` as ``(hook point, function)`` pairs to attach, or None where one of them is not for
+    the lean path (see the module's docstring)."""
     if getattr(model, "compatibility_mode", False):
         return None
     points = hook_points(model)
     found = []
     for name, function in hooks:
         point = points.get(name) if isinstance(name, str) else None
-        if point is None or point.hook_conversion is not None or model._gated_hook_reason(point.name or name):
+        if point is None:
+            return None
+        if model._gated_hook_reason(point.name or name):
             return None
         found.append((point, function))
     return found
 
 
-def _calling(function: Callable, point: HookPoint) -> Callable:
-    """``function`` as a PyTorch forward hook on ``point``, called as TransformerLens calls a hook:
-    ``function(activation, hook=point)``, its return value (if not None) replacing the activation."""
-    def forward_hook(module, args, activation):
-        return function(activation, hook=point)
-
-    return forward_hook
-
-
-def forward(model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], names: Sequence[str], *,
-            hooks: Sequence[Hook] = (), prefix: SharedPrefix | None = None, **kwargs: Any) -> None:
-    """The one forward pass every sinklens run makes: ``hooks`` in place, and the run stopped after the deepest
-    block that ``names`` need (:func:`stop_layer`). With ``prefix`` (:func:`shared_prefix`) every row of
-    ``tokens`` continues it. ``kwargs`` go to the model (``past_key_values``, ``return_type``, ...). A GPU that
-    runs out of memory is one :class:`~sinklens.errors.SinklensError` naming the model's size, the free
-    memory and the fixes."""
+def forward(
+    model: TransformerBridge,
+    tokens: Int[torch.Tensor, "batch pos"],
+    names: Sequence[str],
+    *,
+    hooks: Sequence[Hook] = (),
+    prefix: SharedPrefix | None = None,
+    **kwargs: Any,
+) -> None:
+    """The one forward pass every sinklens run makes: ``hooks`` in place, and the run stopped after
+    the deepest block that ``names`` need (:func:`stop_layer`). With ``prefix``
+    (:func:`shared_prefix`) every row of ``tokens`` continues it. ``kwargs`` go to the model
+    (``past_key_values``, ``return_type``, ...). A GPU that runs out of memory is one
+    :class:`~sinklens.errors.SinklensError` naming the model's size, the free memory and the
+    fixes."""
     stop = stop_layer(model, names)
     if prefix is not None:
         kwargs["past_key_values"] = _continuing(prefix, tokens.shape[0], stop)
     stop_at, stoppers = _stop_at(model, stop)
     hooks = [(name, function) for name, function in hooks if _reached(name, stop)] + stoppers
+    fwd_hooks: list[Any] = list(hooks)
     tokens = tokens.to(model.cfg.device)
     try:
         lean = _lean_hooks(model, hooks)
         if lean is None:
-            model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=stop_at, **kwargs)
+            model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, stop_at_layer=stop_at, **kwargs)
             return
         attached = []
         try:
-            for point, function in lean:
-                attached.append(point.register_forward_hook(_calling(function, point)))
+            for point, function in lean:  # TransformerLens' own hooks, which its components consult
+                attached.append((point, point.add_hook(function, dir="fwd")))
             model.forward(tokens, stop_at_layer=stop_at, **kwargs)
         except StopAtLayerException:
             pass  # TransformerLens catches it inside the model; this is in case a version does not
         finally:
-            for handle in attached:
-                handle.remove()
+            for point, handle in attached:
+                handle.hook.remove()
+                point.fwd_hooks[:] = [kept for kept in point.fwd_hooks if kept is not handle]
     except torch.OutOfMemoryError as exc:
-        from sinklens.load.models import out_of_memory
+        from sinklens.load.device_memory import out_of_memory
 
-        raise out_of_memory(model, f"running a forward pass of {tokens.shape[0]} x {tokens.shape[1]} tokens") from exc
+        what = f"running a forward pass of {tokens.shape[0]} x {tokens.shape[1]} tokens"
+        raise out_of_memory(model, what) from exc
 
 
 @dataclass(frozen=True)
@@ -201,15 +214,19 @@ class SharedPrefix:
     stop: int | None
 
 
-def shared_prefix(model: TransformerBridge, tokens: Int[torch.Tensor, "1 prefix"], names: Sequence[str]) -> SharedPrefix:
+def shared_prefix(
+    model: TransformerBridge, tokens: Int[torch.Tensor, "1 prefix"], names: Sequence[str]
+) -> SharedPrefix:
     """Run ``tokens`` once, through the blocks that ``names`` need, keeping their keys and values, so that
     runs of many rows that all start with it (``run_cache(..., prefix=...)``) compute only what follows.
     Hooks and interventions do not touch the prefix: use it where they act on later positions only."""
     from transformers import DynamicCache
 
     if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] < 1:
-        raise SinklensError(f"a shared prefix is one row of at least one token, not shape {tuple(tokens.shape)}",
-                            "pass tokens[:1, :k]")
+        raise SinklensError(
+            f"a shared prefix is one row of at least one token, not shape {tuple(tokens.shape)}",
+            "pass tokens[:1, :k]",
+        )
     past = DynamicCache(config=model.original_model.config)
     with torch.inference_mode():
         forward(model, tokens, names, past_key_values=past, return_type=None)
@@ -220,8 +237,10 @@ def _continuing(prefix: SharedPrefix, rows: int, stop: int | None):
     """A copy of the prefix's keys and values for ``rows`` rows of a run stopping before block ``stop`` (it
     appends to it)."""
     if prefix.stop is not None and (stop is None or stop > prefix.stop):
-        raise SinklensError("the shared prefix was run through fewer blocks than this run needs",
-                            "build it with shared_prefix() from the same hook names")
+        raise SinklensError(
+            "the shared prefix was run through fewer blocks than this run needs",
+            "build it with shared_prefix() from the same hook names",
+        )
     past = copy.deepcopy(prefix.past)
     past.batch_repeat_interleave(rows)
     return past
@@ -263,13 +282,20 @@ def run_cache(
         return hook
 
     with torch.inference_mode():
-        forward(model, tokens, names, hooks=[*interventions, *((n, make_hook(n)) for n in names)], prefix=prefix)
+        forward(
+            model,
+            tokens,
+            names,
+            hooks=[*interventions, *((n, make_hook(n)) for n in names)],
+            prefix=prefix,
+        )
     return ActivationCache(store, model)
 
 
 def l2_norms(name: str, activation: torch.Tensor) -> torch.Tensor:
-    """A ``reduce`` for :func:`run_cache`: each position's L2 norm in float32, what ``cache[name].norm(dim=-1)``
-    gives, computed as the hook fires, so the activations themselves are never stored."""
+    """A ``reduce`` for :func:`run_cache`: each position's L2 norm in float32, what
+    ``cache[name].norm(dim=-1)`` gives, computed as the hook fires, so the activations themselves
+    are never stored."""
     return torch.linalg.vector_norm(activation.float(), dim=-1)
 
 

@@ -24,8 +24,10 @@ def _require_harness():
         from lm_eval.api.registry import model_registry, register_model
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise SinklensError("lm-evaluation-harness is not installed",
-                            "pip install 'sinklens[harness]' (lm_eval 0.4.13)") from None
+        raise SinklensError(
+            "lm-evaluation-harness is not installed",
+            "pip install 'sinklens[harness]' (lm_eval 0.4.13)",
+        ) from None
     return HFLM, register_model, model_registry
 
 
@@ -48,16 +50,22 @@ def register() -> None:
     class SinklensLM(HFLM):
         """``HFLM`` on a model loaded by sinklens, with a sinklens patch file installed as forward hooks."""
 
-        def __init__(self, pretrained: str, patch: str | None = None, device: str | None = None, **kwargs):
+        def __init__(
+            self, pretrained: str, patch: str | None = None, device: str | None = None, **kwargs
+        ):
             from sinklens.load.models import load_hf_model
             from sinklens.run.sink_patch import SinkPatch
 
             model, tokenizer = load_hf_model(pretrained, device=device)
             self.sink_patch = SinkPatch.load(patch) if patch else None
             if self.sink_patch is not None:
-                self.sink_patch.check(model.config.num_hidden_layers, model.config.intermediate_size, pretrained)
+                self.sink_patch.check(
+                    model.config.num_hidden_layers, model.config.intermediate_size, pretrained
+                )
                 self.sink_patch.install(model)
-            super().__init__(pretrained=model, tokenizer=tokenizer, device=device or str(model.device), **kwargs)
+            super().__init__(
+                pretrained=model, tokenizer=tokenizer, device=device or str(model.device), **kwargs
+            )
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ many candidate sets runs as a single forward pass instead of one pass per set.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -56,8 +57,9 @@ def ablation_hooks(
     Pass one set (``[neurons]``) to edit every row the same way. Neurons are set to 0, or with
     ``values`` (layer -> a ``d_mlp`` vector, e.g. :func:`mean_activations`) to those values.
     """
-    neurons = [tuple(neuron) for row in rows for neuron in row]
-    checked = {key: check_neurons(model, [key])[0] for key in dict.fromkeys(neurons)}  # each neuron once
+    neurons: list[Any] = [tuple(neuron) for row in rows for neuron in row]
+    # each neuron checked once: a search's rows repeat the same few
+    checked = {key: check_neurons(model, [key])[0] for key in dict.fromkeys(neurons)}
     pairs = torch.tensor([checked[key] for key in neurons], dtype=torch.long).reshape(-1, 2)
     batch = torch.tensor([b for b, row in enumerate(rows) for _ in row], dtype=torch.long)
     hooks = []

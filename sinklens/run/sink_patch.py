@@ -47,10 +47,10 @@ from torch import nn
 from transformer_lens.utilities import get_act_name
 
 from sinklens._io import write_json
-from sinklens.errors import SinklensError
-from sinklens.results import value_type
 from sinklens.defaults import PATCH_HOOKS as HOOKS
 from sinklens.defaults import PATCH_VALUES as VALUES
+from sinklens.errors import SinklensError
+from sinklens.results import value_type
 
 FORMAT = "sinklens-patch/1"
 
@@ -67,26 +67,41 @@ class SinkPatch:
     hook: str = "up"
     value: str = "first_after_start"
     values: tuple[float, ...] | None = None  # per neuron, for value="calibrated"
-    selection: dict[str, Any] = field(default_factory=dict, compare=False)  # how it was chosen, with the numbers
+    selection: dict[str, Any] = field(
+        default_factory=dict, compare=False
+    )  # how it was chosen, with the numbers
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "neurons", tuple((int(l), int(n)) for l, n in self.neurons))  # lists from files
+        object.__setattr__(
+            self, "neurons", tuple((int(l), int(n)) for l, n in self.neurons)
+        )  # lists from files
         if self.values is not None:
             object.__setattr__(self, "values", tuple(float(v) for v in self.values))
         if self.hook not in HOOKS:
-            raise SinklensError(f"unknown patch hook {self.hook!r}", f"use one of {', '.join(HOOKS)}")
+            raise SinklensError(
+                f"unknown patch hook {self.hook!r}", f"use one of {', '.join(HOOKS)}"
+            )
         if self.value not in VALUES:
-            raise SinklensError(f"unknown patch value {self.value!r}", f"use one of {', '.join(VALUES)}")
+            raise SinklensError(
+                f"unknown patch value {self.value!r}", f"use one of {', '.join(VALUES)}"
+            )
         if not self.neurons:
             raise SinklensError("the patch clamps no neuron", "give at least one sink neuron")
-        if any(not 0 <= layer < self.n_layers or not 0 <= n < self.d_mlp for layer, n in self.neurons):
+        if any(
+            not 0 <= layer < self.n_layers or not 0 <= n < self.d_mlp for layer, n in self.neurons
+        ):
             raise SinklensError(
                 f"the patch's neurons {[list(n) for n in self.neurons]} are out of range for a model with "
-                f"{self.n_layers} layers and d_mlp={self.d_mlp}", "use layers below n_layers and neurons below d_mlp")
+                f"{self.n_layers} layers and d_mlp={self.d_mlp}",
+                "use layers below n_layers and neurons below d_mlp",
+            )
         if (self.value == "calibrated") != (self.values is not None) or (
-                self.values is not None and len(self.values) != len(self.neurons)):
-            raise SinklensError("a calibrated patch needs one value per neuron, and only a calibrated one has values",
-                                "build it with calibrated values, or value='first_after_start' without values")
+            self.values is not None and len(self.values) != len(self.neurons)
+        ):
+            raise SinklensError(
+                "a calibrated patch needs one value per neuron, and only a calibrated one has values",
+                "build it with calibrated values, or value='first_after_start' without values",
+            )
 
     @property
     def layers(self) -> list[int]:
@@ -97,20 +112,32 @@ class SinkPatch:
         return get_act_name(HOOKS[self.hook], layer)
 
     def describe(self) -> str:
-        what = {"up": "up-projection output", "gate": "gate pre-activation", "post": "activation after the gate"}
-        value = "the value of the first token after the start" if self.value == "first_after_start" else \
-            "their mean over natural text"
-        where = "; ".join(f"layer {layer}: {[n for l, n in self.neurons if l == layer]}" for layer in self.layers)
-        return (f"{where}: {what[self.hook]} (mlp.hook_{HOOKS[self.hook]}) clamped to {value} on every position after "
-                "the first")
+        what = {
+            "up": "up-projection output",
+            "gate": "gate pre-activation",
+            "post": "activation after the gate",
+        }
+        value = (
+            "the value of the first token after the start"
+            if self.value == "first_after_start"
+            else "their mean over natural text"
+        )
+        where = "; ".join(
+            f"layer {layer}: {[n for l, n in self.neurons if l == layer]}" for layer in self.layers
+        )
+        return (
+            f"{where}: {what[self.hook]} (mlp.hook_{HOOKS[self.hook]}) clamped to {value} on every position after "
+            "the first"
+        )
 
-    def check(self, n_layers: int, d_mlp: int, name: str = "") -> None:
+    def check(self, n_layers: int, d_mlp: int | None, name: str = "") -> None:
         """Refuse a model of another shape."""
         if (n_layers, d_mlp) != (self.n_layers, self.d_mlp):
             raise SinklensError(
                 f"this patch was found on {self.model} ({self.n_layers} layers, d_mlp={self.d_mlp}) and does not fit "
                 f"{name or 'this model'} ({n_layers} layers, d_mlp={d_mlp})",
-                "find a patch for this model: sinklens patch --model SPEC --out patch.json")
+                "find a patch for this model: sinklens patch --model SPEC --out patch.json",
+            )
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -128,20 +155,28 @@ class SinkPatch:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise SinklensError(f"patch file {path} does not exist",
-                                "write one with: sinklens patch --model SPEC --out patch.json") from None
+            raise SinklensError(
+                f"patch file {path} does not exist",
+                "write one with: sinklens patch --model SPEC --out patch.json",
+            ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SinklensError(f"patch file {path} is not valid JSON ({exc})",
-                                "write it again with: sinklens patch --model SPEC --out patch.json") from None
+            raise SinklensError(
+                f"patch file {path} is not valid JSON ({exc})",
+                "write it again with: sinklens patch --model SPEC --out patch.json",
+            ) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise SinklensError(f"{path} is not a sinklens patch (no \"format\": \"{FORMAT}\")",
-                                "pass a file written by sinklens patch")
+            raise SinklensError(
+                f'{path} is not a sinklens patch (no "format": "{FORMAT}")',
+                "pass a file written by sinklens patch",
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         try:
             return cls(**{k: v for k, v in data.items() if k in fields})
         except (KeyError, TypeError, ValueError) as exc:
-            raise SinklensError(f"patch file {path} is incomplete ({type(exc).__name__}: {exc})",
-                                "write it again with: sinklens patch --model SPEC --out patch.json") from None
+            raise SinklensError(
+                f"patch file {path} is incomplete ({type(exc).__name__}: {exc})",
+                "write it again with: sinklens patch --model SPEC --out patch.json",
+            ) from None
 
     def install(self, model: nn.Module) -> InstalledPatch:
         """Install on a ``TransformerBridge`` or a Hugging Face causal LM (see the module docstring). A bridge and
@@ -182,8 +217,10 @@ def _decoder(model: nn.Module) -> nn.Module:
     try:
         return hf.get_decoder()
     except AttributeError:
-        raise SinklensError(f"{type(hf).__name__} has no decoder the patch can follow",
-                            "install the patch on a Hugging Face causal LM or a TransformerBridge") from None
+        raise SinklensError(
+            f"{type(hf).__name__} has no decoder the patch can follow",
+            "install the patch on a Hugging Face causal LM or a TransformerBridge",
+        ) from None
 
 
 def _hf_module(model: nn.Module, patch: SinkPatch, layer: int) -> tuple[nn.Module, bool]:
@@ -193,9 +230,11 @@ def _hf_module(model: nn.Module, patch: SinkPatch, layer: int) -> tuple[nn.Modul
     name = {"up": "up_proj", "gate": "gate_proj", "post": "down_proj"}[patch.hook]
     module = getattr(mlp, name, None)
     if module is None:
-        raise SinklensError(f"{type(model).__name__} has no mlp.{name} in layer {layer}",
-                            "the Hugging Face path knows gated MLPs named gate_proj/up_proj/down_proj (Llama, Gemma, "
-                            "Mistral, Qwen); use the TransformerBridge path for other models")
+        raise SinklensError(
+            f"{type(model).__name__} has no mlp.{name} in layer {layer}",
+            "the Hugging Face path knows gated MLPs named gate_proj/up_proj/down_proj (Llama, Gemma, "
+            "Mistral, Qwen); use the TransformerBridge path for other models",
+        )
     return module, patch.hook == "post"
 
 
@@ -205,22 +244,37 @@ class InstalledPatch:
     def __init__(self, patch: SinkPatch, model: nn.Module):
         self.patch, self.model = patch, model
         n_layers, d_mlp = _shape(model)
-        patch.check(n_layers, d_mlp, getattr(getattr(model, "cfg", None), "model_name", type(model).__name__))
-        self.stored: dict[int, torch.Tensor] = {}  # layer -> [batch, neuron]: the first-after-start values per row
-        self.positions: torch.Tensor | None = None  # [batch, pos] of the forward in progress; -1: padding
+        patch.check(
+            n_layers,
+            d_mlp,
+            getattr(getattr(model, "cfg", None), "model_name", type(model).__name__),
+        )
+        self.stored: dict[
+            int, torch.Tensor
+        ] = {}  # layer -> [batch, neuron]: the first-after-start values per row
+        self.positions: torch.Tensor | None = (
+            None  # [batch, pos] of the forward in progress; -1: padding
+        )
         self.handles = [_decoder(model).register_forward_pre_hook(self._track, with_kwargs=True)]
         for layer in patch.layers:
             clamp = functools.partial(self._clamp, layer)
             if hasattr(model, "hook_dict"):  # a TransformerBridge: the TransformerLens hook point
                 point = model.hook_dict[patch.hook_name(layer)]
-                self.handles.append(point.register_forward_hook(lambda module, args, out, c=clamp: c(out)))
+                self.handles.append(
+                    point.register_forward_hook(lambda module, args, out, c=clamp: c(out))
+                )
                 continue
             module, is_input = _hf_module(model, patch, layer)
             if is_input:
-                self.handles.append(module.register_forward_pre_hook(
-                    lambda m, args, c=clamp: (c(args[0]), *args[1:])))
+                self.handles.append(
+                    module.register_forward_pre_hook(
+                        lambda m, args, c=clamp: (c(args[0]), *args[1:])
+                    )
+                )
             else:
-                self.handles.append(module.register_forward_hook(lambda m, args, out, c=clamp: c(out)))
+                self.handles.append(
+                    module.register_forward_hook(lambda m, args, out, c=clamp: c(out))
+                )
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -233,13 +287,17 @@ class InstalledPatch:
         """Read each row's position of every token in this forward, relative to its first real token."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        batch, length = (ids.shape if ids is not None else embeds.shape[:2])
+        batch, length = ids.shape if ids is not None else embeds.shape[:2]
         device = (ids if ids is not None else embeds).device
         cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        past = (
+            cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        )
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2:  # [batch, past + length]: 0 marks left padding
-            positions = (mask.long().cumsum(-1) - 1)[:, -length:].masked_fill(mask[:, -length:] == 0, -1)
+            positions = (mask.long().cumsum(-1) - 1)[:, -length:].masked_fill(
+                mask[:, -length:] == 0, -1
+            )
         elif kwargs.get("position_ids") is not None:
             positions = kwargs["position_ids"].expand(batch, -1)
         else:
@@ -251,19 +309,28 @@ class InstalledPatch:
     def _clamp(self, layer: int, activation: torch.Tensor) -> torch.Tensor:
         positions = self.positions
         if positions is None or positions.shape != activation.shape[:2]:
-            raise SinklensError("the patch saw an activation it cannot place (positions unknown)",
-                                "run the model through its normal forward; the patch follows the decoder's inputs")
+            raise SinklensError(
+                "the patch saw an activation it cannot place (positions unknown)",
+                "run the model through its normal forward; the patch follows the decoder's inputs",
+            )
         positions = positions.to(activation.device)
         chosen = [i for i, (l, _) in enumerate(self.patch.neurons) if l == layer]
         neurons = torch.tensor([self.patch.neurons[i][1] for i in chosen], device=activation.device)
         values = activation[:, :, neurons]  # [batch, pos, neuron]
         if self.patch.value == "calibrated":
-            target = torch.tensor([self.patch.values[i] for i in chosen], device=activation.device,
-                                  dtype=activation.dtype).expand(activation.shape[0], -1)
+            target = torch.tensor(
+                [self.patch.values[i] for i in chosen],
+                device=activation.device,
+                dtype=activation.dtype,
+            ).expand(activation.shape[0], -1)
         else:
             if layer not in self.stored:
-                self.stored[layer] = torch.full((activation.shape[0], len(chosen)), float("nan"),
-                                                device=activation.device, dtype=activation.dtype)
+                self.stored[layer] = torch.full(
+                    (activation.shape[0], len(chosen)),
+                    float("nan"),
+                    device=activation.device,
+                    dtype=activation.dtype,
+                )
             at_one = positions == 1  # the first token after the start, where this forward holds it
             rows = at_one.any(-1)
             if rows.any():
@@ -283,12 +350,31 @@ def _shape(model: nn.Module) -> tuple[int, int]:
     return config.num_hidden_layers, config.intermediate_size
 
 
-def patch_for(model, neurons: Sequence[tuple[int, int]], *, hook: str = "up", value: str = "first_after_start",
-              values: Sequence[float] | None = None, selection: dict | None = None) -> SinkPatch:
+def patch_for(
+    model,
+    neurons: Sequence[tuple[int, int]],
+    *,
+    hook: str = "up",
+    value: str = "first_after_start",
+    values: Sequence[float] | None = None,
+    selection: dict | None = None,
+) -> SinkPatch:
     """A patch of ``neurons`` (``(layer, index)`` pairs) for ``model`` (a bridge or a Hugging Face model),
     recording its name and shape."""
     n_layers, d_mlp = _shape(model)
     source = getattr(model, "sinklens_source", None)
-    name = source.name if source else getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
-    return SinkPatch(name, n_layers, d_mlp, tuple((int(l), int(n)) for l, n in neurons), hook, value,
-                     None if values is None else tuple(float(v) for v in values), selection or {})
+    name = (
+        source.name
+        if source
+        else getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
+    )
+    return SinkPatch(
+        name,
+        n_layers,
+        d_mlp,
+        tuple((int(l), int(n)) for l, n in neurons),
+        hook,
+        value,
+        None if values is None else tuple(float(v) for v in values),
+        selection or {},
+    )

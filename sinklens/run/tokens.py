@@ -40,7 +40,8 @@ def token(model: TransformerBridge, token_id: int) -> Token:
     vocab = model.cfg.d_vocab
     if not 0 <= token_id < vocab:
         raise SinklensError(
-            f"token id {token_id} is outside the vocabulary (0..{vocab - 1})", "pass a valid token id"
+            f"token id {token_id} is outside the vocabulary (0..{vocab - 1})",
+            "pass a valid token id",
         )
     pieces = _memo(model.tokenizer).pieces
     if token_id not in pieces:
@@ -74,12 +75,17 @@ def bos_token_id(model: TransformerBridge) -> int | None:
 def word_token_ids(model: TransformerBridge, word: str, *, leading_space: bool = True) -> list[int]:
     """Token ids of ``word`` as it appears after a space in running text (or bare)."""
     if not word or word != word.strip():
-        raise SinklensError(f"word {word!r} is empty or has surrounding whitespace", "pass the bare word, e.g. 'the'")
+        raise SinklensError(
+            f"word {word!r} is empty or has surrounding whitespace",
+            "pass the bare word, e.g. 'the'",
+        )
     if not leading_space:
         return encode(model, word)
     anchor = encode(model, "a")
     ids = encode(model, f"a {word}")
-    if ids[: len(anchor)] != anchor:  # the tokenizer merged across the space: fall back to the bare form
+    if (
+        ids[: len(anchor)] != anchor
+    ):  # the tokenizer merged across the space: fall back to the bare form
         return encode(model, word)
     return ids[len(anchor) :]
 
@@ -89,7 +95,7 @@ class _Memo:
     """What is remembered of one tokenizer while it keeps its size (adding tokens forgets it)."""
 
     size: int
-    texts: OrderedDict = field(default_factory=OrderedDict)  # text -> ids, the most recently used last
+    texts: OrderedDict = field(default_factory=OrderedDict)  # text -> ids, the last used last
     vocabulary: dict | None = None
     pieces: dict[int, str] = field(default_factory=dict)  # token id -> its text alone
 
@@ -106,9 +112,9 @@ def _memo(tokenizer) -> _Memo:
 
 
 def encode(model: TransformerBridge, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens (the bridge's tokenizer adds BOS by default). A study
-    encodes the same few texts many times (the natural text, each word, the anchor of a mid-text word), so
-    the last texts' ids are remembered per tokenizer."""
+    """Token ids of ``text`` without special tokens (the bridge's tokenizer adds BOS by default). A
+    study encodes the same few texts many times (the natural text, each word, the anchor of a
+    mid-text word), so the last texts' ids are remembered per tokenizer."""
     texts = _memo(model.tokenizer).texts
     ids = texts.get(text)
     if ids is None:
@@ -121,8 +127,8 @@ def encode(model: TransformerBridge, text: str) -> list[int]:
 
 
 def vocabulary_id(model: TransformerBridge, text: str) -> int | None:
-    """The id of the vocabulary entry spelled ``text`` (a special token such as ``<|im_end|>``), or None when
-    the vocabulary has no such entry; the vocabulary is read once per tokenizer."""
+    """The id of the vocabulary entry spelled ``text`` (a special token such as ``<|im_end|>``), or
+    None when the vocabulary has no such entry; the vocabulary is read once per tokenizer."""
     memo = _memo(model.tokenizer)
     if memo.vocabulary is None:
         memo.vocabulary = model.tokenizer.get_vocab()
@@ -140,7 +146,10 @@ def word_token(model: TransformerBridge, word: str, *, leading_space: bool = Tru
         )
     unk = model.tokenizer.unk_token_id
     if unk is not None and ids[0] == unk:
-        raise SinklensError(f"word {word!r} is not in the vocabulary (it maps to the unknown token)", "pick another word")
+        raise SinklensError(
+            f"word {word!r} is not in the vocabulary (it maps to the unknown token)",
+            "pick another word",
+        )
     return Token(ids[0], pieces[0])
 
 
@@ -172,7 +181,9 @@ def repeated_tokens(
     is set, in which case its token cycle is repeated ``n_repeats`` times.
     """
     if n_repeats < 1:
-        raise SinklensError(f"n_repeats must be at least 1, got {n_repeats}", "pass a positive number of repeats")
+        raise SinklensError(
+            f"n_repeats must be at least 1, got {n_repeats}", "pass a positive number of repeats"
+        )
     if isinstance(word, int):
         unit = [token(model, word).id]
     elif cycle:
@@ -196,26 +207,37 @@ def text_tokens(
     return torch.tensor([ids], dtype=torch.long)
 
 
-def chat_tokens(model: TransformerBridge, messages: Sequence[dict[str, str]]) -> Int[torch.Tensor, "1 pos"]:
+def chat_tokens(
+    model: TransformerBridge, messages: Sequence[dict[str, str]]
+) -> Int[torch.Tensor, "1 pos"]:
     """A conversation as the model's own chat template writes it (the template decides the first token), checked
     against the context."""
     tokenizer = model.tokenizer
     if not getattr(tokenizer, "chat_template", None):
-        raise SinklensError(f"{model.cfg.model_name} has no chat template to format a conversation with",
-                            "pass the conversation as plain text (--text FILE), or use an instruct model")
+        raise SinklensError(
+            f"{model.cfg.model_name} has no chat template to format a conversation with",
+            "pass the conversation as plain text (--text FILE), or use an instruct model",
+        )
     ids = tokenizer.apply_chat_template(list(messages), tokenize=True)
     ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     check_context(model, len(ids))
     return torch.tensor([ids], dtype=torch.long)
 
 
-def default_words(model: TransformerBridge, phrase: str = "Another one bites the dust") -> list[Token]:
+def default_words(
+    model: TransformerBridge, phrase: str = "Another one bites the dust"
+) -> list[Token]:
     """The paper's Fig. 2/6 words: the tokens of ``phrase`` as they appear mid-text."""
     ids = word_token_ids(model, phrase)
     return [Token(i, model.tokenizer.decode([i])) for i in ids]
 
 
-def words_to_tokens(model: TransformerBridge, words: Sequence[str | int], *, leading_space: bool = True) -> list[Token]:
+def words_to_tokens(
+    model: TransformerBridge, words: Sequence[str | int], *, leading_space: bool = True
+) -> list[Token]:
     """One token per word (a word or a token id); an empty list is an error."""
     require_words(words)
-    return [token(model, w) if isinstance(w, int) else word_token(model, w, leading_space=leading_space) for w in words]
+    return [
+        token(model, w) if isinstance(w, int) else word_token(model, w, leading_space=leading_space)
+        for w in words
+    ]

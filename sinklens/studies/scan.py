@@ -50,9 +50,9 @@ from sinklens.analyses.norms import (
     repeats_to_stay,
     resid_norms,
 )
-from sinklens.defaults import SCAN_BATCH
 from sinklens.errors import SinklensError
 from sinklens.load.models import placement
+from sinklens.load.sources import scan_batch_default
 from sinklens.run.cache import run_cache
 from sinklens.run.tokens import check_context, encode, repeated_tokens
 from sinklens.settings import Settings
@@ -241,6 +241,11 @@ class Written(NamedTuple):
     full: int
 
 
+def batch_for(model: TransformerBridge) -> int:
+    """The default tokens per forward pass on the device ``model`` runs on."""
+    return scan_batch_default(placement(model)["device"].split(",")[0])
+
+
 def run_scan(
     model: TransformerBridge,
     setup: ScanSetup,
@@ -248,7 +253,7 @@ def run_scan(
     out: str | Path,
     *,
     shard: tuple[int, int] = (1, 1),
-    batch_size: int = SCAN_BATCH,
+    batch_size: int | None = None,
     screen: Screen | None = None,
     progress: bool = False,
 ) -> Written:
@@ -257,8 +262,10 @@ def run_scan(
 
     Without a ``screen`` every token gets a full run (``setup.n_repeats`` repeats). With one, every token
     first gets the screen's short run, then the screen positives (or the share ``screen.positives`` of them) and
-    the calibration sample get full runs.
+    the calibration sample get full runs. ``batch_size``: tokens per forward pass of the full runs
+    (default: :func:`~sinklens.load.sources.scan_batch_default` for the model's device).
     """
+    batch_size = batch_size or batch_for(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prepare_scan_dir(out, setup, screen, token_ids)
@@ -313,10 +320,11 @@ def scan_tokens(
     setup: ScanSetup,
     token_ids: Sequence[int],
     *,
-    batch_size: int = SCAN_BATCH,
+    batch_size: int | None = None,
     progress: bool = False,
 ) -> VocabScan:
     """Scan ``token_ids`` in full, in memory (no files): for small scans and for the cluster attack."""
+    batch_size = batch_size or batch_for(model)
     rows = []
     for start in tqdm(
         range(0, len(token_ids), batch_size), desc="scan", unit="batch", disable=not progress

@@ -19,12 +19,19 @@ from typing import Any
 from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens._io import check_output_dir, write_json
-from sinklens.defaults import SCAN_BATCH, SCAN_TOKENS
+from sinklens.defaults import SCAN_TOKENS
 from sinklens.errors import SinklensError
 from sinklens.load.models import placement
 from sinklens.run.tokens import check_context, encode
 from sinklens.settings import Settings
-from sinklens.studies.scan import Written, check_token_ids, run_scan, scan_setup, select_tokens
+from sinklens.studies.scan import (
+    Written,
+    batch_for,
+    check_token_ids,
+    run_scan,
+    scan_setup,
+    select_tokens,
+)
 from sinklens.studies.scan_store import Screen, prepare_scan_dir, stored_setup
 from sinklens.studies.sweep import PartFailed, connect_ray, default_shards, scan_shards
 from sinklens.studies.vocab_scan import VocabScan, merge_scan
@@ -57,7 +64,7 @@ def scan_into(
     shard: tuple[int, int] = (1, 1),
     ray: str | None = None,
     shards: int | None = None,
-    batch_size: int = SCAN_BATCH,
+    batch_size: int | None = None,
     seed: int = 0,
     model: TransformerBridge | None = None,
     verbose: bool = False,
@@ -90,6 +97,7 @@ def scan_into(
         connect_ray(ray)
     model = model or settings.load_model(verbose, early_layers_only=True)
     where = placement(model)
+    batch_size = batch_size or batch_for(model)
     asked = (
         check_token_ids(model, token_ids)
         if token_ids is not None

@@ -93,12 +93,22 @@ class CircuitSetup(Result):
         return [] if self.neurons is None else self.neurons.sink_neurons
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([{
-            "model": self.model, "first token": self.first.text, "first token id": self.first.id,
-            "sink found": self.sink_found, "sink layer": self.sink_layer,
-            "sink neurons": ", ".join(f"L{layer}.{neuron}" for layer, neuron in self.sink_neurons),
-            "typical norm": self.baseline.typical_norm, "first-token norm": self.baseline.first_token_norm,
-        }])
+        return pd.DataFrame(
+            [
+                {
+                    "model": self.model,
+                    "first token": self.first.text,
+                    "first token id": self.first.id,
+                    "sink found": self.sink_found,
+                    "sink layer": self.sink_layer,
+                    "sink neurons": ", ".join(
+                        f"L{layer}.{neuron}" for layer, neuron in self.sink_neurons
+                    ),
+                    "typical norm": self.baseline.typical_norm,
+                    "first-token norm": self.baseline.first_token_norm,
+                }
+            ]
+        )
 
     def plot(self) -> go.Figure:
         """The sink layer's evidence: the lone first token's MLP output norm per layer."""
@@ -107,7 +117,11 @@ class CircuitSetup(Result):
     def summary(self) -> dict[str, Any]:
         return {
             "model": self.model,
-            "first_token": {"id": self.first.id, "text": self.first.text, "chosen_by": self.choice.reason},
+            "first_token": {
+                "id": self.first.id,
+                "text": self.first.text,
+                "chosen_by": self.choice.reason,
+            },
             "sink_found": self.sink_found,
             "sink_layer": self.sink_layer,
             "sink_layer_rule": self.sink.summary(),
@@ -145,15 +159,43 @@ def circuit_setup(
     check_criterion(model, settings.criterion, settings.layers)
     if settings.layers is not None:
         check_layers(model, settings.layers)
-    choice = choose_first_token(model, typical_text, given=settings.given_first_token, max_layer=settings.max_layer,
-                                min_ratio=settings.min_ratio)
+    choice = choose_first_token(
+        model,
+        typical_text,
+        given=settings.given_first_token,
+        max_layer=settings.max_layer,
+        min_ratio=settings.min_ratio,
+    )
     reference = text_tokens(model, typical_text, first=choice.token.id, max_tokens=model.cfg.n_ctx)
-    sink = find_sink_layer(model, first=choice.token.id, max_layer=settings.max_layer, n_sigma=settings.n_sigma,
-                           reference=reference)
-    found = find_sink_neurons(model, reference, layers=settings.layers, criterion=settings.criterion,
-                              share=settings.share, max_neurons=settings.max_neurons,
-                              notebook_repeats=settings.n_repeats, sink=sink) if neurons else None
+    sink = find_sink_layer(
+        model,
+        first=choice.token.id,
+        max_layer=settings.max_layer,
+        n_sigma=settings.n_sigma,
+        reference=reference,
+    )
+    found = (
+        find_sink_neurons(
+            model,
+            reference,
+            layers=settings.layers,
+            criterion=settings.criterion,
+            share=settings.share,
+            max_neurons=settings.max_neurons,
+            notebook_repeats=settings.n_repeats,
+            sink=sink,
+        )
+        if neurons
+        else None
+    )
     layer = sink.sink_layer if found is None else found.sink_layer
     source = getattr(model, "sinklens_source", None)
-    return CircuitSetup(source.name if source else model.cfg.model_name, choice, reference, sink, found,
-                        norm_baseline(model, layer, reference), dataclasses.asdict(settings))
+    return CircuitSetup(
+        source.name if source else model.cfg.model_name,
+        choice,
+        reference,
+        sink,
+        found,
+        norm_baseline(model, layer, reference),
+        dataclasses.asdict(settings),
+    )

@@ -165,7 +165,7 @@ def scan_shard(
     token_ids: Sequence[int],
     out: Path,
     shard: tuple[int, int],
-    batch_size: int,
+    batch_size: int | None,
     screen: Screen | None,
 ) -> Written:
     """One shard of a scan whose setup ``out`` already holds, on a model loaded here (the layers it needs only)."""
@@ -180,7 +180,7 @@ def scan_shards(
     out: str | Path,
     n_shards: int,
     *,
-    batch_size: int,
+    batch_size: int | None,
     screen: Screen | None,
     ray: bool = True,
 ) -> list[Written | PartFailed]:

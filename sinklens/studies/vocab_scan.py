@@ -68,7 +68,7 @@ class VocabScan(Result):
         """Spearman correlation of each feature with the peak norm ratio, with a 95% interval (Fisher z), over
         :meth:`unbiased` rows (none below 4 rows)."""
         frame = self.unbiased()
-        result = []
+        result: list[dict] = []
         if len(frame) < 4:
             return result
         for feature in FEATURES:
