@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from _harness import print_summary, run_worker
 
-SHAPE = dict(
+SHAPE: dict[str, Any] = dict(  # LlamaConfig keyword arguments
     hidden_size=4096,
     intermediate_size=11008,
     num_hidden_layers=32,
@@ -68,11 +68,12 @@ def build_checkpoint(directory: Path) -> None:
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        torch_dtype="bfloat16",
+        # a legacy keyword that transformers' dataclass configs take at run time, unlike their stubs
+        torch_dtype="bfloat16",  # type: ignore[call-arg]
         architectures=["LlamaForCausalLM"],
     )
     d, f, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], len(tokenizer)
-    shapes = {"model.embed_tokens.weight": (v, d)}
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d)}
     for layer in range(SHAPE["num_hidden_layers"]):
         prefix = f"model.layers.{layer}."
         shapes |= {prefix + f"self_attn.{p}_proj.weight": (d, d) for p in "qkvo"}
@@ -85,7 +86,9 @@ def build_checkpoint(directory: Path) -> None:
         }
     shapes |= {"model.norm.weight": (d,), "lm_head.weight": (v, d)}
     generator = torch.Generator().manual_seed(0)
-    shard, size, weight_map, index = {}, 0, {}, 1
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    size, index = 0, 1
     names = list(shapes)
     for i, name in enumerate(names):
         shape = shapes[name]
@@ -172,20 +175,22 @@ def main() -> None:
     }
     for dtype in ("bfloat16", "float32"):
         if f"{dtype}_early" in results:
-            early = results[f"{dtype}_early"]
-            summary[f"{dtype}_peak_over_layers_read"] = early["peak_bytes"] / early["weights_bytes"]
-            summary[f"{dtype}_peak_over_whole_model"] = early["peak_bytes"] / bytes_read(
+            early_run = results[f"{dtype}_early"]
+            summary[f"{dtype}_peak_over_layers_read"] = (
+                early_run["peak_bytes"] / early_run["weights_bytes"]
+            )
+            summary[f"{dtype}_peak_over_whole_model"] = early_run["peak_bytes"] / bytes_read(
                 args.dir, None, dtype
             )
             if f"{dtype}_whole" in results:
                 summary[f"{dtype}_memory_ratio_early_over_whole"] = (
-                    early["peak_bytes"] / results[f"{dtype}_whole"]["peak_bytes"]
+                    early_run["peak_bytes"] / results[f"{dtype}_whole"]["peak_bytes"]
                 )
                 summary[f"{dtype}_time_ratio_early_over_whole"] = (
-                    early["seconds"] / results[f"{dtype}_whole"]["seconds"]
+                    early_run["seconds"] / results[f"{dtype}_whole"]["seconds"]
                 )
     print_summary("layers", **summary)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -111,14 +111,14 @@ def main() -> None:
     source = args.setup
     sides = args.sides.split(",")
     common = (source, args.tokens, args.n_repeats)
-    speeds = {}
+    speeds: dict[int, float] = {}
     for size in map(int, args.batch_sizes.split(",")):
         if "sinklens" in sides:
             speeds[size] = run_worker(WORKER, "sinklens", *common, size, args.rounds)[
                 "tokens_per_second"
             ]
             print(f"sinklens, batch {size}: {speeds[size]:.2f} tokens/s")
-    best = max(speeds, key=speeds.get) if speeds else int(args.batch_sizes.split(",")[-1])
+    best = max(speeds, key=speeds.__getitem__) if speeds else int(args.batch_sizes.split(",")[-1])
     print(
         f"SmolLM2, {args.tokens} tokens x {args.n_repeats} repeats; sinklens batch size {best} (fastest)"
     )

@@ -88,7 +88,7 @@ NEVER_IMPORTED = {"wandb", "transformers-stream-generator"}
 # pyarrow)
 CARRIED = {"datasets": "5.0.0"}
 
-LLAMA_2_7B = dict(
+LLAMA_2_7B: dict[str, Any] = dict(  # LlamaConfig keyword arguments
     hidden_size=4096,
     intermediate_size=11008,
     num_hidden_layers=32,
@@ -98,7 +98,7 @@ LLAMA_2_7B = dict(
     max_position_embeddings=4096,
     rms_norm_eps=1e-5,
 )
-SMALL = dict(
+SMALL: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=176,
     num_hidden_layers=16,
@@ -645,7 +645,11 @@ def gpu_tests(folder: Path) -> dict:
             elif child.tag == "skipped":
                 outcome, message = "skipped", child.get("message", "")
         counts[outcome] += 1
-        record = {"outcome": outcome, "seconds": round(float(case.get("time", 0)), 2)}
+        # keys from the XML: a property without a name gives None
+        record: dict[str | None, Any] = {
+            "outcome": outcome,
+            "seconds": round(float(case.get("time", 0)), 2),
+        }
         record.update({p.get("name"): p.get("value") for p in case.iter("property")})
         if outcome != "passed":
             record["message"] = message
@@ -688,7 +692,8 @@ def build_checkpoint(directory: Path, kind: str) -> dict:
         bos_token_id=bos,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
-        torch_dtype="bfloat16",
+        # a legacy keyword that transformers' dataclass configs take at run time, unlike their stubs
+        torch_dtype="bfloat16",  # type: ignore[call-arg]
         architectures=["LlamaForCausalLM"],
     )
     d, f, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
@@ -774,7 +779,8 @@ def _calibrated_sink(config, tensors: dict, tokenizer, device: str) -> tuple[flo
 
     short = copy.deepcopy(config)
     short.num_hidden_layers = SINK_LAYER + 1
-    model = LlamaForCausalLM(short).to(device, torch.float32).eval()
+    # transformers' decorator on PreTrainedModel.to hides its bound signature from mypy
+    model = LlamaForCausalLM(short).to(device, torch.float32).eval()  # type: ignore[arg-type]
     model.load_state_dict({k: t.float() for k, t in tensors.items()}, strict=False)
     ids = torch.tensor(
         [[tokenizer.bos_token_id, *tokenizer(corpus_text()[:2000]).input_ids[:200]]], device=device
@@ -857,7 +863,7 @@ def table(checkpoint: Path, device: str, scratch: Path, dry_run: bool) -> dict:
         "plain", checkpoint, device, scratch / "early-batches.pt", early["dtype"], rounds
     )
     sides = {"layers_on_demand": early, "whole_model": whole, "plain_hf_sdpa": plain}
-    result = {
+    result: dict[str, Any] = {
         "planted": [SINK_LAYER, SINK_NEURON["dry-run" if dry_run else "gpu"]],
         "rounds": rounds,
         "sides": {

@@ -9,6 +9,11 @@ attention or early MLP writes to that dimension, and neuron ``SINK_NEURON`` of l
 
 from __future__ import annotations
 
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
@@ -278,12 +283,13 @@ def arch_config(architecture: str, tokenizer, n_layers: int):
     layer_types = [
         "sliding_attention" if layer % 2 == 0 else "full_attention" for layer in range(n_layers)
     ]
-    extra = {
+    extras: dict[str, dict[str, Any]] = {
         "mistral": dict(sliding_window=7),
         "qwen2": {},
         "gemma3": dict(head_dim=8, sliding_window=7, layer_types=layer_types),
         "llama": {},
-    }[architecture]
+    }
+    extra = extras[architecture]
     config_class = {
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
@@ -291,3 +297,37 @@ def arch_config(architecture: str, tokenizer, n_layers: int):
         "gemma3": transformers.Gemma3TextConfig,
     }[architecture]
     return config_class(**common, **ids, **extra)
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Debian's chromium and chromium-driver "
+    "(apt-get install -y chromium chromium-driver; .ci/run does)",
+)
+
+
+@contextmanager
+def headless_chromium(screenshot: Path, *, width: int = 1280, host_rules: str = "MAP * ~NOTFOUND"):
+    """Headless Chromium in a window ``width`` px wide that resolves no host but as ``host_rules`` allow (the
+    pages open offline); what it showed last is saved to ``screenshot``, for a failure's report."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},1000",
+        f"--host-resolver-rules={host_rules}",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.save_screenshot(str(screenshot))
+        driver.quit()

@@ -28,11 +28,9 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver; .ci/run does)",
-)
+from conftest import headless_chromium, needs_chromium
+
+pytestmark = needs_chromium
 
 NOTEBOOK = Path(__file__).parent.parent / "analyses" / "explore.ipynb"
 N_STOPS = 5
@@ -175,27 +173,11 @@ def lab(tmp_path, tiny_dir, long_corpus_file):
 
 @pytest.fixture
 def browser(tmp_path):
-    """Headless Chromium that resolves no host but 127.0.0.1."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,1000",
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-    ):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    yield driver
-    driver.save_screenshot(
-        str(tmp_path / "last.png")
-    )  # what the page showed at the end, for a failure's report
-    driver.quit()
+    """Headless Chromium that resolves no host but 127.0.0.1 (JupyterLab's)."""
+    with headless_chromium(
+        tmp_path / "last.png", host_rules="MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
+    ) as driver:
+        yield driver
 
 
 class ExplorerInPage:

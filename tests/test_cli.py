@@ -263,3 +263,20 @@ def test_import_sinklens_is_lazy_and_keeps_every_public_name():
     assert sinklens.SinkPatch is SinkPatch and sinklens.ReportConfig is sinklens.Settings
     with pytest.raises(AttributeError, match="has no attribute 'load_modle'"):
         sinklens.load_modle  # noqa: B018
+
+
+def test_version_and_the_gpu_placement_flags_in_help(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"sinklens {version('sinklens')}"
+    assert main(["table", "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert "--max-memory" in shown and "Example: sinklens table" in shown
+
+
+def test_max_memory_needs_the_auto_device_and_a_size(study, capsys):
+    assert main(["table", *study, "--max-memory", "0=20GiB,cpu=64GiB"]) == 2
+    assert "--device auto" in _one_error_line(capsys)
+    assert main(["table", *study, "--device", "auto", "--max-memory", "0=lots"]) == 2
+    assert "is not a size" in _one_error_line(capsys)

@@ -13,23 +13,17 @@ chromium-driver``; ``.ci/run`` installs them).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from conftest import SINK_LAYER, SINK_NEURON
+from conftest import SINK_LAYER, SINK_NEURON, headless_chromium, needs_chromium
 from sinklens import ReportConfig, run_report
 from sinklens.present.page import TABLE_BOX, page, section
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="needs Debian's chromium and chromium-driver "
-    "(apt-get install -y chromium chromium-driver; .ci/run does)",
-)
+pytestmark = needs_chromium
 
 WINDOW = 1280  # px, a laptop's window
 DRAW_SECONDS = 60
@@ -70,24 +64,8 @@ return document.readyState === 'complete' && plots.length > 0
 @pytest.fixture
 def browser(tmp_path):
     """Headless Chromium, a 1,280 px window, that resolves no host (the pages open offline)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        f"--window-size={WINDOW},1000",
-        "--host-resolver-rules=MAP * ~NOTFOUND",
-    ):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    yield driver
-    driver.save_screenshot(str(tmp_path / "last.png"))  # for a failure's report
-    driver.quit()
+    with headless_chromium(tmp_path / "last.png", width=WINDOW) as driver:
+        yield driver
 
 
 def _open(browser, path) -> None:

@@ -13,7 +13,7 @@ from transformer_lens.utilities import get_act_name
 
 import sinklens.run.cache as cache_module
 from conftest import CORPUS, N_LAYERS, SINK_LAYER, SINK_NEURON
-from sinklens.analyses.sink_neurons import _lower_median, _super_weights
+from sinklens.analyses.neuron_writes import lower_median, super_weights
 from sinklens.run.cache import act_name, run_cache, shared_prefix
 from sinklens.run.interventions import ablation_hooks
 from sinklens.run.tokens import encode, text_tokens
@@ -186,7 +186,7 @@ def test_ablation_masks_are_the_rows_neurons(tiny):
 def test_the_lower_median_is_torchs(rows):
     values = torch.randn(rows, 37, generator=torch.Generator().manual_seed(rows)).abs()
     values[:, 3] = 1.0  # ties
-    assert torch.equal(_lower_median(values), values.median(dim=0).values)
+    assert torch.equal(lower_median(values), values.median(dim=0).values)
 
 
 def test_super_weight_ranks_are_the_counts_of_larger_entries():
@@ -198,7 +198,7 @@ def test_super_weight_ranks_are_the_counts_of_larger_entries():
     w_outs[2][7] = torch.tensor([0.5] * 16)  # ties within a row: argmax takes the first
     w_outs[3][4, 5] = w_outs[3].abs().max() + 1.0  # the layer's largest entry
     candidates = [(2, 7), (3, 4), (2, 1), (3, 9), (2, 7)]
-    dims, values, ranks = _super_weights(w_outs, candidates)
+    dims, values, ranks = super_weights(w_outs, candidates)
     for (layer, index), dim, value, rank in zip(candidates, dims, values, ranks):
         w_out = w_outs[layer]
         assert dim == int(w_out[index].abs().argmax()) and value == float(w_out[index, dim])

@@ -265,7 +265,11 @@ def test_table_row_with_the_neurons_ablated(tiny):
             "ranks the neurons of one layer",
         ),
         (lambda m, r: find_sink_neurons(m, r[:, :1]), "no token after the first"),
-        (lambda m, r: ablation_hooks(m, [[(SINK_LAYER, 2.5)]]), "neuron 2.5 is not an integer"),
+        (
+            # a non-integer neuron index on purpose
+            lambda m, r: ablation_hooks(m, [[(SINK_LAYER, 2.5)]]),  # type: ignore[list-item]
+            "neuron 2.5 is not an integer",
+        ),
         (
             lambda m, r: ablation_study(
                 m, [(SINK_LAYER, 1)], {"t": r}, mode="mean", mean_values={0: torch.zeros(64)}

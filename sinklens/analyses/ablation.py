@@ -62,7 +62,7 @@ class AblationStudy(Result):
     activations: list[Float[torch.Tensor, "neuron pos"]]  # intact run, one tensor per input
 
     def __post_init__(self) -> None:
-        self.neurons = [tuple(n) for n in self.neurons]
+        self.neurons = [(layer, index) for layer, index in self.neurons]
 
     def to_frame(self) -> pd.DataFrame:
         """Long form: one row per input, condition, layer and position."""
@@ -70,8 +70,17 @@ class AblationStudy(Result):
         for label, norms in zip(self.labels, self.norms):
             for c, condition in enumerate(CONDITIONS):
                 for i, layer in enumerate(self.layers):
-                    frames.append(pd.DataFrame({"input": label, "condition": condition, "layer": layer,
-                                                "position": range(norms.shape[-1]), "norm": norms[c, i].tolist()}))
+                    frames.append(
+                        pd.DataFrame(
+                            {
+                                "input": label,
+                                "condition": condition,
+                                "layer": layer,
+                                "position": range(norms.shape[-1]),
+                                "norm": norms[c, i].tolist(),
+                            }
+                        )
+                    )
         return pd.concat(frames, ignore_index=True)
 
     def plot(self) -> go.Figure:
@@ -79,15 +88,25 @@ class AblationStudy(Result):
         titles = [f"{label}, layer {layer}" for label in self.labels for layer in self.layers]
         fig = make_subplots(rows=len(self.labels), cols=len(self.layers), subplot_titles=titles)
         for r, norms in enumerate(self.norms):
-            for c, layer in enumerate(self.layers):
+            for c in range(len(self.layers)):
                 for k, (condition, color) in enumerate(zip(CONDITIONS, ("steelblue", "firebrick"))):
-                    fig.add_scatter(y=norms[k, c].tolist(), mode="lines", name=condition, legendgroup=condition,
-                                    showlegend=r == 0 and c == 0, line_color=color, row=r + 1, col=c + 1)
+                    fig.add_scatter(
+                        y=norms[k, c].tolist(),
+                        mode="lines",
+                        name=condition,
+                        legendgroup=condition,
+                        showlegend=r == 0 and c == 0,
+                        line_color=color,
+                        row=r + 1,
+                        col=c + 1,
+                    )
         fig.update_yaxes(type="log")
         fig.update_xaxes(title_text="Position")
         fig.update_yaxes(title_text="||hook_resid_post||", col=1)
-        fig.update_layout(title=f"Hidden-state norms with the sink neurons {self.mode}-ablated",
-                          height=280 * len(self.labels))
+        fig.update_layout(
+            title=f"Hidden-state norms with the sink neurons {self.mode}-ablated",
+            height=280 * len(self.labels),
+        )
         return fig
 
     def plot_attention(self) -> go.Figure:
@@ -96,50 +115,81 @@ class AblationStudy(Result):
             return fig
         for i, label in enumerate(self.labels):
             for k, condition in enumerate(CONDITIONS):
-                fig.add_scatter(y=self.first_token_attention[k, i].tolist(), mode="lines+markers",
-                                name=f"{label}, {condition}", line_dash="solid" if k == 0 else "dot")
-        fig.update_layout(title="Attention later queries pay to the first token (mean over heads)",
-                          xaxis_title="Layer", yaxis_title="Attention weight", yaxis_range=[0, 1])
+                fig.add_scatter(
+                    y=self.first_token_attention[k, i].tolist(),
+                    mode="lines+markers",
+                    name=f"{label}, {condition}",
+                    line_dash="solid" if k == 0 else "dot",
+                )
+        fig.update_layout(
+            title="Attention later queries pay to the first token (mean over heads)",
+            xaxis_title="Layer",
+            yaxis_title="Attention weight",
+            yaxis_range=[0, 1],
+        )
         return fig
 
     def plot_activations(self) -> go.Figure:
         fig = make_subplots(rows=len(self.labels), cols=1, subplot_titles=self.labels)
         for r, activations in enumerate(self.activations):
             for (layer, index), values in zip(self.neurons, activations):
-                fig.add_scatter(y=values.tolist(), mode="lines", name=f"L{layer}.{index}", legendgroup=f"{layer}.{index}",
-                                showlegend=r == 0, row=r + 1, col=1)
+                fig.add_scatter(
+                    y=values.tolist(),
+                    mode="lines",
+                    name=f"L{layer}.{index}",
+                    legendgroup=f"{layer}.{index}",
+                    showlegend=r == 0,
+                    row=r + 1,
+                    col=1,
+                )
         fig.update_xaxes(title_text="Position")
         fig.update_yaxes(title_text="hook_post")
-        fig.update_layout(title="Sink neurons' activation along each input (intact model)",
-                          height=250 * len(self.labels))
+        fig.update_layout(
+            title="Sink neurons' activation along each input (intact model)",
+            height=250 * len(self.labels),
+        )
         return fig
 
     def summary(self) -> dict:
         inputs = []
-        for i, (label, norms, activations) in enumerate(zip(self.labels, self.norms, self.activations)):
+        for i, (label, norms, activations) in enumerate(
+            zip(self.labels, self.norms, self.activations)
+        ):
             entry = {
                 "input": label,
                 "layers": {
                     str(layer): {
                         f"{measure}_{condition}": value
                         for c, condition in enumerate(CONDITIONS)
-                        for measure, value in (("first_token_norm", float(norms[c, j, 0])),
-                                               ("max_later_norm", float(norms[c, j, 1:].max())),
-                                               ("mean_later_norm", float(norms[c, j, 1:].mean())))
+                        for measure, value in (
+                            ("first_token_norm", float(norms[c, j, 0])),
+                            ("max_later_norm", float(norms[c, j, 1:].max())),
+                            ("mean_later_norm", float(norms[c, j, 1:].mean())),
+                        )
                     }
                     for j, layer in enumerate(self.layers)
                 },
                 "neuron_activation": [
-                    {"neuron": list(n), "first_token": float(a[0]), "later_max": float(a[1:].max()),
-                     "later_median": float(a[1:].median())}
+                    {
+                        "neuron": list(n),
+                        "first_token": float(a[0]),
+                        "later_max": float(a[1:].max()),
+                        "later_median": float(a[1:].median()),
+                    }
                     for n, a in zip(self.neurons, activations)
                 ],
             }
             if self.first_token_attention is not None:
-                entry["first_token_attention"] = {c: self.first_token_attention[k, i].tolist()
-                                                  for k, c in enumerate(CONDITIONS)}
+                entry["first_token_attention"] = {
+                    c: self.first_token_attention[k, i].tolist() for k, c in enumerate(CONDITIONS)
+                }
             inputs.append(entry)
-        return {"neurons": [list(n) for n in self.neurons], "mode": self.mode, "layers": self.layers, "inputs": inputs}
+        return {
+            "neurons": [list(n) for n in self.neurons],
+            "mode": self.mode,
+            "layers": self.layers,
+            "inputs": inputs,
+        }
 
 
 def ablation_study(
@@ -162,21 +212,39 @@ def ablation_study(
     """
     neurons = check_neurons(model, neurons)
     if not neurons:
-        raise SinklensError("no neurons to ablate", "pass at least one (layer, neuron) pair, e.g. the sink neurons")
+        raise SinklensError(
+            "no neurons to ablate", "pass at least one (layer, neuron) pair, e.g. the sink neurons"
+        )
     if not inputs:
         raise SinklensError("no inputs to run", "pass at least one input, label -> token ids")
     if mode not in MODES:
         raise SinklensError(f"unknown ablation mode {mode!r}", f"pass one of {', '.join(MODES)}")
     if mode == "mean" and mean_values is None:
-        raise SinklensError("mean-ablation needs the neurons' mean activations",
-                            "pass mean_values=sinklens.run.interventions.mean_activations(model, text, layers)")
-    if mode == "mean" and (missing := sorted({layer for layer, _ in neurons} - set(mean_values))):
-        raise SinklensError(f"mean_values has no means for layer(s) {missing}",
-                            "compute them for every ablated layer: mean_activations(model, text, layers)")
+        raise SinklensError(
+            "mean-ablation needs the neurons' mean activations",
+            "pass mean_values=sinklens.run.interventions.mean_activations(model, text, layers)",
+        )
+    if (
+        mode == "mean"
+        and mean_values is not None
+        and (  # not None: checked just above
+            missing := sorted({layer for layer, _ in neurons} - set(mean_values))
+        )
+    ):
+        raise SinklensError(
+            f"mean_values has no means for layer(s) {missing}",
+            "compute them for every ablated layer: mean_activations(model, text, layers)",
+        )
     sink_layer = max(layer for layer, _ in neurons)
-    layers = paper_ablation_layers(model, sink_layer) if layers is None else sorted({check_layer(model, l) for l in layers})
+    layers = (
+        paper_ablation_layers(model, sink_layer)
+        if layers is None
+        else sorted({check_layer(model, l) for l in layers})
+    )
     norm_names = [get_act_name("resid_post", layer) for layer in layers]
-    pattern_names = [get_act_name("pattern", layer) for layer in range(model.cfg.n_layers)] if attention else []
+    pattern_names = (
+        [get_act_name("pattern", layer) for layer in range(model.cfg.n_layers)] if attention else []
+    )
     neuron_names = sorted({neuron_hook_name(layer) for layer, _ in neurons})
     hooks = ablation_hooks(model, [neurons], values=mean_values if mode == "mean" else None)
 
@@ -188,12 +256,22 @@ def ablation_study(
         return activation[0].float().cpu()
 
     norms, attention_rows, activations = [], [], []
-    for label, tokens in tqdm(inputs.items(), desc="ablation study", disable=not progress):
-        runs = [run_cache(model, tokens, norm_names + pattern_names + neuron_names, reduce=reduce),
-                run_cache(model, tokens, norm_names + pattern_names, reduce=reduce, interventions=hooks)]
+    for tokens in tqdm(inputs.values(), desc="ablation study", disable=not progress):
+        runs = [
+            run_cache(model, tokens, norm_names + pattern_names + neuron_names, reduce=reduce),
+            run_cache(
+                model, tokens, norm_names + pattern_names, reduce=reduce, interventions=hooks
+            ),
+        ]
         norms.append(torch.stack([torch.stack([run[name] for name in norm_names]) for run in runs]))
         if attention:
-            attention_rows.append(torch.stack([torch.stack([run[name] for name in pattern_names]) for run in runs]))
-        activations.append(torch.stack([runs[0][neuron_hook_name(layer)][:, index].clone() for layer, index in neurons]))
+            attention_rows.append(
+                torch.stack([torch.stack([run[name] for name in pattern_names]) for run in runs])
+            )
+        activations.append(
+            torch.stack(
+                [runs[0][neuron_hook_name(layer)][:, index].clone() for layer, index in neurons]
+            )
+        )
     first_attention = torch.stack(attention_rows, dim=1).float().cpu() if attention else None
     return AblationStudy(neurons, mode, list(inputs), layers, norms, first_attention, activations)

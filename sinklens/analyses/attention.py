@@ -84,7 +84,11 @@ class AttentionReceived(Result):
         return plot_attention_received(self)
 
     def summary(self) -> dict:
-        return {"input": self.label, "epsilon": self.epsilon, **self.to_frame().drop(columns="input").to_dict("list")}
+        return {
+            "input": self.label,
+            "epsilon": self.epsilon,
+            **self.to_frame().drop(columns="input").to_dict("list"),
+        }
 
 
 def attention_received(
@@ -96,9 +100,15 @@ def attention_received(
     epsilon: float = EPSILON,
 ) -> AttentionReceived:
     """Measure the attention received per key position in ``layers`` (default: all)."""
-    layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
+    layers = (
+        list(range(model.cfg.n_layers))
+        if layers is None
+        else [check_layer(model, l) for l in layers]
+    )
     names = [get_act_name("pattern", layer) for layer in layers]
-    cache = run_cache(model, tokens, names, reduce=lambda _, pattern: received_by_later_queries(pattern))
+    cache = run_cache(
+        model, tokens, names, reduce=lambda _, pattern: received_by_later_queries(pattern)
+    )
     return AttentionReceived(label, layers, torch.stack([cache[n] for n in names]), epsilon)
 
 
@@ -113,7 +123,9 @@ class AttentionScoreMaps(Result):
 
     def to_frame(self) -> pd.DataFrame:
         layer, query, key = torch.meshgrid(
-            torch.tensor(self.layers), *(torch.arange(s) for s in self.scores.shape[1:]), indexing="ij"
+            torch.tensor(self.layers),
+            *(torch.arange(s) for s in self.scores.shape[1:]),
+            indexing="ij",
         )
         return pd.DataFrame(
             {
@@ -132,8 +144,12 @@ class AttentionScoreMaps(Result):
         """Per layer: the mean score on key 0 and on the other visible keys (queries >= 1)."""
         first = self.scores[:, 1:, 0].nanmean(dim=-1)
         others = self.scores[:, 1:, 1:].nanmean(dim=(-1, -2))
-        return {"input": self.label, "layers": self.layers, "mean_score_on_first": first.tolist(),
-                "mean_score_on_others": others.tolist()}
+        return {
+            "input": self.label,
+            "layers": self.layers,
+            "mean_score_on_first": first.tolist(),
+            "mean_score_on_others": others.tolist(),
+        }
 
 
 FIG1_LENGTH = 20  # the notebook's Fig. 1 inputs are 20 tokens long
@@ -141,29 +157,47 @@ FIG1_LINES = 4
 
 
 def fig1_inputs(
-    model: TransformerBridge, text: str, word: str | int, *, first: FirstToken = "bos", length: int = FIG1_LENGTH,
+    model: TransformerBridge,
+    text: str,
+    word: str | int,
+    *,
+    first: FirstToken = "bos",
+    length: int = FIG1_LENGTH,
     n_lines: int = FIG1_LINES,
 ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "1 pos"]]:
     """The notebook's Fig. 1 inputs: ``n_lines`` text lines cut to ``length`` tokens, and
     ``[first] + [word] * (length - 1)``. Lines come from the first lines of ``text`` with more than
     ``length`` tokens; if it has none, the start of ``text`` is used."""
-    candidates = (text_tokens(model, line, first=first, max_tokens=length + 1) for line in text_lines(text))
+    candidates = (
+        text_tokens(model, line, first=first, max_tokens=length + 1) for line in text_lines(text)
+    )
     lines = list(islice((t[:, :length] for t in candidates if t.shape[1] > length), n_lines))
-    regular = torch.cat(lines) if lines else text_tokens(model, text, first=first, max_tokens=length)
+    regular = (
+        torch.cat(lines) if lines else text_tokens(model, text, first=first, max_tokens=length)
+    )
     return regular, repeated_tokens(model, word, length - 1, first=first)
 
 
 def paper_figure_layers(model: TransformerBridge, sink_layer: int) -> list[int]:
     """The notebook's Fig. 1 layers: sink, sink + 1, the middle of the rest, and the last."""
     last = model.cfg.n_layers - 1
-    return sorted({min(sink_layer, last), min(sink_layer + 1, last), (sink_layer + 1 + model.cfg.n_layers) // 2, last})
+    return sorted(
+        {
+            min(sink_layer, last),
+            min(sink_layer + 1, last),
+            (sink_layer + 1 + model.cfg.n_layers) // 2,
+            last,
+        }
+    )
 
 
 def _mean_visible_scores(scores: Float[torch.Tensor, "batch head query_pos key_pos"]):
     scores = scores.float()
     n = scores.shape[-1]
     visible = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril()
-    hidden = ~visible | (scores <= torch.finfo(scores.dtype).min / 2)  # causal and sliding-window masks
+    hidden = ~visible | (
+        scores <= torch.finfo(scores.dtype).min / 2
+    )  # causal and sliding-window masks
     return scores.masked_fill(hidden, float("nan")).nanmean(dim=(0, 1)).cpu()
 
 
@@ -184,14 +218,35 @@ def attention_score_maps(
 
 def plot_attention_received(*results: AttentionReceived) -> go.Figure:
     """Attention received by the first token and by a later token, per layer, for one or more inputs."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["Attention received", "Share of sink heads"])
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=["Attention received", "Share of sink heads"]
+    )
     for result in results:
-        fig.add_scatter(x=result.layers, y=result.first_token.tolist(), mode="lines+markers",
-                        name=f"{result.label}: first token", row=1, col=1)
-        fig.add_scatter(x=result.layers, y=result.later_tokens.tolist(), mode="lines+markers",
-                        name=f"{result.label}: later token (mean)", line_dash="dot", row=1, col=1)
-        fig.add_scatter(x=result.layers, y=result.sink_head_share.tolist(), mode="lines+markers",
-                        name=f"{result.label}: heads > {result.epsilon:g} on first", row=1, col=2)
+        fig.add_scatter(
+            x=result.layers,
+            y=result.first_token.tolist(),
+            mode="lines+markers",
+            name=f"{result.label}: first token",
+            row=1,
+            col=1,
+        )
+        fig.add_scatter(
+            x=result.layers,
+            y=result.later_tokens.tolist(),
+            mode="lines+markers",
+            name=f"{result.label}: later token (mean)",
+            line_dash="dot",
+            row=1,
+            col=1,
+        )
+        fig.add_scatter(
+            x=result.layers,
+            y=result.sink_head_share.tolist(),
+            mode="lines+markers",
+            name=f"{result.label}: heads > {result.epsilon:g} on first",
+            row=1,
+            col=2,
+        )
     fig.update_yaxes(type="log", title_text="Mean attention weight", row=1, col=1)
     fig.update_yaxes(range=[0, 1], title_text="Share of heads", row=1, col=2)
     fig.update_xaxes(title_text="Layer")
@@ -205,8 +260,14 @@ def plot_attention_score_maps(*results: AttentionScoreMaps) -> go.Figure:
     fig = make_subplots(rows=len(results), cols=cols, subplot_titles=titles)
     for i, result in enumerate(results):
         for j, scores in enumerate(result.scores):
-            fig.add_heatmap(z=scores.tolist(), colorscale="RdBu_r", zmid=0, showscale=False,
-                            row=i + 1, col=j + 1)
+            fig.add_heatmap(
+                z=scores.tolist(),
+                colorscale="RdBu_r",
+                zmid=0,
+                showscale=False,
+                row=i + 1,
+                col=j + 1,
+            )
     fig.update_yaxes(autorange="reversed")
     fig.update_yaxes(title_text="Query position", col=1)
     fig.update_xaxes(title_text="Key position")
@@ -223,7 +284,9 @@ class AttentionPatterns(Result):
     token_labels: list[str]
 
     def to_frame(self) -> pd.DataFrame:
-        head, query, key = torch.meshgrid(*(torch.arange(s) for s in self.patterns.shape), indexing="ij")
+        head, query, key = torch.meshgrid(
+            *(torch.arange(s) for s in self.patterns.shape), indexing="ij"
+        )
         visible = key <= query
         return pd.DataFrame(
             {
@@ -241,24 +304,39 @@ class AttentionPatterns(Result):
         n_heads = self.patterns.shape[0]
         cols = min(n_heads, 3)
         rows = -(-n_heads // cols)
-        fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {h}" for h in range(n_heads)],
-                            horizontal_spacing=0.04, vertical_spacing=0.06)
+        fig = make_subplots(
+            rows=rows,
+            cols=cols,
+            subplot_titles=[f"head {h}" for h in range(n_heads)],
+            horizontal_spacing=0.04,
+            vertical_spacing=0.06,
+        )
         labels = [f"{i}: {text!r}" for i, text in enumerate(self.token_labels)]
         for head, pattern in enumerate(self.patterns):
-            fig.add_trace(pattern_heatmap(pattern, labels, show_scale=head == 0), row=head // cols + 1,
-                          col=head % cols + 1)
+            fig.add_trace(
+                pattern_heatmap(pattern, labels, show_scale=head == 0),
+                row=head // cols + 1,
+                col=head % cols + 1,
+            )
         fig.update_xaxes(showticklabels=False)
         fig.update_yaxes(showticklabels=False, autorange="reversed")
-        fig.update_layout(height=260 * rows + 80, title=f"Attention patterns of layer {self.layer}, "
-                                                         f"every head (rows: queries, columns: keys)")
+        fig.update_layout(
+            height=260 * rows + 80,
+            title=f"Attention patterns of layer {self.layer}, "
+            f"every head (rows: queries, columns: keys)",
+        )
         return fig
 
     def summary(self) -> dict:
         """Per head: the mean weight on the first token and on the query's own position (queries >= 1)."""
         on_first = self.patterns[:, 1:, 0].mean(dim=-1)
         on_itself = self.patterns.diagonal(dim1=-2, dim2=-1)[:, 1:].mean(dim=-1)
-        return {"layer": self.layer, "tokens": self.token_labels, "mean_weight_on_first": on_first.tolist(),
-                "mean_weight_on_itself": on_itself.tolist()}
+        return {
+            "layer": self.layer,
+            "tokens": self.token_labels,
+            "mean_weight_on_first": on_first.tolist(),
+            "mean_weight_on_itself": on_itself.tolist(),
+        }
 
 
 def attention_patterns(
@@ -272,11 +350,15 @@ def attention_patterns(
     return AttentionPatterns(layer, pattern.cpu(), labels)
 
 
-def attention_heads_view(model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], layer: int):
+def attention_heads_view(
+    model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], layer: int
+):
     """A circuitsvis view of every head's attention pattern at ``layer`` (short prompts only). It needs
     a live notebook to render (JavaScript); :func:`attention_patterns` gives the same patterns as data and a
     plotly figure."""
     import circuitsvis as cv
 
     patterns = attention_patterns(model, tokens, layer)
-    return cv.attention.attention_patterns(tokens=patterns.token_labels, attention=patterns.patterns)
+    return cv.attention.attention_patterns(
+        tokens=patterns.token_labels, attention=patterns.patterns
+    )

@@ -76,16 +76,24 @@ class Convergence(Result):
     hooks: list[str]
     l2: Float[torch.Tensor, "word hook repeat"]  # repeat index 0 is the first repeat
     cosine: Float[torch.Tensor, "word hook repeat"]  # 1 - cosine similarity
-    leaked: Float[torch.Tensor, "word repeat"]  # attention mass on the first token and the prefix, mean over heads
+    leaked: Float[
+        torch.Tensor, "word repeat"
+    ]  # attention mass on the first token and the prefix, mean over heads
     fit_from: int
 
     def slopes(self) -> dict[str, dict]:
         """Per word: the log-log slope of the L2 distance at each hook and of the leaked mass, with intervals."""
         out = {}
         for w, word in enumerate(self.words):
-            entry = {hook: dict(zip(("slope", "ci_low", "ci_high"), _slope(self.l2[w, h], self.fit_from)))
-                     for h, hook in enumerate(self.hooks)}
-            entry["leaked_attention"] = dict(zip(("slope", "ci_low", "ci_high"), _slope(self.leaked[w], self.fit_from)))
+            entry = {
+                hook: dict(
+                    zip(("slope", "ci_low", "ci_high"), _slope(self.l2[w, h], self.fit_from))
+                )
+                for h, hook in enumerate(self.hooks)
+            }
+            entry["leaked_attention"] = dict(
+                zip(("slope", "ci_low", "ci_high"), _slope(self.leaked[w], self.fit_from))
+            )
             out[word.text] = entry
         return out
 
@@ -99,24 +107,55 @@ class Convergence(Result):
         return frame
 
     def plot(self) -> go.Figure:
-        fig = make_subplots(rows=1, cols=2, subplot_titles=[f"L2 distance to the lone token ({self.hooks[0]})",
-                                                            "Attention mass on the first token and prefix"])
+        fig = make_subplots(
+            rows=1,
+            cols=2,
+            subplot_titles=[
+                f"L2 distance to the lone token ({self.hooks[0]})",
+                "Attention mass on the first token and prefix",
+            ],
+        )
         n = list(range(1, self.l2.shape[-1] + 1))
         for w, word in enumerate(self.words):
-            fig.add_scatter(x=n, y=self.l2[w, 0].tolist(), mode="lines", name=repr(word.text), legendgroup=str(w),
-                            row=1, col=1)
-            fig.add_scatter(x=n, y=self.leaked[w].tolist(), mode="lines", name=repr(word.text), legendgroup=str(w),
-                            showlegend=False, row=1, col=2)
+            fig.add_scatter(
+                x=n,
+                y=self.l2[w, 0].tolist(),
+                mode="lines",
+                name=repr(word.text),
+                legendgroup=str(w),
+                row=1,
+                col=1,
+            )
+            fig.add_scatter(
+                x=n,
+                y=self.leaked[w].tolist(),
+                mode="lines",
+                name=repr(word.text),
+                legendgroup=str(w),
+                showlegend=False,
+                row=1,
+                col=2,
+            )
         fig.update_xaxes(type="log", title_text="Repeats")
         fig.update_yaxes(type="log")
         fig.update_layout(title=f"Attn0({self.prefix!r} + x * n) -> Attn0(x) (Fig. 5)")
         return fig
 
     def summary(self) -> dict:
-        return {"prefix": self.prefix, "hooks": self.hooks, "fit_from": self.fit_from,
-                "predicted_slope": LEAKAGE_SLOPE,
-                "words": [{"word": word, "slope": entry[self.hooks[0]]["slope"], **{k: v for k, v in entry.items()}}
-                          for word, entry in self.slopes().items()]}
+        return {
+            "prefix": self.prefix,
+            "hooks": self.hooks,
+            "fit_from": self.fit_from,
+            "predicted_slope": LEAKAGE_SLOPE,
+            "words": [
+                {
+                    "word": word,
+                    "slope": entry[self.hooks[0]]["slope"],
+                    **{k: v for k, v in entry.items()},
+                }
+                for word, entry in self.slopes().items()
+            ],
+        }
 
 
 def convergence(
@@ -137,9 +176,14 @@ def convergence(
         words = [w for w in PAPER_WORDS if len(word_token_ids(model, w)) == 1]
     require_words(words)
     if n_repeats <= fit_from + 2:
-        raise SinklensError(f"{n_repeats} repeats leave nothing to fit from repeat {fit_from}",
-                            f"pass n_repeats above {fit_from + 2}")
-    tokens = [Token(w, model.tokenizer.decode([w])) if isinstance(w, int) else word_token(model, w) for w in words]
+        raise SinklensError(
+            f"{n_repeats} repeats leave nothing to fit from repeat {fit_from}",
+            f"pass n_repeats above {fit_from + 2}",
+        )
+    tokens = [
+        Token(w, model.tokenizer.decode([w])) if isinstance(w, int) else word_token(model, w)
+        for w in words
+    ]
     start = first_token(model, first).id
     prefix_ids = encode(model, prefix) if prefix else []
     n_prefix = 1 + len(prefix_ids)
@@ -159,4 +203,12 @@ def convergence(
         cosine.append(torch.stack(cosines))
         pattern = cache[get_act_name("pattern", 0)][0].cpu()  # [head, query, key]
         leaked.append(pattern[:, n_prefix:, :n_prefix].sum(-1).mean(0))
-    return Convergence(tokens, prefix, list(HOOKS), torch.stack(l2), torch.stack(cosine), torch.stack(leaked), fit_from)
+    return Convergence(
+        tokens,
+        prefix,
+        list(HOOKS),
+        torch.stack(l2),
+        torch.stack(cosine),
+        torch.stack(leaked),
+        fit_from,
+    )

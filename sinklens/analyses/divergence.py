@@ -68,7 +68,7 @@ class Generation:
         return float((self.generated != self.target).float().mean()) if len(self.generated) else 0.0
 
     def diverged_text(self, tokenizer, chars: int = 160) -> str:
-        return tokenizer.decode(self.generated[self.repeats_before_divergence:].tolist())[:chars]
+        return tokenizer.decode(self.generated[self.repeats_before_divergence :].tolist())[:chars]
 
 
 @dataclass
@@ -83,39 +83,83 @@ class Divergence(Result):
     diverged_texts: list[str]
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([{
-            "word": g.word, "form": g.form, "copies_in_prompt": g.n_prompt_copies, "condition": g.condition,
-            "decoding": g.decoding, "new_tokens": len(g.generated), "repeats_before_divergence": g.repeats_before_divergence,
-            "non_target_share": g.non_target_share,
-            "max_generated_norm_over_typical": float(g.sink_norms[g.prompt_length:].max()) / self.typical_norm
-            if len(g.generated) else float("nan"),
-            "diverged_text": text,
-        } for g, text in zip(self.generations, self.diverged_texts)])
+        return pd.DataFrame(
+            [
+                {
+                    "word": g.word,
+                    "form": g.form,
+                    "copies_in_prompt": g.n_prompt_copies,
+                    "condition": g.condition,
+                    "decoding": g.decoding,
+                    "new_tokens": len(g.generated),
+                    "repeats_before_divergence": g.repeats_before_divergence,
+                    "non_target_share": g.non_target_share,
+                    "max_generated_norm_over_typical": float(g.sink_norms[g.prompt_length :].max())
+                    / self.typical_norm
+                    if len(g.generated)
+                    else float("nan"),
+                    "diverged_text": text,
+                }
+                for g, text in zip(self.generations, self.diverged_texts)
+            ]
+        )
 
     def plot(self) -> go.Figure:
-        fig = make_subplots(rows=1, cols=2, subplot_titles=["P(next token repeats the word), teacher-forced",
-                                                            "Repeats generated before diverging"])
+        fig = make_subplots(
+            rows=1,
+            cols=2,
+            subplot_titles=[
+                "P(next token repeats the word), teacher-forced",
+                "Repeats generated before diverging",
+            ],
+        )
         for c, condition in enumerate(CONDITIONS):
             for w, word in enumerate(self.words):
                 probs = self.continue_probability[c, w]
-                fig.add_scatter(x=list(range(1, len(probs) + 1)), y=probs.tolist(), mode="lines",
-                                name=f"{word.text!r} {condition}", line_dash="solid" if c == 0 else "dot", row=1, col=1)
+                fig.add_scatter(
+                    x=list(range(1, len(probs) + 1)),
+                    y=probs.tolist(),
+                    mode="lines",
+                    name=f"{word.text!r} {condition}",
+                    line_dash="solid" if c == 0 else "dot",
+                    row=1,
+                    col=1,
+                )
         frame = self.to_frame()
         for condition in CONDITIONS:
             part = frame[frame["condition"] == condition]
-            fig.add_bar(x=[f"{w} {f} {d}" for w, f, d in zip(part["word"], part["form"], part["decoding"])],
-                        y=part["repeats_before_divergence"], name=condition, row=1, col=2)
+            fig.add_bar(
+                x=[f"{w} {f} {d}" for w, f, d in zip(part["word"], part["form"], part["decoding"])],
+                y=part["repeats_before_divergence"],
+                name=condition,
+                row=1,
+                col=2,
+            )
         fig.update_xaxes(type="log", title_text="Repeats", row=1, col=1)
         fig.update_layout(title="Repeated-token divergence, original and patched", height=500)
         return fig
 
     def summary(self) -> dict:
         rows = self.to_frame().to_dict("records")
-        probs = {f"{c}/{w.text}": self.continue_probability[i, j].tolist()
-                 for i, c in enumerate(CONDITIONS) for j, w in enumerate(self.words)}
-        return {"generations": rows, "sink_layer": self.sink_layer, "typical_norm": self.typical_norm,
-                "continue_probability": {k: {"n_1": v[0], "n_10": v[min(9, len(v) - 1)], "n_100": v[min(99, len(v) - 1)],
-                                             "last": v[-1]} for k, v in probs.items()}}
+        probs = {
+            f"{c}/{w.text}": self.continue_probability[i, j].tolist()
+            for i, c in enumerate(CONDITIONS)
+            for j, w in enumerate(self.words)
+        }
+        return {
+            "generations": rows,
+            "sink_layer": self.sink_layer,
+            "typical_norm": self.typical_norm,
+            "continue_probability": {
+                k: {
+                    "n_1": v[0],
+                    "n_10": v[min(9, len(v) - 1)],
+                    "n_100": v[min(99, len(v) - 1)],
+                    "last": v[-1],
+                }
+                for k, v in probs.items()
+            },
+        }
 
 
 def _chat_prompt(tokenizer, word: Token, copies: int) -> list[int] | None:
@@ -168,13 +212,32 @@ def divergence(
                     if seed is not None:
                         torch.manual_seed(seed)
                     with _installed(patch, hf_model, condition), torch.inference_mode():
-                        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                                do_sample=seed is not None, temperature=1.0 if seed is not None else None,
-                                                top_k=None, top_p=None, pad_token_id=tokenizer.eos_token_id)[0].cpu()
+                        out = hf_model.generate(
+                            ids,
+                            attention_mask=torch.ones_like(ids),
+                            max_new_tokens=new_tokens,
+                            do_sample=seed is not None,
+                            temperature=1.0 if seed is not None else None,
+                            top_k=None,
+                            top_p=None,
+                            pad_token_id=tokenizer.eos_token_id,
+                        )[0].cpu()
                     with _installed(patch, bridge, condition):
                         norms = resid_norms(bridge, out[None], sink_layer)[0]
-                    generations.append(Generation(word.text, form, copies, condition, decoding, len(prompt), out, word.id,
-                                                  tokenizer.decode(out[len(prompt):].tolist()), norms))
+                    generations.append(
+                        Generation(
+                            word.text,
+                            form,
+                            copies,
+                            condition,
+                            decoding,
+                            len(prompt),
+                            out,
+                            word.id,
+                            tokenizer.decode(out[len(prompt) :].tolist()),
+                            norms,
+                        )
+                    )
                     bar.update()
         probabilities = torch.zeros(2, len(words), teacher_repeats)
         for c, condition in enumerate(CONDITIONS):

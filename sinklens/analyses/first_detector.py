@@ -40,8 +40,15 @@ PAPER_SAMPLES = 1000  # the notebook's 1000 chunks of 3 words
 TOP_NEURONS = 10
 
 
-def word_chunks(model: TransformerBridge, text: str, *, words: int = 3, n_chunks: int = PAPER_SAMPLES,
-                n_tokens: int = 3, leading_space: bool = True) -> Int[torch.Tensor, "chunk pos"]:
+def word_chunks(
+    model: TransformerBridge,
+    text: str,
+    *,
+    words: int = 3,
+    n_chunks: int = PAPER_SAMPLES,
+    n_tokens: int = 3,
+    leading_space: bool = True,
+) -> Int[torch.Tensor, "chunk pos"]:
     """The first ``n_tokens`` tokens of non-overlapping ``words``-word chunks of ``text``, no first special
     token (chunks of fewer tokens are left out).
 
@@ -51,7 +58,9 @@ def word_chunks(model: TransformerBridge, text: str, *, words: int = 3, n_chunks
     read from spelling, not from position. ``leading_space=False`` builds the notebook's chunks."""
     split = text.replace("\n", " ").split()
     space = " " if leading_space else ""
-    chunks = (space + " ".join(split[i : i + words]) for i in range(0, len(split) - words + 1, words))
+    chunks = (
+        space + " ".join(split[i : i + words]) for i in range(0, len(split) - words + 1, words)
+    )
     rows = [ids[:n_tokens] for ids in (encode(model, c) for c in chunks) if len(ids) >= n_tokens]
     return torch.tensor(rows[:n_chunks], dtype=torch.long).reshape(-1, n_tokens)
 
@@ -60,7 +69,9 @@ def _separation(first: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
     """Area under the ROC curve of first (positive) vs later values, per column (Mann-Whitney U / n1 n2):
     the rank sum of the first values in each column's ascending order (one sort per column)."""
     n1, n2 = first.shape[0], later.shape[0]
-    order = torch.cat([first, later]).T.contiguous().argsort(dim=-1)  # [column, rank]: which row sits there
+    order = (
+        torch.cat([first, later]).T.contiguous().argsort(dim=-1)
+    )  # [column, rank]: which row sits there
     ranks = torch.arange(1, n1 + n2 + 1, dtype=torch.float64)
     rank_sum = torch.where(order < n1, ranks, 0.0).sum(-1)
     return ((rank_sum - n1 * (n1 + 1) / 2) / (n1 * n2)).float()
@@ -75,12 +86,14 @@ class FirstDetectorNeurons(Result):
     auc: Float[torch.Tensor, "layer d_mlp"]  # P(value at 0 > value at a later position)
     means: Float[torch.Tensor, "position layer d_mlp"]  # mean value at positions 0, 1, 2
     top: list[Neuron]
-    top_values: Float[torch.Tensor, "neuron chunk position"]  # the top neurons' values on every chunk
+    top_values: Float[
+        torch.Tensor, "neuron chunk position"
+    ]  # the top neurons' values on every chunk
     repeat_label: str
     repeat_values: Float[torch.Tensor, "neuron pos"]  # along [first] + [word] * n
 
     def __post_init__(self) -> None:
-        self.top = [tuple(n) for n in self.top]
+        self.top = [(layer, index) for layer, index in self.top]
 
     @property
     def separation(self) -> Float[torch.Tensor, "layer d_mlp"]:
@@ -92,21 +105,37 @@ class FirstDetectorNeurons(Result):
         rows = []
         for layer, neuron in self.top:
             i = self.layers.index(layer)
-            rows.append({"layer": layer, "neuron": neuron, "separation": float(self.separation[i, neuron]),
-                         "first_is_higher": bool(self.auc[i, neuron] >= 0.5),
-                         **{f"mean_position_{p}": float(self.means[p, i, neuron]) for p in range(3)}})
+            rows.append(
+                {
+                    "layer": layer,
+                    "neuron": neuron,
+                    "separation": float(self.separation[i, neuron]),
+                    "first_is_higher": bool(self.auc[i, neuron] >= 0.5),
+                    **{f"mean_position_{p}": float(self.means[p, i, neuron]) for p in range(3)},
+                }
+            )
         return pd.DataFrame(rows)
 
     def plot(self) -> go.Figure:
         """The paper's Fig. 4 for the best neuron, and the top neurons along the repeated sequence."""
         layer, neuron = self.top[0]
-        fig = make_subplots(rows=1, cols=2, subplot_titles=[f"First-detector neuron L{layer}.{neuron}",
-                                                            f"Along {self.repeat_label}"])
+        fig = make_subplots(
+            rows=1,
+            cols=2,
+            subplot_titles=[
+                f"First-detector neuron L{layer}.{neuron}",
+                f"Along {self.repeat_label}",
+            ],
+        )
         for p, name in enumerate(("first token", "second token", "third token")):
-            fig.add_histogram(x=self.top_values[0, :, p].tolist(), name=name, opacity=0.6, row=1, col=1)
+            fig.add_histogram(
+                x=self.top_values[0, :, p].tolist(), name=name, opacity=0.6, row=1, col=1
+            )
         for (l, n), values in zip(self.top[:5], self.repeat_values[:5]):
             fig.add_scatter(y=values.tolist(), mode="lines", name=f"L{l}.{n}", row=1, col=2)
-        fig.update_layout(barmode="overlay", title="Neurons that tell the first token from later ones")
+        fig.update_layout(
+            barmode="overlay", title="Neurons that tell the first token from later ones"
+        )
         fig.update_xaxes(title_text="Value of the neuron (hook_pre)", row=1, col=1)
         fig.update_yaxes(title_text="Number of inputs", row=1, col=1)
         fig.update_xaxes(title_text="Position (0: the first token)", row=1, col=2)
@@ -115,12 +144,24 @@ class FirstDetectorNeurons(Result):
     def best_per_layer(self) -> list[dict]:
         """Per layer searched: its best-separating neuron and how many neurons separate almost perfectly (> 0.99)."""
         best = self.separation.max(dim=-1)
-        return [{"layer": layer, "neuron": int(best.indices[i]), "separation": float(best.values[i]),
-                 "n_above_0.99": int((self.separation[i] > 0.99).sum())} for i, layer in enumerate(self.layers)]
+        return [
+            {
+                "layer": layer,
+                "neuron": int(best.indices[i]),
+                "separation": float(best.values[i]),
+                "n_above_0.99": int((self.separation[i] > 0.99).sum()),
+            }
+            for i, layer in enumerate(self.layers)
+        ]
 
     def summary(self) -> dict:
-        return {"layers": self.layers, "n_chunks": self.n_chunks, "repeat_input": self.repeat_label,
-                "neurons": self.to_frame().to_dict("records"), "per_layer": self.best_per_layer()}
+        return {
+            "layers": self.layers,
+            "n_chunks": self.n_chunks,
+            "repeat_input": self.repeat_label,
+            "neurons": self.to_frame().to_dict("records"),
+            "per_layer": self.best_per_layer(),
+        }
 
 
 def first_detector_neurons(
@@ -140,8 +181,10 @@ def first_detector_neurons(
     layers = list(range(max(1, check_layer(model, sink_layer))))
     chunks = word_chunks(model, text, n_chunks=n_chunks, leading_space=leading_space)
     if chunks.shape[0] < 20:
-        raise SinklensError(f"the text gives {chunks.shape[0]} three-word chunks of 3+ tokens, too few to rank neurons",
-                            "pass a longer natural text (the paper used 1000 chunks)")
+        raise SinklensError(
+            f"the text gives {chunks.shape[0]} three-word chunks of 3+ tokens, too few to rank neurons",
+            "pass a longer natural text (the paper used 1000 chunks)",
+        )
     names = [get_act_name("pre", layer) for layer in layers]
     cache = run_cache(model, chunks, names)
     values = torch.stack([cache[n].cpu() for n in names])  # [layer, chunk, pos, d_mlp]
@@ -151,9 +194,13 @@ def first_detector_neurons(
     means = values.mean(dim=1).permute(1, 0, 2)  # [pos, layer, d_mlp]
     separation = torch.maximum(auc, 1 - auc).flatten()
     gap = (means[0] - means[1:].mean(0)).abs().flatten() / (values.std(dim=(1, 2)).flatten() + 1e-8)
-    order = sorted(range(separation.numel()), key=lambda i: (-float(separation[i]), -float(gap[i])))[:top]
+    order = sorted(
+        range(separation.numel()), key=lambda i: (-float(separation[i]), -float(gap[i]))
+    )[:top]
     chosen = [(layers[i // d_mlp], i % d_mlp) for i in order]
     top_values = torch.stack([values[layers.index(l), :, :, n] for l, n in chosen])
     along = run_cache(model, repeat, sorted({names[layers.index(l)] for l, _ in chosen}))
     repeat_values = torch.stack([along[get_act_name("pre", l)][0, :, n].cpu() for l, n in chosen])
-    return FirstDetectorNeurons(layers, chunks.shape[0], auc, means, chosen, top_values, repeat_label, repeat_values)
+    return FirstDetectorNeurons(
+        layers, chunks.shape[0], auc, means, chosen, top_values, repeat_label, repeat_values
+    )

@@ -99,10 +99,16 @@ class FirstTokenChoice(Result):
     def plot(self) -> go.Figure:
         fig = go.Figure()
         for candidate, role, ratios in zip(self.candidates, self.roles, self.ratios):
-            fig.add_scatter(y=ratios.tolist(), mode="lines+markers", name=f"{candidate.text!r} ({role})")
+            fig.add_scatter(
+                y=ratios.tolist(), mode="lines+markers", name=f"{candidate.text!r} ({role})"
+            )
         return with_reference_line(
-            fig, self.min_ratio, f"sink: {self.min_ratio:g}x typical", "First-token norm / typical norm per layer",
-            "Layer", "||blocks.L.hook_resid_post|| / typical",
+            fig,
+            self.min_ratio,
+            f"sink: {self.min_ratio:g}x typical",
+            "First-token norm / typical norm per layer",
+            "Layer",
+            "||blocks.L.hook_resid_post|| / typical",
         )
 
     def summary(self) -> dict:
@@ -115,7 +121,9 @@ class FirstTokenChoice(Result):
         }
 
 
-def _candidates(model: TransformerBridge, text_ids: list[int], given: FirstToken | None) -> list[tuple[Token, str]]:
+def _candidates(
+    model: TransformerBridge, text_ids: list[int], given: FirstToken | None
+) -> list[tuple[Token, str]]:
     tokenizer = model.tokenizer
     found: dict[int, list[str]] = {}
     if given is not None and given != AUTO:
@@ -124,8 +132,15 @@ def _candidates(model: TransformerBridge, text_ids: list[int], given: FirstToken
     turns = [vocabulary_id(model, t) for t in END_OF_TURN_TOKENS]
     ids += [(turn, "end of turn") for turn in turns if turn is not None]
     ids.append((text_ids[0], "text"))
-    for token_id, role in ids:  # special tokens past the model's embedding matrix cannot be candidates
-        if token_id is not None and token_id < model.cfg.d_vocab and role not in found.setdefault(token_id, []):
+    for (
+        token_id,
+        role,
+    ) in ids:  # special tokens past the model's embedding matrix cannot be candidates
+        if (
+            token_id is not None
+            and token_id < model.cfg.d_vocab
+            and role not in found.setdefault(token_id, [])
+        ):
             found[token_id].append(role)
     return [(token(model, token_id), "/".join(roles)) for token_id, roles in found.items()]
 
@@ -147,18 +162,26 @@ def choose_first_token(
     """
     text_ids = encode(model, text)[: min(max_tokens, model.cfg.n_ctx)]
     if len(text_ids) < 2:
-        raise SinklensError("the natural text has fewer than 2 tokens", "pass a longer text to compare the first token with")
+        raise SinklensError(
+            "the natural text has fewer than 2 tokens",
+            "pass a longer text to compare the first token with",
+        )
     candidates = _candidates(model, text_ids, given)
     n_layers = min(max_layer or model.cfg.n_layers, model.cfg.n_layers)
-    text = torch.tensor(text_ids[1:], dtype=torch.long)
+    later = torch.tensor(text_ids[1:], dtype=torch.long)
     firsts = torch.tensor([[c.id] for c, _ in candidates])
-    tokens = torch.cat([firsts, text.expand(len(candidates), -1)], dim=1)
+    tokens = torch.cat([firsts, later.expand(len(candidates), -1)], dim=1)
     names = [act_name("resid_post", layer) for layer in range(n_layers)]
     cache = run_cache(model, tokens, names, reduce=l2_norms)
     norms = torch.stack([cache[name] for name in names], dim=1).cpu()  # [cand, layer, pos]
     result = FirstTokenChoice(
-        [c for c, _ in candidates], [role for _, role in candidates], norms[:, :, 0], norms[:, :, 1:].mean(dim=-1),
-        min_ratio, 0, "",
+        [c for c, _ in candidates],
+        [role for _, role in candidates],
+        norms[:, :, 0],
+        norms[:, :, 1:].mean(dim=-1),
+        min_ratio,
+        0,
+        "",
     )
     result.chosen, result.reason = _choose(result)
     return result
@@ -166,8 +189,10 @@ def choose_first_token(
 
 def _choose(result: FirstTokenChoice) -> tuple[int, str]:
     def describe(i: int) -> str:
-        return (f"{result.candidates[i].text!r} ({result.roles[i]}, {result.peak_ratios[i]:.3g}x typical at layer "
-                f"{result.peak_layers[i]})")
+        return (
+            f"{result.candidates[i].text!r} ({result.roles[i]}, {result.peak_ratios[i]:.3g}x typical at layer "
+            f"{result.peak_layers[i]})"
+        )
 
     roles = [role.split("/") for role in result.roles]
     given = next((i for i, r in enumerate(roles) if "given" in r), None)
@@ -178,11 +203,19 @@ def _choose(result: FirstTokenChoice) -> tuple[int, str]:
     if bos is not None and result.is_sink[bos]:
         return bos, f"the tokenizer's BOS, which the model makes a sink: {describe(bos)}"
     sinks = [i for i, s in enumerate(result.is_sink) if s]
-    bos_note = "the tokenizer has no BOS" if bos is None else f"the tokenizer's BOS is not a sink: {describe(bos)}"
+    bos_note = (
+        "the tokenizer has no BOS"
+        if bos is None
+        else f"the tokenizer's BOS is not a sink: {describe(bos)}"
+    )
     if not sinks:
-        fallback = bos if bos is not None else max(range(len(roles)), key=lambda i: result.peak_ratios[i])
-        return fallback, (f"no sink found: no candidate reaches {result.min_ratio:g}x the typical norm ("
-                          + "; ".join(describe(i) for i in range(len(result.candidates)))
-                          + f"); measuring with {result.candidates[fallback].text!r}")
+        fallback = (
+            bos if bos is not None else max(range(len(roles)), key=lambda i: result.peak_ratios[i])
+        )
+        return fallback, (
+            f"no sink found: no candidate reaches {result.min_ratio:g}x the typical norm ("
+            + "; ".join(describe(i) for i in range(len(result.candidates)))
+            + f"); measuring with {result.candidates[fallback].text!r}"
+        )
     best = max(sinks, key=lambda i: result.peak_ratios[i])
     return best, f"{bos_note}; chose the strongest sink among the candidates, {describe(best)}"

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,25 +52,26 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities import get_act_name
 
 from sinklens.analyses._stats import mean_interval
+from sinklens.analyses.sink_metric import (
+    N_CONTEXTS,
+    SinkMetric,
+    mark_contexts,
+    run_rows,
+)
 from sinklens.errors import SinklensError
 from sinklens.results import Result
-from sinklens.run.cache import run_cache, shared_prefix
-from sinklens.defaults import MARK_CONTEXTS
-from sinklens.run.interventions import Neuron, check_neurons, neuron_hook_name
 from sinklens.run.activation_patching import (
     Patch,
     Site,
     activation_gradients,
-    patch_hooks,
     read_site,
 )
+from sinklens.run.cache import run_cache
+from sinklens.run.interventions import Neuron, check_neurons, neuron_hook_name
 from sinklens.run.tokens import Token, encode, repeated_tokens, token
 
 MIN_EFFECT = 0.1
-N_CONTEXTS = MARK_CONTEXTS
 TOP_NEURONS = 10
-TOKENS_PER_BATCH = 8192
-MAX_CONTEXT = 32  # tokens of text before the token in the longest corrupted run
 EXPERIMENTS = ("necessity", "sufficiency", "in_context")
 
 
@@ -106,8 +108,8 @@ class FirstTokenMarkPatching(Result):
     repeat_placebo: Float[torch.Tensor, "site position"] | None
 
     def __post_init__(self) -> None:
-        self.neurons = [tuple(n) for n in self.neurons]
-        self.sink_neurons = [tuple(n) for n in self.sink_neurons]
+        self.neurons = [(layer, index) for layer, index in self.neurons]
+        self.sink_neurons = [(layer, index) for layer, index in self.sink_neurons]
 
     def carries_mark(self, experiment: str, index: int) -> bool:
         e = EXPERIMENTS.index(experiment)
@@ -119,11 +121,18 @@ class FirstTokenMarkPatching(Result):
     def mark_sites(self) -> list[Site]:
         """Components whose necessity (alone or in context) passes the test, in layer order (computed once:
         the effects are final when the result is made)."""
-        return [s for i, s in enumerate(self.sites)
-                if self.carries_mark("necessity", i) or self.carries_mark("in_context", i)]
+        return [
+            s
+            for i, s in enumerate(self.sites)
+            if self.carries_mark("necessity", i) or self.carries_mark("in_context", i)
+        ]
 
     def mark_heads(self, layer: int | None = None) -> list[tuple[int, int]]:
-        heads = [(int(s.name.split(".")[1]), s.index) for s in self.mark_sites if s.name.endswith("hook_z")]
+        heads = []
+        for s in self.mark_sites:
+            if s.name.endswith("hook_z"):
+                assert s.index is not None  # circuit_sites patches hook_z one head at a time
+                heads.append((int(s.name.split(".")[1]), s.index))
         return [h for h in heads if layer is None or h[0] == layer]
 
     def to_frame(self) -> pd.DataFrame:
@@ -134,12 +143,17 @@ class FirstTokenMarkPatching(Result):
     def _frame(self) -> pd.DataFrame:
         rows, marked = [], set(self.mark_sites)
         for i, site in enumerate(self.sites):
-            row = {"component": site.label, "hook": site.name, "index": site.index}
+            row: dict[str, Any] = {"component": site.label, "hook": site.name, "index": site.index}
             for e, name in enumerate(EXPERIMENTS):
                 mean, _, _ = mean_interval(self.effects[e, i])
                 _, low, high = mean_interval(self.effects[e, i] - self.placebo[e, i])
-                row.update({name: mean, f"{name}_placebo": float(self.placebo[e, i].mean()),
-                            f"{name}_minus_placebo_ci": (low, high)})
+                row.update(
+                    {
+                        name: mean,
+                        f"{name}_placebo": float(self.placebo[e, i].mean()),
+                        f"{name}_minus_placebo_ci": (low, high),
+                    }
+                )
             row["carries_mark"] = site in marked
             rows.append(row)
         return pd.DataFrame(rows)
@@ -149,120 +163,106 @@ class FirstTokenMarkPatching(Result):
         frame = self.to_frame()
         heads = frame[frame["hook"].str.endswith("hook_z")]
         layers = sorted({int(h.split(".")[1]) for h in heads["hook"]})
-        fig = make_subplots(rows=1, cols=2, subplot_titles=["Necessity in context, per head",
-                                                            "Per layer: attention and MLP outputs"])
+        fig = make_subplots(
+            rows=1,
+            cols=2,
+            subplot_titles=[
+                "Necessity in context, per head",
+                "Per layer: attention and MLP outputs",
+            ],
+        )
         grid = np.full((len(layers), int(heads["index"].max()) + 1), np.nan)
         for _, r in heads.iterrows():
             grid[layers.index(int(r["hook"].split(".")[1])), int(r["index"])] = r["in_context"]
-        fig.add_heatmap(z=grid, x=list(range(grid.shape[1])), y=layers, colorscale="RdBu_r", zmid=0, row=1, col=1,
-                        colorbar=dict(title="share of the sink lost", x=0.45))
+        fig.add_heatmap(
+            z=grid,
+            x=list(range(grid.shape[1])),
+            y=layers,
+            colorscale="RdBu_r",
+            zmid=0,
+            row=1,
+            col=1,
+            colorbar=dict(title="share of the sink lost", x=0.45),
+        )
         whole = frame[~frame["hook"].str.endswith("hook_z")]
-        for name, color in (("necessity", "firebrick"), ("in_context", "steelblue"), ("sufficiency", "seagreen")):
-            fig.add_bar(x=whole["component"], y=whole[name], name=name, marker_color=color, row=1, col=2)
-            fig.add_scatter(x=whole["component"], y=whole[f"{name}_placebo"], mode="markers", name=f"{name} placebo",
-                            marker=dict(color=color, symbol="x"), row=1, col=2)
+        for name, color in (
+            ("necessity", "firebrick"),
+            ("in_context", "steelblue"),
+            ("sufficiency", "seagreen"),
+        ):
+            fig.add_bar(
+                x=whole["component"], y=whole[name], name=name, marker_color=color, row=1, col=2
+            )
+            fig.add_scatter(
+                x=whole["component"],
+                y=whole[f"{name}_placebo"],
+                mode="markers",
+                name=f"{name} placebo",
+                marker=dict(color=color, symbol="x"),
+                row=1,
+                col=2,
+            )
         fig.update_yaxes(title_text="Layer", autorange="reversed", row=1, col=1)
         fig.update_xaxes(title_text="Head", row=1, col=1)
         fig.update_yaxes(title_text="Share of the sink", row=1, col=2)
-        fig.update_layout(title=f"What marks {self.first_token.text!r} as first for the sink neurons", height=520)
+        fig.update_layout(
+            title=f"What marks {self.first_token.text!r} as first for the sink neurons", height=520
+        )
         return fig
 
     def summary(self) -> dict:
         frame = self.to_frame()
         head_rows = frame[frame["hook"].str.endswith("hook_z")]
         heads = [
-            {"layer": int(r["hook"].split(".")[1]), "head": int(r["index"]),
-             **{k: r[k] for k in ("necessity", "necessity_placebo", "sufficiency", "sufficiency_placebo", "in_context",
-                                  "in_context_placebo")},
-             "carries_mark": bool(r["carries_mark"])}
+            {
+                "layer": int(r["hook"].split(".")[1]),
+                "head": int(r["index"]),
+                **{
+                    k: r[k]
+                    for k in (
+                        "necessity",
+                        "necessity_placebo",
+                        "sufficiency",
+                        "sufficiency_placebo",
+                        "in_context",
+                        "in_context_placebo",
+                    )
+                },
+                "carries_mark": bool(r["carries_mark"]),
+            }
             for _, r in head_rows.iterrows()
         ]
         neuron_real = self.neuron_necessity.mean(dim=-1)
         repeat = None
         if self.repeat_effects is not None:
-            repeat = {"word": self.repeat_word.text, "components": [
-                {"component": s.label, "necessity": float(self.repeat_effects[i].mean()),
-                 "placebo": float(self.repeat_placebo[i].mean())} for i, s in enumerate(self.repeat_sites)]}
+            # _repeat_positions sets the word, effects and placebo together
+            assert self.repeat_word is not None and self.repeat_placebo is not None
+            repeat = {
+                "word": self.repeat_word.text,
+                "components": [
+                    {
+                        "component": s.label,
+                        "necessity": float(self.repeat_effects[i].mean()),
+                        "placebo": float(self.repeat_placebo[i].mean()),
+                    }
+                    for i, s in enumerate(self.repeat_sites)
+                ],
+            }
         return {
             "first_token": self.first_token.text,
             "sink_neurons": [list(n) for n in self.sink_neurons],
             "contexts": self.contexts,
             "path": [s.label for s in self.mark_sites],
             "heads": heads,
-            "layers": frame[~frame["hook"].str.endswith("hook_z")].drop(columns=["hook", "index"]).to_dict("records"),
-            "neurons": [{"neuron": list(n), "attribution": float(a), "necessity": float(r)}
-                        for n, a, r in zip(self.neurons, self.neuron_attribution, neuron_real)],
+            "layers": frame[~frame["hook"].str.endswith("hook_z")]
+            .drop(columns=["hook", "index"])
+            .to_dict("records"),
+            "neurons": [
+                {"neuron": list(n), "attribution": float(a), "necessity": float(r)}
+                for n, a, r in zip(self.neurons, self.neuron_attribution, neuron_real)
+            ],
             "repeated_positions": repeat,
         }
-
-
-class SinkMetric:
-    """The sink neurons' activation, summed with the signs they have on the lone first token."""
-
-    def __init__(self, model: TransformerBridge, first: int, sink_neurons: Sequence[Neuron]):
-        by_layer: dict[int, list[int]] = {}
-        for layer, index in check_neurons(model, sink_neurons):
-            by_layer.setdefault(layer, []).append(index)
-        self.neurons = {neuron_hook_name(layer): indices for layer, indices in sorted(by_layer.items())}
-        self.names = list(self.neurons)
-        self.layer = max(by_layer)
-        lone = run_cache(model, torch.tensor([[first]]), self.names)
-        self.signs = {name: torch.sign(lone[name][0, 0, idx].cpu()) for name, idx in self.neurons.items()}
-
-    def __call__(self, cache, rows: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        total = torch.zeros(len(rows))
-        for name, indices in self.neurons.items():
-            total += (cache[name][list(rows), list(positions)][:, indices].cpu() * self.signs[name]).sum(-1)
-        return total
-
-    def at_lone_token(self, activations: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The same sum at row 0, position 0, differentiable."""
-        return sum((activations[name][0, 0, idx].float() * self.signs[name].to(activations[name].device)).sum()
-                   for name, idx in self.neurons.items())
-
-
-def first_token_dependence(
-    model: TransformerBridge, first: int, text: str, sink_neurons: Sequence[Neuron], *, n_contexts: int = N_CONTEXTS
-) -> tuple[float, torch.Tensor]:
-    """The sink metric on the lone first token, and on it after each context of ``text`` (1 to 32
-    tokens): whether the sink depends on the token being first at all."""
-    metric = SinkMetric(model, first, sink_neurons)
-    lone = run_cache(model, torch.tensor([[first]]), metric.names)
-    contexts = _contexts(model, text, n_contexts)
-    text_ids = encode(model, text)
-    later = [metric(run_cache(model, torch.tensor([[first, *text_ids[:k], first]]), metric.names), [0], [k + 1])[0]
-             for k in contexts]
-    return float(metric(lone, [0], [0])[0]), torch.stack(later)
-
-
-def _contexts(model: TransformerBridge, text: str, n_contexts: int) -> list[int]:
-    n_text = len(encode(model, text))
-    if n_text < n_contexts + 1 or n_contexts < 2:
-        raise SinklensError(f"the text has {n_text} tokens, too few for {n_contexts} contexts",
-                            "pass a longer natural text (a few hundred characters) and n_contexts >= 2")
-    return sorted({int(k) for k in np.linspace(1, min(MAX_CONTEXT, n_text), n_contexts)})
-
-
-def _batches(n_rows: int, length: int):
-    size = max(1, TOKENS_PER_BATCH // max(length, 1))
-    return [range(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
-
-
-def _run_rows(model, tokens, row_patches: list[list[Patch]], position: int, metric: SinkMetric) -> torch.Tensor:
-    """Run ``tokens`` once per entry of ``row_patches`` (batched), each with its patches; the metric at ``position``.
-
-    Every row is the same up to the first position a patch writes or the metric reads, so that
-    prefix runs once and each row computes only what follows it (the same numbers, far fewer tokens:
-    a patch at the last of 1000 repeats costs one token per row instead of 1000)."""
-    start = min([position, *(p.position for r in row_patches for p in r)])
-    prefix = shared_prefix(model, tokens[:, :start], metric.names) if start > 0 else None
-    rest = tokens[:, start:]
-    out = []
-    for rows in _batches(len(row_patches), tokens.shape[1]):  # sized by the full length: each row holds the prefix's keys and values
-        batch = [Patch(p.site, i, p.position - start, p.value) for i, r in enumerate(rows) for p in row_patches[r]]
-        cache = run_cache(model, rest.expand(len(rows), -1), metric.names, interventions=patch_hooks(batch), prefix=prefix)
-        out.append(metric(cache, range(len(rows)), [position - start] * len(rows)))
-    return torch.cat(out)
 
 
 def _placebo(clean: torch.Tensor, other: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -289,11 +289,13 @@ def first_token_mark_patching(
     the same token after ``n_contexts`` stretches of ``text`` (1 to 32 tokens)."""
     sink_neurons = check_neurons(model, sink_neurons)
     if not sink_neurons:
-        raise SinklensError("no sink neurons to trace the mark to", "find them first (find_sink_neurons)")
+        raise SinklensError(
+            "no sink neurons to trace the mark to", "find them first (find_sink_neurons)"
+        )
     metric = SinkMetric(model, first, sink_neurons)
     layer = metric.layer
     text_ids = encode(model, text)
-    contexts = _contexts(model, text, n_contexts)
+    contexts = mark_contexts(model, text, n_contexts)
     sites = circuit_sites(model, layer)
     names = sorted({s.name for s in sites})
     generator = torch.Generator().manual_seed(seed)
@@ -302,22 +304,34 @@ def first_token_mark_patching(
     clean_metric = float(metric(clean, [0], [0])[0])
     runs = [torch.tensor([[first, *text_ids[:k], first]]) for k in contexts]
     corrupted = [run_cache(model, r, names + metric.names) for r in runs]
-    corrupted_metric = torch.stack([metric(c, [0], [r.shape[1] - 1])[0] for c, r in zip(corrupted, runs)])
+    corrupted_metric = torch.stack(
+        [metric(c, [0], [r.shape[1] - 1])[0] for c, r in zip(corrupted, runs)]
+    )
     if clean_metric - float(corrupted_metric.max()) <= min_effect * abs(clean_metric):
         raise SinklensError(
             f"the sink neurons are as active on the first token after text (up to {float(corrupted_metric.max()):.3g}) "
             f"as on the lone first token ({clean_metric:.3g}): the sink does not depend on the token being first, so "
-            "there is no mark to trace", "check with first_token_dependence(); the model marks the token, not the position")
+            "there is no mark to trace",
+            "check with first_token_dependence(); the model marks the token, not the position",
+        )
     gap = clean_metric - corrupted_metric
     clean_at = {s: read_site(clean, s, 0, 0) for s in sites}
-    corrupt_at = [{s: read_site(c, s, 0, r.shape[1] - 1) for s in sites} for c, r in zip(corrupted, runs)]
+    corrupt_at = [
+        {s: read_site(c, s, 0, r.shape[1] - 1) for s in sites} for c, r in zip(corrupted, runs)
+    ]
     heads = [s for s in sites if s.name.endswith("hook_z")]
 
     def in_context(position: int, keep: Site, value: torch.Tensor) -> list[Patch]:
         """Every head clean at ``position`` except ``keep`` (or ``keep``'s heads), which is set to ``value``."""
         layer_of = lambda site: site.name.split(".")[1]  # noqa: E731
-        skipped = {h for h in heads if h == keep or (keep.name.endswith("hook_attn_out") and layer_of(h) == layer_of(keep))}
-        return [Patch(h, 0, position, clean_at[h]) for h in heads if h not in skipped] + [Patch(keep, 0, position, value)]
+        skipped = {
+            h
+            for h in heads
+            if h == keep or (keep.name.endswith("hook_attn_out") and layer_of(h) == layer_of(keep))
+        }
+        return [Patch(h, 0, position, clean_at[h]) for h in heads if h not in skipped] + [
+            Patch(keep, 0, position, value)
+        ]
 
     effects = torch.zeros(3, len(sites), len(contexts))
     placebo = torch.zeros_like(effects)
@@ -329,7 +343,7 @@ def first_token_mark_patching(
             rows.append([Patch(s, 0, 0, corrupt[s])])
             rows.append([Patch(s, 0, 0, _placebo(clean_at[s], corrupt[s], generator))])
             index.append((i, c))
-    values = _run_rows(model, lone, rows, 0, metric).view(-1, 2)
+    values = run_rows(model, lone, rows, 0, metric).view(-1, 2)
     for (i, c), (real, fake) in zip(index, values):
         effects[0, i, c] = (clean_metric - real) / gap[c]
         placebo[0, i, c] = (clean_metric - fake) / gap[c]
@@ -342,29 +356,49 @@ def first_token_mark_patching(
             suff.append([Patch(s, 0, target, _placebo(corrupt[s], clean_at[s], generator))])
             ctx.append(in_context(target, s, corrupt[s]))
             ctx.append(in_context(target, s, _placebo(clean_at[s], corrupt[s], generator)))
-        values = _run_rows(model, run, suff, target, metric).view(-1, 2)
+        values = run_rows(model, run, suff, target, metric).view(-1, 2)
         effects[1, :, c] = (values[:, 0] - corrupted_metric[c]) / gap[c]
         placebo[1, :, c] = (values[:, 1] - corrupted_metric[c]) / gap[c]
         bar.update()
-        values = _run_rows(model, run, ctx, target, metric).view(-1, 2)
+        values = run_rows(model, run, ctx, target, metric).view(-1, 2)
         effects[2, :, c] = (clean_metric - values[:, 0]) / gap[c]
         placebo[2, :, c] = (clean_metric - values[:, 1]) / gap[c]
         bar.update()
     bar.close()
-    result = FirstTokenMarkPatching(token(model, first), sink_neurons, sites, contexts, clean_metric, corrupted_metric, effects,
-                          placebo, min_effect, [], torch.zeros(0), torch.zeros(0, len(contexts)), None, [], None, None)
+    result = FirstTokenMarkPatching(
+        token(model, first),
+        sink_neurons,
+        sites,
+        contexts,
+        clean_metric,
+        corrupted_metric,
+        effects,
+        placebo,
+        min_effect,
+        [],
+        torch.zeros(0),
+        torch.zeros(0, len(contexts)),
+        None,
+        [],
+        None,
+        None,
+    )
     _trace_neurons(model, result, lone, runs, metric, top_neurons)
     if repeat_word is not None:
         _repeat_positions(model, result, first, text_ids, repeat_word, n_repeats, metric, generator)
     return result
 
 
-def _trace_neurons(model, result: FirstTokenMarkPatching, lone, runs, metric: SinkMetric, top: int) -> None:
+def _trace_neurons(
+    model, result: FirstTokenMarkPatching, lone, runs, metric: SinkMetric, top: int
+) -> None:
     """Attribution for every MLP neuron before the (last) sink layer, then real necessity for the top ones."""
     if metric.layer == 0 or top < 1:
         return
     names = [neuron_hook_name(l) for l in range(metric.layer)]
-    grads = activation_gradients(model, lone, names, metric.at_lone_token, metric_names=metric.names)
+    grads = activation_gradients(
+        model, lone, names, metric.at_lone_token, metric_names=metric.names
+    )
     clean = run_cache(model, lone, names)
     later = [run_cache(model, r, names) for r in runs]
     gap = result.clean_metric - result.corrupted_metric
@@ -377,23 +411,35 @@ def _trace_neurons(model, result: FirstTokenMarkPatching, lone, runs, metric: Si
     attribution /= len(runs)
     order = attribution.abs().flatten().argsort(descending=True)[:top].tolist()
     chosen = [(i // model.cfg.d_mlp, i % model.cfg.d_mlp) for i in order]
-    rows = [[Patch(Site(neuron_hook_name(l), n), 0, 0, cache[neuron_hook_name(l)][0, -1, n])]
-            for cache in later for l, n in chosen]
-    values = _run_rows(model, lone, rows, 0, metric).view(len(runs), len(chosen)).T
+    rows = [
+        [Patch(Site(neuron_hook_name(l), n), 0, 0, cache[neuron_hook_name(l)][0, -1, n])]
+        for cache in later
+        for l, n in chosen
+    ]
+    values = run_rows(model, lone, rows, 0, metric).view(len(runs), len(chosen)).T
     result.neurons = chosen
     result.neuron_attribution = attribution.flatten()[order]
     result.neuron_necessity = (result.clean_metric - values) / gap[None]
 
 
-def _repeat_positions(model, result: FirstTokenMarkPatching, first, text_ids, word, n_repeats, metric: SinkMetric,
-                      generator) -> None:
+def _repeat_positions(
+    model,
+    result: FirstTokenMarkPatching,
+    first,
+    text_ids,
+    word,
+    n_repeats,
+    metric: SinkMetric,
+    generator,
+) -> None:
     """Necessity of each layer and mark-carrying head at the last repeat of ``word``, against the value
     the word has after natural text; skipped when the word's repeats do not drive the sink neurons."""
     repeat = repeated_tokens(model, word, n_repeats, first=first)
     word_id = int(repeat[0, -1])
     natural = torch.tensor([[first, *text_ids[:64], word_id]])
     sites = [s for s in result.sites if not s.name.endswith("hook_z")] + [
-        Site(get_act_name("z", l), h) for l, h in result.mark_heads()]
+        Site(get_act_name("z", l), h) for l, h in result.mark_heads()
+    ]
     names = sorted({s.name for s in sites})
     base = run_cache(model, repeat, names + metric.names)
     donor = run_cache(model, natural, names + metric.names)
@@ -407,7 +453,7 @@ def _repeat_positions(model, result: FirstTokenMarkPatching, first, text_ids, wo
         value = read_site(donor, s, 0, natural.shape[1] - 1)
         rows.append([Patch(s, 0, last, value)])
         rows.append([Patch(s, 0, last, _placebo(read_site(base, s, 0, last), value, generator))])
-    values = _run_rows(model, repeat, rows, last, metric).view(-1, 2)
+    values = run_rows(model, repeat, rows, last, metric).view(-1, 2)
     result.repeat_word = token(model, word_id)
     result.repeat_sites = sites
     result.repeat_effects = ((m_repeat - values[:, 0]) / (m_repeat - m_natural))[:, None]

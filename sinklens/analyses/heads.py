@@ -58,39 +58,81 @@ class HeadBehaviour(Result):
 
     def to_frame(self) -> pd.DataFrame:
         n_inputs, n_heads = self.self_attention.shape
-        return pd.DataFrame({
-            "input": [label for label in self.labels for _ in range(n_heads)],
-            "layer": self.layer,
-            "head": list(range(n_heads)) * n_inputs,
-            "self_attention": self.self_attention.flatten().tolist(),
-            "uniform_self": self.uniform_self.repeat_interleave(n_heads).tolist(),
-            "first_attention": self.first_attention.flatten().tolist(),
-            "other_attention": self.other_attention.flatten().tolist(),
-            "self_score_gap": self.score_gap.flatten().tolist(),
-            "gap_ci_low": self.score_gap_low.flatten().tolist(),
-            "gap_ci_high": self.score_gap_high.flatten().tolist(),
-        })
+        return pd.DataFrame(
+            {
+                "input": [label for label in self.labels for _ in range(n_heads)],
+                "layer": self.layer,
+                "head": list(range(n_heads)) * n_inputs,
+                "self_attention": self.self_attention.flatten().tolist(),
+                "uniform_self": self.uniform_self.repeat_interleave(n_heads).tolist(),
+                "first_attention": self.first_attention.flatten().tolist(),
+                "other_attention": self.other_attention.flatten().tolist(),
+                "self_score_gap": self.score_gap.flatten().tolist(),
+                "gap_ci_low": self.score_gap_low.flatten().tolist(),
+                "gap_ci_high": self.score_gap_high.flatten().tolist(),
+            }
+        )
 
     def plot(self) -> go.Figure:
-        fig = make_subplots(rows=1, cols=2, subplot_titles=["Attention to itself (dashed: a uniform head)",
-                                                            "Own-key score minus other keys' (95% CI)"])
+        fig = make_subplots(
+            rows=1,
+            cols=2,
+            subplot_titles=[
+                "Attention to itself (dashed: a uniform head)",
+                "Own-key score minus other keys' (95% CI)",
+            ],
+        )
         heads = list(range(self.self_attention.shape[1]))
         for i, label in enumerate(self.labels):
-            fig.add_bar(x=heads, y=self.self_attention[i].tolist(), name=label, legendgroup=label, row=1, col=1)
-            fig.add_scatter(x=[heads[0] - 0.5, heads[-1] + 0.5], y=[float(self.uniform_self[i])] * 2, mode="lines",
-                            line=dict(dash="dash"), showlegend=False, legendgroup=label, row=1, col=1)
-            error = dict(type="data", symmetric=False, array=(self.score_gap_high[i] - self.score_gap[i]).tolist(),
-                         arrayminus=(self.score_gap[i] - self.score_gap_low[i]).tolist())
-            fig.add_scatter(x=heads, y=self.score_gap[i].tolist(), error_y=error, mode="markers", name=label,
-                            legendgroup=label, showlegend=False, row=1, col=2)
+            fig.add_bar(
+                x=heads,
+                y=self.self_attention[i].tolist(),
+                name=label,
+                legendgroup=label,
+                row=1,
+                col=1,
+            )
+            fig.add_scatter(
+                x=[heads[0] - 0.5, heads[-1] + 0.5],
+                y=[float(self.uniform_self[i])] * 2,
+                mode="lines",
+                line=dict(dash="dash"),
+                showlegend=False,
+                legendgroup=label,
+                row=1,
+                col=1,
+            )
+            error = dict(
+                type="data",
+                symmetric=False,
+                array=(self.score_gap_high[i] - self.score_gap[i]).tolist(),
+                arrayminus=(self.score_gap[i] - self.score_gap_low[i]).tolist(),
+            )
+            fig.add_scatter(
+                x=heads,
+                y=self.score_gap[i].tolist(),
+                error_y=error,
+                mode="markers",
+                name=label,
+                legendgroup=label,
+                showlegend=False,
+                row=1,
+                col=2,
+            )
         fig.add_hline(y=0, line_dash="dot", row=1, col=2)
         fig.update_xaxes(title_text="Head")
-        fig.update_layout(title=f"Layer {self.layer}: does a token attend to itself or to the others?")
+        fig.update_layout(
+            title=f"Layer {self.layer}: does a token attend to itself or to the others?"
+        )
         return fig
 
     def summary(self) -> dict:
-        return {"layer": self.layer, "inputs": self.labels, "scores_own_key_low": self.scores_own_key_low(),
-                "heads": self.to_frame().to_dict("records")}
+        return {
+            "layer": self.layer,
+            "inputs": self.labels,
+            "scores_own_key_low": self.scores_own_key_low(),
+            "heads": self.to_frame().to_dict("records"),
+        }
 
 
 def head_behaviour(
@@ -99,10 +141,14 @@ def head_behaviour(
     """Attention statistics of every head of ``layer`` on each input (label -> ``[first] + tokens``)."""
     layer = check_layer(model, layer)
     if not inputs or any(t.shape[1] < 3 for t in inputs.values()):
-        raise SinklensError("head behaviour needs inputs of at least 3 tokens",
-                            "pass natural text and a repeated sequence, [first] + tokens")
+        raise SinklensError(
+            "head behaviour needs inputs of at least 3 tokens",
+            "pass natural text and a repeated sequence, [first] + tokens",
+        )
     names = [get_act_name("pattern", layer), get_act_name("attn_scores", layer)]
-    rows = {key: [] for key in ("self", "first", "gap", "low", "high")}
+    rows: dict[str, list[torch.Tensor]] = {
+        key: [] for key in ("self", "first", "gap", "low", "high")
+    }
     uniform = []
     for tokens in inputs.values():
         cache = run_cache(model, tokens[:1], names)
@@ -111,14 +157,32 @@ def head_behaviour(
         query = torch.arange(1, n)
         rows["self"].append(pattern[:, query, query].mean(-1))
         rows["first"].append(pattern[:, 1:, 0].mean(-1))
-        visible = scores > torch.finfo(scores.dtype).min / 2  # sliding-window layers hide distant keys
-        uniform.append(float((1.0 / visible[0, query].sum(-1)).mean()))  # one over the keys a query can see
+        visible = (
+            scores > torch.finfo(scores.dtype).min / 2
+        )  # sliding-window layers hide distant keys
+        uniform.append(
+            float((1.0 / visible[0, query].sum(-1)).mean())
+        )  # one over the keys a query can see
         others = torch.where(visible, scores, 0.0)
-        gaps = torch.stack([scores[:, i, i] - others[:, i, 1:i].sum(-1) / visible[:, i, 1:i].sum(-1).clamp(min=1)
-                            for i in range(2, n)], dim=-1)  # [head, i]
+        gaps = torch.stack(
+            [
+                scores[:, i, i]
+                - others[:, i, 1:i].sum(-1) / visible[:, i, 1:i].sum(-1).clamp(min=1)
+                for i in range(2, n)
+            ],
+            dim=-1,
+        )  # [head, i]
         intervals = [mean_interval(g) for g in gaps]
         for key, k in (("gap", 0), ("low", 1), ("high", 2)):
             rows[key].append(torch.tensor([iv[k] for iv in intervals]))
     stack = {key: torch.stack(value) for key, value in rows.items()}
-    return HeadBehaviour(layer, list(inputs), stack["self"], stack["first"], torch.tensor(uniform), stack["gap"],
-                         stack["low"], stack["high"])
+    return HeadBehaviour(
+        layer,
+        list(inputs),
+        stack["self"],
+        stack["first"],
+        torch.tensor(uniform),
+        stack["gap"],
+        stack["low"],
+        stack["high"],
+    )

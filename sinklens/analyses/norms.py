@@ -40,7 +40,11 @@ from sinklens.settings import SINK_FRACTION
 
 
 def resid_norms(
-    model: TransformerBridge, tokens: Int[torch.Tensor, "batch pos"], layer: int, *, interventions: Sequence[Hook] = ()
+    model: TransformerBridge,
+    tokens: Int[torch.Tensor, "batch pos"],
+    layer: int,
+    *,
+    interventions: Sequence[Hook] = (),
 ) -> Float[torch.Tensor, "batch pos"]:
     """L2 norm of ``blocks.{layer}.hook_resid_post`` at every position (under ``interventions``, if any)."""
     name = act_name("resid_post", check_layer(model, layer))
@@ -65,12 +69,18 @@ class NormBaseline(Result):
         return float(self.token_norms[1:].mean())
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame({"position": range(len(self.token_norms)), "norm": self.token_norms.tolist()})
+        return pd.DataFrame(
+            {"position": range(len(self.token_norms)), "norm": self.token_norms.tolist()}
+        )
 
     def plot(self) -> go.Figure:
         fig = go.Figure(go.Scatter(y=self.token_norms.tolist(), mode="lines", name="token norm"))
         return with_reference_line(
-            fig, self.typical_norm, "typical", f"Natural-text norms at layer {self.layer}", "Position",
+            fig,
+            self.typical_norm,
+            "typical",
+            f"Natural-text norms at layer {self.layer}",
+            "Position",
             "Hidden state norm",
         )
 
@@ -83,12 +93,16 @@ class NormBaseline(Result):
         }
 
 
-def norm_baseline(model: TransformerBridge, layer: int, text: Int[torch.Tensor, "1 pos"]) -> NormBaseline:
+def norm_baseline(
+    model: TransformerBridge, layer: int, text: Int[torch.Tensor, "1 pos"]
+) -> NormBaseline:
     """Measure ``text`` (``[first] + tokens``, see :func:`sinklens.run.tokens.text_tokens`) at ``layer``."""
     return NormBaseline(layer, token(model, int(text[0, 0])), resid_norms(model, text, layer)[0])
 
 
-def sink_threshold(first_norm: float, typical: float, sink_fraction: float = SINK_FRACTION) -> float:
+def sink_threshold(
+    first_norm: float, typical: float, sink_fraction: float = SINK_FRACTION
+) -> float:
     """The norm at ``sink_fraction`` of the way from typical to the first token, in log space."""
     return math.exp(math.log(typical) + sink_fraction * (math.log(first_norm) - math.log(typical)))
 
@@ -116,7 +130,9 @@ class RepetitionCurves(Result):
     layer: int
     first_token: Token
     words: list[Token]
-    norms: Float[torch.Tensor, "word pos"]  # position 0 is the first token, position n the n-th repeat
+    norms: Float[
+        torch.Tensor, "word pos"
+    ]  # position 0 is the first token, position n the n-th repeat
     baseline: NormBaseline  # measured on the intact model: it defines the sink regime
     sink_fraction: float
     condition: str = "original"  # what the model ran under, e.g. "sink neurons ablated"
@@ -133,7 +149,9 @@ class RepetitionCurves(Result):
     @property
     def threshold(self) -> float:
         """The sink regime's lower edge, from the intact model's baseline."""
-        return sink_threshold(self.baseline.first_token_norm, self.baseline.typical_norm, self.sink_fraction)
+        return sink_threshold(
+            self.baseline.first_token_norm, self.baseline.typical_norm, self.sink_fraction
+        )
 
     @property
     def repeats_to_sink(self) -> list[int | None]:
@@ -182,7 +200,9 @@ class RepetitionCurves(Result):
                     "repeats_to_sink": r,
                     "first_crossing": c,
                 }
-                for w, m, r, c in zip(self.words, self.max_norms, self.repeats_to_sink, self.first_crossings)
+                for w, m, r, c in zip(
+                    self.words, self.max_norms, self.repeats_to_sink, self.first_crossings
+                )
             ],
         }
 
@@ -207,12 +227,17 @@ def repetition_curves(
     name them in ``condition``. ``baseline`` should come from the intact model.
     """
     start = first_token(model, first)
-    sequences = [repeated_tokens(model, w.id if isinstance(w, Token) else w, n_repeats, first=first) for w in words]
+    sequences = [
+        repeated_tokens(model, w.id if isinstance(w, Token) else w, n_repeats, first=first)
+        for w in words
+    ]
     tokens = [token(model, int(seq[0, -1])) for seq in sequences]
     if progress:
         sequences = tqdm(sequences, desc=f"repetition curves ({condition})")
     rows = [resid_norms(model, seq, layer, interventions=interventions)[0] for seq in sequences]
-    return RepetitionCurves(layer, start, tokens, torch.stack(rows), baseline, sink_fraction, condition)
+    return RepetitionCurves(
+        layer, start, tokens, torch.stack(rows), baseline, sink_fraction, condition
+    )
 
 
 def plot_repetition_curves(*results: RepetitionCurves) -> go.Figure:
@@ -222,7 +247,9 @@ def plot_repetition_curves(*results: RepetitionCurves) -> go.Figure:
     words = first.words
     cols = min(len(words), 3)
     rows = -(-len(words) // cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[repr(w.text) for w in words], shared_yaxes=True)
+    fig = make_subplots(
+        rows=rows, cols=cols, subplot_titles=[repr(w.text) for w in words], shared_yaxes=True
+    )
     x = list(range(first.norms.shape[1]))
     lines = [
         (first.baseline.first_token_norm, f"first token {first.first_token.text!r}", "firebrick"),
@@ -233,14 +260,34 @@ def plot_repetition_curves(*results: RepetitionCurves) -> go.Figure:
     for i in range(len(words)):
         r, c = divmod(i, cols)
         for k, result in enumerate(results):
-            fig.add_scatter(x=x, y=result.norms[i].tolist(), mode="lines", name=result.condition,
-                            legendgroup=result.condition, showlegend=i == 0 and len(results) > 1,
-                            line_color=colors[k % len(colors)], row=r + 1, col=c + 1)
+            fig.add_scatter(
+                x=x,
+                y=result.norms[i].tolist(),
+                mode="lines",
+                name=result.condition,
+                legendgroup=result.condition,
+                showlegend=i == 0 and len(results) > 1,
+                line_color=colors[k % len(colors)],
+                row=r + 1,
+                col=c + 1,
+            )
         for value, name, color in lines:
-            fig.add_scatter(x=[0, x[-1]], y=[value, value], mode="lines", name=name, legendgroup=name,
-                            showlegend=i == 0, line=dict(color=color, dash="dash"), row=r + 1, col=c + 1)
+            fig.add_scatter(
+                x=[0, x[-1]],
+                y=[value, value],
+                mode="lines",
+                name=name,
+                legendgroup=name,
+                showlegend=i == 0,
+                line=dict(color=color, dash="dash"),
+                row=r + 1,
+                col=c + 1,
+            )
     fig.update_yaxes(type="log")
     fig.update_xaxes(title_text="Number of repetitions")
     fig.update_yaxes(title_text="Hidden state norm", col=1)
-    fig.update_layout(title=f"Hidden-state norm at the sink layer ({first.layer}) vs repetitions", height=320 * rows)
+    fig.update_layout(
+        title=f"Hidden-state norm at the sink layer ({first.layer}) vs repetitions",
+        height=320 * rows,
+    )
     return fig

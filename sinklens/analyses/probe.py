@@ -65,7 +65,9 @@ class FirstTokenProbe(Result):
     repeat_label: str
     repeat_first: Float[torch.Tensor, "layer pos"]  # 1 where the probe calls the position first
 
-    def predict(self, features: Float[torch.Tensor, "... d_model"], layer_index: int) -> torch.Tensor:
+    def predict(
+        self, features: Float[torch.Tensor, "... d_model"], layer_index: int
+    ) -> torch.Tensor:
         """1 where the probe of ``layers[layer_index]`` calls the token first."""
         z = (features.float().cpu() - self.mean[layer_index]) / self.scale[layer_index]
         return ((z @ self.weights[layer_index] + self.bias[layer_index]) > 0).float()
@@ -80,27 +82,56 @@ class FirstTokenProbe(Result):
                     break
                 calls = self.repeat_first[i, low : min(high, n + 1)]
                 share, ci_low, ci_high = proportion_interval(int(calls.sum()), calls.numel())
-                rows.append({"layer": _name(layer), "repeats": f"{low}-{min(high, n + 1) - 1}", "n": calls.numel(),
-                             "first_share": share, "ci_low": ci_low, "ci_high": ci_high})
+                rows.append(
+                    {
+                        "layer": _name(layer),
+                        "repeats": f"{low}-{min(high, n + 1) - 1}",
+                        "n": calls.numel(),
+                        "first_share": share,
+                        "ci_low": ci_low,
+                        "ci_high": ci_high,
+                    }
+                )
         return rows
 
     def to_frame(self) -> pd.DataFrame:
-        frame = pd.DataFrame({"layer": [_name(l) for l in self.layers], "accuracy": self.accuracy.tolist(),
-                              "balanced_accuracy": self.balanced_accuracy.tolist(),
-                              "first_share_on_repeats": self.repeat_first[:, 1:].mean(-1).tolist()})
+        frame = pd.DataFrame(
+            {
+                "layer": [_name(l) for l in self.layers],
+                "accuracy": self.accuracy.tolist(),
+                "balanced_accuracy": self.balanced_accuracy.tolist(),
+                "first_share_on_repeats": self.repeat_first[:, 1:].mean(-1).tolist(),
+            }
+        )
         frame["n_train"], frame["n_test"] = self.n_train, self.n_test
         return frame
 
     def plot(self) -> go.Figure:
         names = [_name(l) for l in self.layers]
-        fig = make_subplots(rows=1, cols=2, subplot_titles=["Held-out accuracy", f"Called first, along {self.repeat_label}"])
-        fig.add_scatter(x=names, y=self.balanced_accuracy.tolist(), mode="lines+markers", name="balanced accuracy",
-                        row=1, col=1)
+        fig = make_subplots(
+            rows=1,
+            cols=2,
+            subplot_titles=["Held-out accuracy", f"Called first, along {self.repeat_label}"],
+        )
+        fig.add_scatter(
+            x=names,
+            y=self.balanced_accuracy.tolist(),
+            mode="lines+markers",
+            name="balanced accuracy",
+            row=1,
+            col=1,
+        )
         window = max(1, self.repeat_first.shape[1] // 50)
         for name, calls in zip(names, self.repeat_first):
             smoothed = torch.nn.functional.avg_pool1d(calls[1:][None, None], window, window)[0, 0]
-            fig.add_scatter(x=(torch.arange(len(smoothed)) * window + 1).tolist(), y=smoothed.tolist(), mode="lines",
-                            name=f"layer {name}", row=1, col=2)
+            fig.add_scatter(
+                x=(torch.arange(len(smoothed)) * window + 1).tolist(),
+                y=smoothed.tolist(),
+                mode="lines",
+                name=f"layer {name}",
+                row=1,
+                col=2,
+            )
         fig.update_yaxes(range=[0, 1.02])
         fig.update_xaxes(title_text="Layer", row=1, col=1)
         fig.update_xaxes(title_text="Repeats", row=1, col=2)
@@ -108,13 +139,28 @@ class FirstTokenProbe(Result):
         return fig
 
     def summary(self) -> dict:
-        return {"layers": [_name(l) for l in self.layers], "n_train": self.n_train, "n_test": self.n_test,
-                "seed": self.seed, "repeat_input": self.repeat_label,
-                "per_layer": [{"layer": _name(l), "accuracy": float(a), "balanced_accuracy": float(b),
-                               "first_share_on_repeats": float(s)}
-                              for l, a, b, s in zip(self.layers, self.accuracy, self.balanced_accuracy,
-                                                    self.repeat_first[:, 1:].mean(-1))],
-                "first_share_by_repeats": self.first_share_on_repeats()}
+        return {
+            "layers": [_name(l) for l in self.layers],
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            "seed": self.seed,
+            "repeat_input": self.repeat_label,
+            "per_layer": [
+                {
+                    "layer": _name(l),
+                    "accuracy": float(a),
+                    "balanced_accuracy": float(b),
+                    "first_share_on_repeats": float(s),
+                }
+                for l, a, b, s in zip(
+                    self.layers,
+                    self.accuracy,
+                    self.balanced_accuracy,
+                    self.repeat_first[:, 1:].mean(-1),
+                )
+            ],
+            "first_share_by_repeats": self.first_share_on_repeats(),
+        }
 
 
 def _name(layer: int | None) -> str:
@@ -144,14 +190,21 @@ def train_first_token_probe(
     layers = [None, *range(max_layer + 1)] if layers is None else list(layers)
     for layer in layers:
         if layer is not None and check_layer(model, layer) > max_layer:
-            raise SinklensError(f"layer {layer} is past the sink layer {max_layer}",
-                                f"probe layers up to {max_layer}; past the sink layer the first token's norm alone "
-                                "gives it away")
+            raise SinklensError(
+                f"layer {layer} is past the sink layer {max_layer}",
+                f"probe layers up to {max_layer}; past the sink layer the first token's norm alone "
+                "gives it away",
+            )
     chunks = word_chunks(model, text, n_chunks=n_chunks, leading_space=leading_space)
     if chunks.shape[0] < MIN_CHUNKS:
-        raise SinklensError(f"the text gives {chunks.shape[0]} three-word chunks, too few to train a probe "
-                            f"(at least {MIN_CHUNKS})", "pass a longer natural text")
-    train, test = train_test_split(torch.arange(chunks.shape[0]).numpy(), test_size=HELD_OUT, random_state=seed)
+        raise SinklensError(
+            f"the text gives {chunks.shape[0]} three-word chunks, too few to train a probe "
+            f"(at least {MIN_CHUNKS})",
+            "pass a longer natural text",
+        )
+    train, test = train_test_split(
+        torch.arange(chunks.shape[0]).numpy(), test_size=HELD_OUT, random_state=seed
+    )
     labels = torch.tensor([1, 0, 0])
     names = sorted({probe_hook(layer) for layer in layers})
     cache = run_cache(model, chunks, names)
@@ -159,7 +212,10 @@ def train_first_token_probe(
     weights, biases, means, scales, accuracy, balanced, calls = [], [], [], [], [], [], []
     for layer in layers:
         features = cache[probe_hook(layer)].cpu()  # [chunk, pos, d_model]
-        x_train, x_test = features[train].flatten(0, 1).numpy(), features[test].flatten(0, 1).numpy()
+        x_train, x_test = (
+            features[train].flatten(0, 1).numpy(),
+            features[test].flatten(0, 1).numpy(),
+        )
         y_train, y_test = labels.repeat(len(train)).numpy(), labels.repeat(len(test)).numpy()
         scaler = StandardScaler().fit(x_train)
         fit = LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed)
@@ -173,6 +229,17 @@ def train_first_token_probe(
         scales.append(torch.tensor(scaler.scale_, dtype=torch.float32))
         z = (along[probe_hook(layer)][0].cpu() - means[-1]) / scales[-1]
         calls.append(((z @ weights[-1] + biases[-1]) > 0).float())
-    return FirstTokenProbe(layers, torch.stack(weights), torch.tensor(biases), torch.stack(means), torch.stack(scales),
-                           torch.tensor(accuracy), torch.tensor(balanced), len(train), len(test), seed, repeat_label,
-                           torch.stack(calls))
+    return FirstTokenProbe(
+        layers,
+        torch.stack(weights),
+        torch.tensor(biases),
+        torch.stack(means),
+        torch.stack(scales),
+        torch.tensor(accuracy),
+        torch.tensor(balanced),
+        len(train),
+        len(test),
+        seed,
+        repeat_label,
+        torch.stack(calls),
+    )

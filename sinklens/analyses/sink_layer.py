@@ -44,7 +44,9 @@ class SinkLayer(Result):
 
     first_token: Token
     first_token_norms: Float[torch.Tensor, " layer"]
-    other_token_norms: Float[torch.Tensor, " layer"] | None  # median over a reference text's later tokens
+    other_token_norms: (
+        Float[torch.Tensor, " layer"] | None
+    )  # median over a reference text's later tokens
     n_sigma: float
     threshold: float
     sink_layer: int
@@ -52,7 +54,11 @@ class SinkLayer(Result):
 
     @property
     def ratios(self) -> Float[torch.Tensor, " layer"] | None:
-        return None if self.other_token_norms is None else self.first_token_norms / self.other_token_norms
+        return (
+            None
+            if self.other_token_norms is None
+            else self.first_token_norms / self.other_token_norms
+        )
 
     @property
     def sink_range(self) -> list[int]:
@@ -78,19 +84,32 @@ class SinkLayer(Result):
         )
         if self.other_token_norms is not None:
             frame["other_token_median_norm"] = self.other_token_norms.tolist()
-            frame["ratio"] = self.ratios.tolist()
+            ratios = self.ratios
+            assert ratios is not None  # other_token_norms is set
+            frame["ratio"] = ratios.tolist()
         return frame
 
     def plot(self) -> go.Figure:
         layers = list(range(len(self.first_token_norms)))
         fig = go.Figure()
-        fig.add_bar(x=layers, y=self.first_token_norms.tolist(), name=f"first token {self.first_token.text!r}")
+        fig.add_bar(
+            x=layers,
+            y=self.first_token_norms.tolist(),
+            name=f"first token {self.first_token.text!r}",
+        )
         if self.other_token_norms is not None:
-            fig.add_scatter(x=layers, y=self.other_token_norms.tolist(), mode="lines+markers",
-                            name="later tokens (median)")
+            fig.add_scatter(
+                x=layers,
+                y=self.other_token_norms.tolist(),
+                mode="lines+markers",
+                name="later tokens (median)",
+            )
         return with_reference_line(
-            fig, self.threshold, f"mean + {self.n_sigma:g} sigma",
-            f"MLP output norm per layer: sink layer {self.sink_layer} ({self.method})", "Layer",
+            fig,
+            self.threshold,
+            f"mean + {self.n_sigma:g} sigma",
+            f"MLP output norm per layer: sink layer {self.sink_layer} ({self.method})",
+            "Layer",
             "||blocks.L.hook_mlp_out||",
         )
 
@@ -107,7 +126,9 @@ class SinkLayer(Result):
         }
 
 
-def sink_layer_threshold(norms: Float[torch.Tensor, " layer"], n_sigma: float = PAPER_N_SIGMA) -> float:
+def sink_layer_threshold(
+    norms: Float[torch.Tensor, " layer"], n_sigma: float = PAPER_N_SIGMA
+) -> float:
     """``mean + n_sigma * std`` of per-layer norms (the notebook's heuristic)."""
     return float(norms.mean() + n_sigma * norms.std())
 
@@ -128,10 +149,15 @@ def find_sink_layer(
     start = first_token(model, first)
     n_layers = min(max_layer or model.cfg.n_layers, model.cfg.n_layers)
     if n_layers < 2:
-        raise SinklensError(f"max_layer={max_layer} leaves fewer than 2 layers to compare", "pass max_layer >= 2")
+        raise SinklensError(
+            f"max_layer={max_layer} leaves fewer than 2 layers to compare", "pass max_layer >= 2"
+        )
     tokens = torch.tensor([[start.id]]) if reference is None else reference
     if int(tokens[0, 0]) != start.id:
-        raise SinklensError("the reference tokens do not start with the first token", "build them with text_tokens()")
+        raise SinklensError(
+            "the reference tokens do not start with the first token",
+            "build them with text_tokens()",
+        )
     names = [act_name("mlp_out", layer) for layer in range(n_layers)]
     cache = run_cache(model, tokens, names, reduce=l2_norms)
     norms = torch.stack([cache[n][0] for n in names]).cpu()  # [layer, pos]

@@ -41,8 +41,8 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
@@ -50,10 +50,18 @@ from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from transformer_lens.model_bridge import TransformerBridge
 
+from sinklens.analyses.neuron_writes import (
+    lower_median,
+    ranked,
+    ranking_scores,
+    removed_shares,
+    super_weights,
+    write_scales,
+)
 from sinklens.analyses.sink_layer import SIGMA_RULE, SinkLayer, find_sink_layer
 from sinklens.errors import SinklensError
 from sinklens.results import Result
-from sinklens.run.cache import SharedPrefix, act_name, check_layer, run_cache, shared_prefix
+from sinklens.run.cache import act_name, check_layer, run_cache
 from sinklens.run.interventions import Neuron, ablation_hooks, neuron_hook_name
 from sinklens.run.tokens import Token, repeated_tokens, token
 from sinklens.settings import (
@@ -88,7 +96,9 @@ class SinkNeurons(Result):
     criterion: str
     paper_scores: Float[torch.Tensor, "layer d_mlp"]
     direct_contributions: Float[torch.Tensor, "layer d_mlp"]
-    text_activations: Float[torch.Tensor, "layer d_mlp"]  # median |hook_post| over natural text's later tokens
+    text_activations: Float[
+        torch.Tensor, "layer d_mlp"
+    ]  # median |hook_post| over natural text's later tokens
     notebook_scores: Float[torch.Tensor, " d_mlp"] | None
     notebook_input: str
     candidates: list[Neuron]
@@ -101,10 +111,14 @@ class SinkNeurons(Result):
     massive_values: Float[torch.Tensor, " dim"]
     w_out_top_dims: list[int]  # per candidate: the d_model index of its largest |W_out| entry
     w_out_top_values: Float[torch.Tensor, " candidate"]
-    w_out_top_ranks: list[int]  # that entry's rank by |value| among all of its layer's W_out entries
+    w_out_top_ranks: list[
+        int
+    ]  # that entry's rank by |value| among all of its layer's W_out entries
 
     def __post_init__(self) -> None:
-        self.candidates = [tuple(c) for c in self.candidates]  # lists after a round trip through a file
+        self.candidates = [
+            (layer, index) for layer, index in self.candidates
+        ]  # lists after a round trip through a file
 
     @property
     def sink_layer(self) -> int:
@@ -133,11 +147,11 @@ class SinkNeurons(Result):
     @property
     def removed_shares(self) -> Float[torch.Tensor, " k"]:
         """Share of the first token's excess norm removed by ablating the top k candidates."""
-        return _removed_shares(self.cumulative_norms, self.cumulative_norms[0], self.typical_norm)
+        return removed_shares(self.cumulative_norms, self.cumulative_norms[0], self.typical_norm)
 
     @property
     def individual_shares(self) -> Float[torch.Tensor, " candidate"]:
-        return _removed_shares(self.individual_norms, self.cumulative_norms[0], self.typical_norm)
+        return removed_shares(self.individual_norms, self.cumulative_norms[0], self.typical_norm)
 
     @property
     def notebook_neurons(self) -> list[int] | None:
@@ -162,7 +176,7 @@ class SinkNeurons(Result):
             frame["notebook_score"] = self.notebook_scores.tolist()
         order = {neuron: i for i, neuron in enumerate(self.candidates)}
         rank = torch.empty(frame.shape[0], dtype=torch.long)
-        rank[_ranked(self._ranking_scores())] = torch.arange(1, frame.shape[0] + 1)
+        rank[ranked(self.ranking_scores())] = torch.arange(1, frame.shape[0] + 1)
         frame["rank"] = rank.tolist()
         extra = {
             "ablated_share": self.individual_shares.tolist(),
@@ -171,9 +185,17 @@ class SinkNeurons(Result):
             "w_out_top_rank": self.w_out_top_ranks,
         }
         for column, values in extra.items():
-            picked = [values[order[(l, n)]] if (l, n) in order else None for l, n in zip(frame["layer"], frame["neuron"])]
-            frame[column] = pd.array(picked, dtype="Int64" if column in ("w_out_top_dim", "w_out_top_rank") else "Float64")
-        frame["sink_neuron"] = [(l, n) in set(self.sink_neurons) for l, n in zip(frame["layer"], frame["neuron"])]
+            picked = [
+                values[order[(l, n)]] if (l, n) in order else None
+                for l, n in zip(frame["layer"], frame["neuron"])
+            ]
+            frame[column] = pd.array(
+                picked,
+                dtype="Int64" if column in ("w_out_top_dim", "w_out_top_rank") else "Float64",
+            )
+        frame["sink_neuron"] = [
+            (l, n) in set(self.sink_neurons) for l, n in zip(frame["layer"], frame["neuron"])
+        ]
         return frame.sort_values("rank").reset_index(drop=True)
 
     def candidate_frame(self) -> pd.DataFrame:
@@ -181,36 +203,69 @@ class SinkNeurons(Result):
         frame = self.to_frame().set_index(["layer", "neuron"])
         return frame.loc[self.candidates].reset_index()
 
-    def _ranking_scores(self) -> torch.Tensor:
-        return _ranking_scores(self.criterion, self.paper_scores, self.direct_contributions, self.notebook_scores)
+    def ranking_scores(self) -> torch.Tensor:
+        return ranking_scores(
+            self.criterion, self.paper_scores, self.direct_contributions, self.notebook_scores
+        )
 
     def plot(self) -> go.Figure:
         top = min(len(self.candidates), 20)
         labels = [f"L{layer}.{index}" for layer, index in self.candidates[:top]]
-        fig = make_subplots(rows=1, cols=2, subplot_titles=[
-            "First-token norm with the top-k candidates ablated", "Each candidate ablated alone"])
-        fig.add_scatter(x=list(range(len(self.cumulative_norms))), y=self.cumulative_norms.tolist(),
-                        mode="lines+markers", name="first-token norm", row=1, col=1)
+        fig = make_subplots(
+            rows=1,
+            cols=2,
+            subplot_titles=[
+                "First-token norm with the top-k candidates ablated",
+                "Each candidate ablated alone",
+            ],
+        )
+        fig.add_scatter(
+            x=list(range(len(self.cumulative_norms))),
+            y=self.cumulative_norms.tolist(),
+            mode="lines+markers",
+            name="first-token norm",
+            row=1,
+            col=1,
+        )
         target = self.first_token_norm - self.share * (self.first_token_norm - self.typical_norm)
-        for value, name, color in ((self.typical_norm, "typical", "gray"),
-                                   (target, f"{self.share:.0%} of the excess removed", "orange")):
-            fig.add_scatter(x=[0, len(self.cumulative_norms) - 1], y=[value, value], mode="lines", name=name,
-                            line=dict(color=color, dash="dash"), row=1, col=1)
+        for value, name, color in (
+            (self.typical_norm, "typical", "gray"),
+            (target, f"{self.share:.0%} of the excess removed", "orange"),
+        ):
+            fig.add_scatter(
+                x=[0, len(self.cumulative_norms) - 1],
+                y=[value, value],
+                mode="lines",
+                name=name,
+                line=dict(color=color, dash="dash"),
+                row=1,
+                col=1,
+            )
         colors = ["firebrick" if i < self.n_sink else "steelblue" for i in range(top)]
-        fig.add_bar(x=labels, y=self.individual_shares[:top].tolist(), marker_color=colors,
-                    name="share of the excess removed", row=1, col=2)
+        fig.add_bar(
+            x=labels,
+            y=self.individual_shares[:top].tolist(),
+            marker_color=colors,
+            name="share of the excess removed",
+            row=1,
+            col=2,
+        )
         fig.update_yaxes(type="log", title_text="||blocks.L.hook_resid_post||", row=1, col=1)
         fig.update_xaxes(title_text="Top-k candidates ablated", row=1, col=1)
         fig.update_yaxes(title_text="Share of the excess norm removed", row=1, col=2)
-        fig.update_layout(title=f"Sink neurons ({self.case}, layers {self.layers[0]}-{self.sink_layer}): "
-                                f"{self.describe_neurons()}")
+        fig.update_layout(
+            title=f"Sink neurons ({self.case}, layers {self.layers[0]}-{self.sink_layer}): "
+            f"{self.describe_neurons()}"
+        )
         return fig
 
     def describe_neurons(self) -> str:
         if not self.sink_neurons:
             return "none found"
-        return "; ".join(f"layer {layer}: {', '.join(map(str, indices))}"
-                         for layer, indices in self.sink_neurons_by_layer.items())
+        return "; ".join(
+            f"layer {layer}: {', '.join(map(str, indices))}"
+            for layer, indices in self.sink_neurons_by_layer.items()
+        )
 
     def summary(self) -> dict:
         return {
@@ -225,14 +280,18 @@ class SinkNeurons(Result):
             "first_token_norm": self.first_token_norm,
             "first_token_norm_ablated": self.first_token_norm_ablated,
             "typical_norm": self.typical_norm,
-            "notebook_rule": None if self.notebook_scores is None else {
-                "input": self.notebook_input, "top": self.notebook_neurons},
-            "massive_dims": [{"dim": d, "value": v} for d, v in zip(self.massive_dims, self.massive_values.tolist())],
+            "notebook_rule": None
+            if self.notebook_scores is None
+            else {"input": self.notebook_input, "top": self.notebook_neurons},
+            "massive_dims": [
+                {"dim": d, "value": v}
+                for d, v in zip(self.massive_dims, self.massive_values.tolist())
+            ],
             "candidates": self.candidate_frame().to_dict("records"),
         }
 
 
-def _layer_list(layers: int | Sequence[int]) -> list:
+def _layer_list(layers: Any) -> list:  # Any: an int, numpy or torch integer, or a sequence of them
     """One layer (any integer type) or several, as a list."""
     try:
         return [operator.index(layers)]
@@ -244,67 +303,15 @@ def check_layers(model: TransformerBridge, layers: int | Sequence[int]) -> list[
     """The layers to search, sorted; one clear error for an empty range or a layer out of range."""
     layers = _layer_list(layers)
     if not layers:
-        raise SinklensError("the layer range is empty", "pass at least one layer, e.g. layers=[3, 4, 5]")
+        raise SinklensError(
+            "the layer range is empty", "pass at least one layer, e.g. layers=[3, 4, 5]"
+        )
     return sorted({check_layer(model, layer) for layer in layers})
 
 
-def _removed_shares(norms: torch.Tensor, intact: torch.Tensor | float, typical: float) -> torch.Tensor:
-    """Share of the excess norm (intact minus typical) that each ablated norm removes; 0 without an excess."""
-    excess = float(intact) - typical
-    return (intact - norms) / excess if excess > 0 else torch.zeros_like(norms)
-
-
-def _ranking_scores(criterion: str, paper: torch.Tensor, direct: torch.Tensor, notebook: torch.Tensor | None):
-    """The scores the ranking sorts: the notebook's, the paper's (one layer) or the direct contributions."""
-    if criterion == "notebook":
-        return notebook[None]
-    return paper if paper.shape[0] == 1 else direct
-
-
-def _ranked(scores: torch.Tensor) -> torch.Tensor:
-    """Flat indices of ``scores``, best first; ties keep index order."""
-    return scores.flatten().argsort(descending=True, stable=True)
-
-
-def neurons_writing(
-    model: TransformerBridge,
-    tokens: Int[torch.Tensor, "1 pos"],
-    position: int,
-    layer: int,
-    *,
-    typical: float,
-    share: float = REMOVED_SHARE,
-    max_neurons: int = MAX_NEURONS,
-    prefix: SharedPrefix | None = None,
-) -> list[Neuron]:
-    """The MLP neurons of ``layer`` that write the norm of token ``position`` of ``tokens``: the sink-neuron rule of
-    :func:`find_sink_neurons` for any position. Neurons are ranked by the paper's criterion at that position (the
-    norm of what each writes into the residual stream); the answer is the shortest prefix of the ranking whose
-    zero-ablation there removes ``share`` of the position's excess norm over ``typical`` at the layer's output
-    (empty when none does, or when there is no excess). ``prefix``: the keys and values of ``tokens[:, :position]``
-    (:func:`~sinklens.run.cache.shared_prefix`, or a model cache cropped to it), so each ablation runs one token."""
-    names = [neuron_hook_name(layer), act_name("resid_post", layer)]
-    if hasattr(model.blocks[layer], "ln2_post"):
-        names += [act_name(side, layer, "ln2_post") for side in ("in", "out")]
-    here = tokens[:, position : position + 1]
-    cache = run_cache(model, here, names, prefix=prefix) if prefix is not None or position == 0 else \
-        run_cache(model, tokens[:, : position + 1], names)
-    at = 0 if prefix is not None or position == 0 else position
-    w_out = model.blocks[layer].mlp.W_out.detach().float().cpu() * _write_scales(cache, [layer], model, at)[0]
-    scores = cache[neuron_hook_name(layer)][0, at].cpu().abs() * w_out.norm(dim=-1)
-    candidates = [(layer, int(n)) for n in _ranked(scores[None])[:max_neurons]]
-    rows = [candidates[:k] for k in range(len(candidates) + 1)]
-    name = act_name("resid_post", layer)
-    if prefix is None and position > 0:
-        prefix = shared_prefix(model, tokens[:, :position], [name])
-    norms = run_cache(model, here.expand(len(rows), 1), [name], interventions=ablation_hooks(model, rows),
-                      prefix=prefix)[name][:, 0].norm(dim=-1).cpu()
-    removed = _removed_shares(norms, norms[0], typical)
-    passing = (removed[1:] >= share).nonzero().flatten()
-    return candidates[: int(passing[0]) + 1] if len(passing) and norms[0] > typical else []
-
-
-def check_criterion(model: TransformerBridge | None, criterion: str, layers: Sequence[int] | int | None = None) -> None:
+def check_criterion(
+    model: TransformerBridge | None, criterion: str, layers: Sequence[int] | int | None = None
+) -> None:
     """Raise one clear error for an unknown criterion, the notebook's over several layers, or the
     notebook's on a model without a gated MLP (``model=None`` checks only what needs no model)."""
     check_criterion_name(criterion, None if layers is None else _layer_list(layers))
@@ -340,89 +347,54 @@ def find_sink_neurons(
     out (:attr:`SinkLayer.sink_range`). ``sink`` reuses a :func:`find_sink_layer` result.
     """
     if not 0 < share <= 1:
-        raise SinklensError(f"share must be in (0, 1], got {share}", "pass the share of the excess norm to remove")
+        raise SinklensError(
+            f"share must be in (0, 1], got {share}", "pass the share of the excess norm to remove"
+        )
     if max_neurons < 1:
-        raise SinklensError(f"max_neurons must be at least 1, got {max_neurons}", "pass a positive number")
+        raise SinklensError(
+            f"max_neurons must be at least 1, got {max_neurons}", "pass a positive number"
+        )
     check_criterion(model, criterion, layers)
     if reference.shape[1] < 2:
-        raise SinklensError("the reference has no token after the first", "pass [first] + natural text (text_tokens)")
-    search = dict(reference=reference, criterion=criterion, share=share, max_neurons=max_neurons,
-                  notebook_word=notebook_word, notebook_repeats=notebook_repeats)
+        raise SinklensError(
+            "the reference has no token after the first",
+            "pass [first] + natural text (text_tokens)",
+        )
+    search: dict[str, Any] = dict(
+        reference=reference,
+        criterion=criterion,
+        share=share,
+        max_neurons=max_neurons,
+        notebook_word=notebook_word,
+        notebook_repeats=notebook_repeats,
+    )
     if layers is not None:
         return _search(model, check_layers(model, layers), **search)
     if sink is None:
-        sink = find_sink_layer(model, first=int(reference[0, 0]), max_layer=max_layer, n_sigma=n_sigma,
-                               reference=reference)
+        sink = find_sink_layer(
+            model,
+            first=int(reference[0, 0]),
+            max_layer=max_layer,
+            n_sigma=n_sigma,
+            reference=reference,
+        )
     elif sink.first_token.id != int(reference[0, 0]):
-        raise SinklensError("the sink-layer result is for another first token than the reference",
-                            "run find_sink_layer with the reference's first token, or pass sink=None")
+        raise SinklensError(
+            "the sink-layer result is for another first token than the reference",
+            "run find_sink_layer with the reference's first token, or pass sink=None",
+        )
     single = _search(model, [sink.sink_layer], **search)
     if (sink.method == SIGMA_RULE and single.case != NOT_FOUND) or criterion == "notebook":
         return single
     span = sink.sink_range
     spread = _search(model, span, **search) if span != [sink.sink_layer] else single
-    if spread.case != NOT_FOUND or single.case == NOT_FOUND and spread.removed_shares.max() >= single.removed_shares.max():
+    if (
+        spread.case != NOT_FOUND
+        or single.case == NOT_FOUND
+        and spread.removed_shares.max() >= single.removed_shares.max()
+    ):
         return spread  # several layers carry the sink, or neither search finds it and the span does better
     return single
-
-
-def _write_scales(cache, layers: list[int], model: TransformerBridge, position: int = 0) -> list[torch.Tensor]:
-    """Per layer, the factor (per residual dimension) between the MLP's raw output and what it adds
-    to the residual stream at ``position``: 1 without a post-MLP norm, ``w / rms`` with one (Gemma's ``ln2_post``)."""
-    scales = []
-    for layer in layers:
-        if act_name("in", layer, "ln2_post") in cache:
-            raw = cache[act_name("in", layer, "ln2_post")][0, position]
-            normed = cache[act_name("out", layer, "ln2_post")][0, position]
-            scales.append(torch.where(raw != 0, normed / raw, torch.zeros_like(raw)).cpu())
-        else:
-            scales.append(torch.ones(model.cfg.d_model))
-    return scales
-
-
-def _lower_median(values: torch.Tensor) -> torch.Tensor:
-    """The lower median of each column (``values.median(dim=0)``, exactly). On the CPU numpy's
-    partition selects it faster than torch's median (one thread, 11,008 neurons over 999 tokens:
-    0.12 s against 0.21 s; 176 neurons: 1.5 ms against 4.1 ms); elsewhere torch's own."""
-    if values.device.type != "cpu":
-        return values.median(dim=0).values.cpu()
-    k = (values.shape[0] - 1) // 2
-    return torch.from_numpy(np.partition(values.numpy(), k, axis=0)[k].copy())
-
-
-_ENTRIES_AT_ONCE = 2**24  # W_out entries ranked in one step (super weights)
-
-
-def _super_weights(w_outs: dict[int, torch.Tensor],
-                   candidates: list[Neuron]) -> tuple[list[int], list[float], list[int]]:
-    """For each candidate, its ``W_out`` row's largest entry (a super weight, Yu et al. 2024): the
-    residual dimension, the value, and its rank by size among all of the layer's ``W_out`` entries
-    (1: the largest).
-
-    The ranks come from one pass over each layer's entries on its own device: each entry is placed
-    among the candidates' sorted sizes (``searchsorted``), and the counts above each size are a
-    suffix sum of that histogram, exact integers, instead of one comparison of the whole matrix per
-    candidate."""
-    dims, values, ranks = [0] * len(candidates), [0.0] * len(candidates), [0] * len(candidates)
-    for layer, w_out in w_outs.items():
-        at = [i for i, (l, _) in enumerate(candidates) if l == layer]
-        if not at:
-            continue
-        rows = w_out[[candidates[i][1] for i in at]]
-        dim = rows.abs().argmax(dim=-1)
-        value = rows.gather(1, dim[:, None])[:, 0]
-        sizes = value.abs().sort()
-        entries = w_out.abs().flatten()
-        histogram = sum(
-            torch.bincount(torch.searchsorted(sizes.values, chunk), minlength=len(at) + 1)
-            for chunk in entries.split(_ENTRIES_AT_ONCE)
-        )
-        above = histogram.flip(0).cumsum(0).flip(0)[1:]  # per sorted size: the entries above it
-        larger = torch.empty_like(above)
-        larger[sizes.indices] = above
-        for i, d, v, r in zip(at, dim.tolist(), value.tolist(), larger.tolist()):
-            dims[i], values[i], ranks[i] = d, v, r + 1
-    return dims, values, ranks
 
 
 def _search(
@@ -450,14 +422,14 @@ def _search(
     # vectors of d_mlp come back (a 7B layer's W_out is 45M numbers, which the last release copied
     # to the CPU and scanned there, once per candidate for the super weights' ranks).
     w_outs = {layer: model.blocks[layer].mlp.W_out.detach().float() for layer in layers}
-    for layer, scale in zip(layers, _write_scales(cache, layers, model)):
+    for layer, scale in zip(layers, write_scales(cache, layers, model)):
         w_out = w_outs[layer]
         post = cache[neuron_hook_name(layer)][0].to(w_out.device)
         w_out = w_out * scale.to(w_out.device)  # what each neuron writes into the stream, per unit
         paper.append((post[0].abs() * w_out.norm(dim=-1)).cpu())
         direct.append((post[0] * (w_out @ direction.to(w_out.device))).cpu())
         if post.shape[0] > 1:
-            text.append(_lower_median(post[1:].abs()))
+            text.append(lower_median(post[1:].abs()))
         else:
             text.append(torch.zeros(post.shape[1]))
     paper_scores, direct_contributions = torch.stack(paper), torch.stack(direct)
@@ -465,35 +437,55 @@ def _search(
 
     notebook_scores, notebook_input = None, ""
     if len(layers) == 1 and getattr(model.cfg, "gated_mlp", False):
-        n_repeats = min(notebook_repeats, model.cfg.n_ctx - 1)  # a side measurement: fit it to the context
+        n_repeats = min(
+            notebook_repeats, model.cfg.n_ctx - 1
+        )  # a side measurement: fit it to the context
         repeat = repeated_tokens(model, notebook_word, n_repeats, first=first)
         name = act_name("pre", end)
         gate = run_cache(model, repeat, [name])[name][0, -1].to(w_outs[end].device)
         notebook_scores = (gate.abs() * w_outs[end].norm(dim=-1)).cpu()
         notebook_input = f"{token(model, first).text!r} + {token(model, int(repeat[0, -1])).text!r} x {n_repeats}"
     case = SINGLE_LAYER if len(layers) == 1 else SEVERAL_LAYERS
-    ranking = _ranking_scores(criterion, paper_scores, direct_contributions, notebook_scores)
-    order = _ranked(ranking)[:max_neurons].tolist()
+    ranking = ranking_scores(criterion, paper_scores, direct_contributions, notebook_scores)
+    order = ranked(ranking)[:max_neurons].tolist()
     d_mlp = ranking.shape[1]
     candidates = [(layers[i // d_mlp], i % d_mlp) for i in order]
 
     rows = [candidates[:k] for k in range(len(candidates) + 1)] + [[c] for c in candidates]
     lone = torch.full((len(rows), 1), first, dtype=torch.long)
     name = act_name("resid_post", end)
-    norms = run_cache(model, lone, [name], interventions=ablation_hooks(model, rows))[name][:, 0].norm(dim=-1)
+    norms = run_cache(model, lone, [name], interventions=ablation_hooks(model, rows))[name][
+        :, 0
+    ].norm(dim=-1)
     norms = norms.cpu()
     cumulative, individual = norms[: len(candidates) + 1], norms[len(candidates) + 1 :]
-    removed = _removed_shares(cumulative, cumulative[0], typical)
-    passing = (removed[1:] >= share).nonzero().flatten() if cumulative[0] > typical else torch.zeros(0)
+    removed = removed_shares(cumulative, cumulative[0], typical)
+    passing = (
+        (removed[1:] >= share).nonzero().flatten() if cumulative[0] > typical else torch.zeros(0)
+    )
     n_sink = int(passing[0]) + 1 if len(passing) else 0
 
     massive = resid[0].abs().topk(min(N_MASSIVE_DIMS, resid.shape[-1]))
-    top_dims, top_values, top_ranks = _super_weights(w_outs, candidates)
+    top_dims, top_values, top_ranks = super_weights(w_outs, candidates)
     return SinkNeurons(
-        first_token=token(model, first), case=case if n_sink else NOT_FOUND, layers=layers, criterion=criterion,
-        paper_scores=paper_scores, direct_contributions=direct_contributions, text_activations=torch.stack(text),
-        notebook_scores=notebook_scores, notebook_input=notebook_input, candidates=candidates,
-        cumulative_norms=cumulative, individual_norms=individual, typical_norm=typical, share=share, n_sink=n_sink,
-        massive_dims=massive.indices.tolist(), massive_values=resid[0, massive.indices],
-        w_out_top_dims=top_dims, w_out_top_values=torch.tensor(top_values), w_out_top_ranks=top_ranks,
+        first_token=token(model, first),
+        case=case if n_sink else NOT_FOUND,
+        layers=layers,
+        criterion=criterion,
+        paper_scores=paper_scores,
+        direct_contributions=direct_contributions,
+        text_activations=torch.stack(text),
+        notebook_scores=notebook_scores,
+        notebook_input=notebook_input,
+        candidates=candidates,
+        cumulative_norms=cumulative,
+        individual_norms=individual,
+        typical_norm=typical,
+        share=share,
+        n_sink=n_sink,
+        massive_dims=massive.indices.tolist(),
+        massive_values=resid[0, massive.indices],
+        w_out_top_dims=top_dims,
+        w_out_top_values=torch.tensor(top_values),
+        w_out_top_ranks=top_ranks,
     )

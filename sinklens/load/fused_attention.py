@@ -61,13 +61,16 @@ class FusedPositionEmbeddingsAttentionBridge(PositionEmbeddingsAttentionBridge):
     sinklens_key_weights: KeyWeights | None = None  # set by key_weights()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # the wrapped Hugging Face attention, set when TransformerLens built the bridge (Any: its
+        # layer_idx is a plain attribute that nn.Module.__getattr__ would type as Tensor | Module)
+        hf_attention: Any = self.original_component
         if self._internals_observed():
             self.sinklens_path = "eager"
             request = self.sinklens_key_weights
             with (
                 nullcontext()
                 if request is None
-                else _reading_pattern(self, request, self.original_component.layer_idx)
+                else _reading_pattern(self, request, hf_attention.layer_idx)
             ):
                 return super().forward(*args, **kwargs)
         self.sinklens_path = "fused"
@@ -75,7 +78,6 @@ class FusedPositionEmbeddingsAttentionBridge(PositionEmbeddingsAttentionBridge):
             hidden_states = kwargs.pop("hidden_states")
         else:
             hidden_states, args = args[0], args[1:]
-        hf_attention = self.original_component
         request = self.sinklens_key_weights
         with nullcontext() if request is None else _reporting(request, hf_attention.layer_idx):
             output, weights = type(hf_attention).forward(

@@ -207,6 +207,7 @@ def _hf_pair(
     spec: str, dtype: torch.dtype | None, device: str, n_layers: int | None, max_memory=None
 ):
     source = resolve_model(spec)
+    location: str | Path
     if source.kind == "alias":
         location = alias_weights(spec)
     elif source.kind == "gguf":
@@ -259,6 +260,7 @@ def _hub_early_layers(repo: str, n_layers: int) -> Path | None:
     index = shard_index(
         index_file, fix=f"delete {index_file.parent} from the hub cache to fetch it again"
     )
+    assert index is not None  # hf_hub_download returned the file
     weight_map = index["weight_map"]
     kept = {key: shard for key, shard in weight_map.items() if read_by_layers(key, n_layers)}
     folder = Path(
@@ -351,6 +353,7 @@ def _load_hf(
         depth = text_config(config).num_hidden_layers
         truncated = n_layers is not None and n_layers < depth
         if truncated:
+            assert n_layers is not None  # truncated implies it
             truncate_config(config, n_layers)
         device_map = (
             ("auto" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -372,7 +375,9 @@ def _load_hf(
                     **offload,
                 )
             else:
-                model = AutoModelForCausalLM._model_mapping[type(config)].from_pretrained(
+                # transformers types _LazyAutoMapping.__getitem__ as returning a tuple of classes
+                model_class = AutoModelForCausalLM._model_mapping[type(config)]
+                model = model_class.from_pretrained(  # type: ignore[attr-defined]
                     None, config=config, state_dict=reads, dtype=dtype, device_map=device_map
                 )
                 if (Path(location) / "generation_config.json").is_file():
@@ -407,7 +412,8 @@ def _load_hf(
         ) from exc
     if not model.config.architectures:  # GGUF configs carry none, and TransformerLens needs it
         model.config.architectures = [type(model).__name__]
-    model.sinklens_dtype = dtype
+    # torch types Module.__setattr__ for tensors and modules only
+    model.sinklens_dtype = dtype  # type: ignore[assignment]
     note = offload_note(getattr(model, "hf_device_map", None) or {}, offload.get("offload_folder"))
     if note:
         log.info("%s", note)
@@ -437,7 +443,9 @@ def _converted_gguf(get_gguf, key: str) -> Path:
             f"{gguf} is not a readable GGUF model file ({type(exc).__name__}: {_first_line(exc)})",
             "download the file again; a truncated or corrupt GGUF cannot be converted",
         ) from exc
-    model.hf_quantizer = None  # the weights are plain float32 now; this lets save_pretrained run
+    # the weights are plain float32 now; this lets save_pretrained run (ignore: torch types
+    # Module.__setattr__ for tensors and modules only)
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if not model.config.architectures:

@@ -12,10 +12,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sinklens.errors import SinklensError
 from sinklens.load.registry import MODEL_ALIASES
+
+if TYPE_CHECKING:
+    import torch
 
 SourceKind = Literal["alias", "gguf", "hf_dir", "hub"]
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -106,7 +109,7 @@ def aliases() -> str:
     return ", ".join(MODEL_ALIASES)
 
 
-def check_dtype_name(name: str) -> str:
+def check_dtype_name(name: str | torch.dtype) -> str:
     """``float32``, ``bfloat16`` or ``float16`` (a ``torch.`` prefix is accepted), checked."""
     bare = str(name).removeprefix("torch.")
     if bare not in DTYPE_NAMES:

@@ -249,6 +249,7 @@ class SinkExplorer:
             raise SinklensError(
                 "the explorer has drawn nothing yet", f"fix its input: {self.error}"
             )
+        assert self._drawn_head is not None  # _show_prompt draws a head whenever it sets runs
         pattern = plot_pattern(self.runs, *self._drawn_head)
         return stack_figures([self.norm_figure, self.attention_figure, self.neuron_figure, pattern])
 

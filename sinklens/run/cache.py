@@ -227,7 +227,8 @@ def shared_prefix(
             f"a shared prefix is one row of at least one token, not shape {tuple(tokens.shape)}",
             "pass tokens[:1, :k]",
         )
-    past = DynamicCache(config=model.original_model.config)
+    # TransformerLens types original_model as nn.Module, so its .config reads as Tensor | Module
+    past = DynamicCache(config=model.original_model.config)  # type: ignore[arg-type]
     with torch.inference_mode():
         forward(model, tokens, names, past_key_values=past, return_type=None)
     return SharedPrefix(past, stop_layer(model, names))

@@ -42,9 +42,11 @@ def harness_model(pretrained: str, patch: str | None = None, **kwargs):
 
 def register() -> None:
     """Register the ``sinklens`` model type with lm-evaluation-harness (once)."""
-    HFLM, register_model, model_registry = _require_harness()
+    _, register_model, model_registry = _require_harness()
     if MODEL_TYPE in model_registry:
         return
+    # imported by name (not taken from _require_harness's tuple) so that it is a valid base class
+    from lm_eval.models.huggingface import HFLM
 
     @register_model(MODEL_TYPE)
     class SinklensLM(HFLM):

@@ -32,6 +32,7 @@ def check_neurons(model: TransformerBridge, neurons: Sequence[Neuron]) -> list[N
     checked = []
     for layer, index in neurons:
         layer, index = check_layer(model, layer), as_index(index, "neuron")
+        assert d_mlp is not None  # a model with neurons has MLP blocks
         if not 0 <= index < d_mlp:
             raise SinklensError(
                 f"neuron {index} of layer {layer} is out of range: {model.cfg.model_name} has d_mlp={d_mlp} "
@@ -64,7 +65,9 @@ def ablation_hooks(
     batch = torch.tensor([b for b, row in enumerate(rows) for _ in row], dtype=torch.long)
     hooks = []
     for layer in sorted({layer for layer, _ in checked.values()}):
-        keep = torch.ones(len(rows), 1, model.cfg.d_mlp)
+        d_mlp = model.cfg.d_mlp
+        assert d_mlp is not None  # check_neurons above read it as an int
+        keep = torch.ones(len(rows), 1, d_mlp)
         here = pairs[:, 0] == layer
         keep[batch[here], 0, pairs[here, 1]] = 0.0
         value = None if values is None else values[layer]

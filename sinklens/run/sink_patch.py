@@ -189,7 +189,8 @@ class SinkPatch:
                 return current
             current.remove()
         installed = InstalledPatch(self, model)
-        weights._sinklens_patch = installed
+        # torch types Module.__setattr__ for tensors and modules only
+        weights._sinklens_patch = installed  # type: ignore[assignment]
         return installed
 
     @contextmanager
@@ -215,7 +216,8 @@ def _weights(model: nn.Module) -> nn.Module:
 def _decoder(model: nn.Module) -> nn.Module:
     hf = _weights(model)
     try:
-        return hf.get_decoder()
+        # torch's Module.__getattr__ types the method as Tensor | Module
+        return hf.get_decoder()  # type: ignore[operator]
     except AttributeError:
         raise SinklensError(
             f"{type(hf).__name__} has no decoder the patch can follow",
@@ -258,8 +260,9 @@ class InstalledPatch:
         self.handles = [_decoder(model).register_forward_pre_hook(self._track, with_kwargs=True)]
         for layer in patch.layers:
             clamp = functools.partial(self._clamp, layer)
-            if hasattr(model, "hook_dict"):  # a TransformerBridge: the TransformerLens hook point
-                point = model.hook_dict[patch.hook_name(layer)]
+            hook_dict = getattr(model, "hook_dict", None)
+            if hook_dict is not None:  # a TransformerBridge: the TransformerLens hook point
+                point = hook_dict[patch.hook_name(layer)]
                 self.handles.append(
                     point.register_forward_hook(lambda module, args, out, c=clamp: c(out))
                 )
@@ -318,8 +321,10 @@ class InstalledPatch:
         neurons = torch.tensor([self.patch.neurons[i][1] for i in chosen], device=activation.device)
         values = activation[:, :, neurons]  # [batch, pos, neuron]
         if self.patch.value == "calibrated":
+            calibrated = self.patch.values
+            assert calibrated is not None  # SinkPatch.__post_init__ requires values when calibrated
             target = torch.tensor(
-                [self.patch.values[i] for i in chosen],
+                [calibrated[i] for i in chosen],
                 device=activation.device,
                 dtype=activation.dtype,
             ).expand(activation.shape[0], -1)
@@ -346,7 +351,8 @@ def _shape(model: nn.Module) -> tuple[int, int]:
     cfg = getattr(model, "cfg", None)
     if cfg is not None:
         return cfg.n_layers, cfg.d_mlp
-    config = model.config
+    # a Hugging Face config (nn.Module.__getattr__ would type it Tensor | Module)
+    config: Any = model.config
     return config.num_hidden_layers, config.intermediate_size
 
 

@@ -105,14 +105,14 @@ def sample_sequences(
     """``n_sequences`` sequences of ``length`` tokens drawn uniformly from ``pool``, never the same token twice
     in a row."""
     rng = np.random.default_rng(seed)
-    pool = np.asarray(pool)
+    choices = np.asarray(pool)
     out = np.empty((n_sequences, length), dtype=np.int64)
-    out[:, 0] = rng.choice(pool, n_sequences)
+    out[:, 0] = rng.choice(choices, n_sequences)
     for i in range(1, length):
-        draw = rng.choice(pool, n_sequences)
+        draw = rng.choice(choices, n_sequences)
         clash = draw == out[:, i - 1]
         while clash.any():
-            draw[clash] = rng.choice(pool, int(clash.sum()))
+            draw[clash] = rng.choice(choices, int(clash.sum()))
             clash = draw == out[:, i - 1]
         out[:, i] = draw
     return torch.from_numpy(out)
@@ -342,6 +342,7 @@ def attack_study(
         setup = stored_setup(
             scan, model.cfg.model_name, {k: v for k, v in chosen.items() if k in given}
         )
+        assert setup is not None  # the check above found its setup file
         scanned = merge_scan(scan)
     else:
         setup = scan_setup(model, settings.corpus_text(), settings)

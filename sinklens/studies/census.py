@@ -20,7 +20,7 @@ layer before its sink forms, as SmolLM2's first token does at layer 2, 10.6 time
 its sink neurons write it; every stay is listed), the share of attention it takes there (the mean over
 heads and later queries of the weight they pay it), and the MLP neurons that write it at its first layer,
 ranked and filtered by ablation as the first token's sink neurons are
-(:func:`~sinklens.analyses.sink_neurons.neurons_writing`, each ablation one token after the cached text), and
+(:func:`~sinklens.analyses.neuron_writes.neurons_writing`, each ablation one token after the cached text), and
 whether those are the first token's sink neurons. The first token itself is counted, so its row checks the rest.
 """
 
@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities import get_act_name
 
+from sinklens.analyses.neuron_writes import neurons_writing
 from sinklens.analyses.norms import sink_threshold
-from sinklens.analyses.sink_neurons import neurons_writing
 from sinklens.errors import SinklensError
 from sinklens.load.corpus import read_messages, read_text
 from sinklens.load.fused_attention import key_weights
@@ -231,7 +231,9 @@ def find_sinks(
     sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (
         getattr(config, "layer_types", None) or ()
     )
-    past = None if sliding else DynamicCache(config=config)
+    # TransformerLens types original_model as nn.Module, so its .config reads as Tensor | Module
+    past = None if sliding else DynamicCache(config=config)  # type: ignore[arg-type]
+    cache_kwargs: dict[str, Any] = {} if past is None else {"past_key_values": past}
     with tqdm(total=2, desc="sinklens sinks", disable=not progress) as bar:
         with (
             torch.inference_mode(),
@@ -243,7 +245,7 @@ def find_sinks(
                 names,
                 hooks=[(n, measure(layer)) for layer, n in enumerate(names)],
                 return_type=None,
-                **({} if past is None else {"past_key_values": past}),
+                **cache_kwargs,
             )
         bar.update()
         norms_t = torch.stack([norms[layer] for layer in range(n_layers)]).cpu()
@@ -286,7 +288,7 @@ def _sink(
     settings: Settings,
 ) -> Sink:
     """One sink's row: where it appears and lasts, the attention later queries pay it, the neurons that write it."""
-    runs = []
+    runs: list[list[int]] = []  # [first layer, length] of each run of layers
     for layer in regime[:, position].nonzero().flatten().tolist():
         if runs and runs[-1][0] + runs[-1][1] == layer:
             runs[-1][1] += 1
@@ -361,8 +363,10 @@ def census_of(
     model = model or settings.load_model(verbose)
     setup = circuit_setup(model, settings.corpus_text(), settings)
     if messages is not None:
+        assert chat is not None  # messages were read from it
         tokens, label = chat_tokens(model, messages), f"the chat {Path(chat).name}"
     elif given_text is not None:
+        assert text is not None  # given_text was read from it
         tokens, label = text_tokens(model, given_text, first=setup.first.id), Path(text).name
     else:
         tokens, label = (

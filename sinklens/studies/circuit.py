@@ -46,12 +46,12 @@ from sinklens.analyses.first_detector import (
 from sinklens.analyses.first_token_mark import (
     MIN_EFFECT,
     FirstTokenMarkPatching,
-    first_token_dependence,
     first_token_mark_patching,
 )
 from sinklens.analyses.heads import HeadBehaviour, head_behaviour
 from sinklens.analyses.norms import repetition_curves
 from sinklens.analyses.probe import FirstTokenProbe, train_first_token_probe
+from sinklens.analyses.sink_metric import first_token_dependence
 from sinklens.errors import SinklensError
 from sinklens.results import Result
 from sinklens.run.tokens import (
@@ -180,6 +180,7 @@ def first_layer_circuit(
         setup = table.setup if table is not None else circuit_setup(model, text, settings)
         start, reference = setup.first.id, setup.reference
         if not setup.sink_neurons:
+            assert setup.neurons is not None  # circuit_setup searched for them (neurons=True)
             raise SinklensError(
                 f"no sink neurons found on {setup.model} ({setup.neurons.case}; first token: "
                 f"{setup.choice.reason})",
@@ -205,7 +206,7 @@ def first_layer_circuit(
         bar.update()
         heads = head_behaviour(model, {"natural text": reference, label: repeat})
         bar.update()
-        contexts = {} if n_contexts is None else {"n_contexts": n_contexts}
+        contexts: dict[str, Any] = {} if n_contexts is None else {"n_contexts": n_contexts}
         lone, later = first_token_dependence(
             model, start, typical_text, setup.sink_neurons, **contexts
         )

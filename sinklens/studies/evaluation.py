@@ -18,6 +18,7 @@ generations with sampled seeds; about an hour for a 135M model on 2 CPU cores).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,7 @@ def evaluate_patch(
             )
 
         benchmarks = BenchmarkComparison.merge(
-            [step(f"benchmark_{task}", lambda t=task: scored(t)) for task in TASKS]
+            [step(f"benchmark_{task}", functools.partial(scored, task)) for task in TASKS]
         )
         natural = step("natural_text", lambda: text_effect(hf, text, patch))
         baseline = norm_baseline(bridge, layer, reference)

@@ -90,14 +90,15 @@ def report_study(
         row: SinkTableRow = step("table", lambda: sink_table_row(model, corpus, config))
         start, reference = row.setup.first.id, row.setup.reference
         curves = row.curves
-        if config.sink_layer is not None:
-            baseline = norm_baseline(model, config.sink_layer, reference)
+        sink_layer = config.sink_layer
+        if sink_layer is not None:
+            baseline = norm_baseline(model, sink_layer, reference)
             curves = step(
                 "curves",
                 lambda: repetition_curves(
                     model,
                     row.curves.words,
-                    layer=config.sink_layer,
+                    layer=sink_layer,
                     baseline=baseline,
                     n_repeats=config.n_repeats,
                     first=start,

@@ -116,7 +116,7 @@ def scan_setup(
     detectors = first_detector_neurons(
         model,
         text,
-        repeated_tokens(model, reference[0, 1].item(), 8, first=first),
+        repeated_tokens(model, int(reference[0, 1].item()), 8, first=first),
         sink_layer=layer,
         top=1,
     )

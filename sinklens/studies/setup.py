@@ -54,7 +54,9 @@ class OnSetup:
 
     @property
     def neurons(self) -> SinkNeurons:
-        return self.setup.neurons
+        neurons = self.setup.neurons
+        assert neurons is not None  # the studies built on OnSetup all search for the sink neurons
+        return neurons
 
     @property
     def baseline(self) -> NormBaseline:

@@ -214,7 +214,7 @@ def sink_table_row(
     with tqdm(total=3, desc="sinklens table") if progress else _NoProgress() as steps:
         setup = setup or circuit_setup(model, text, settings)
         steps.update()
-        curves_of = dict(
+        curves_of: dict[str, Any] = dict(
             layer=setup.sink_layer,
             baseline=setup.baseline,
             n_repeats=settings.n_repeats,

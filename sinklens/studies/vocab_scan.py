@@ -173,6 +173,7 @@ class VocabScan(Result):
         """Two strata. Screen positives: all run in full, so their share is exact (or a random share of them,
         Wilson interval). Screen negatives: their share of sink-opening tokens from the calibration sample's
         negatives (Wilson interval). The share's and the recall's intervals combine the ends of both (conservative)."""
+        assert self.screen is not None  # called only for a screened scan
         positive = frame["screen_positive"]
         n_positive, n_negative = int(positive.sum()), int((~positive).sum())
         run_positive = frame[positive & frame["verified"]]
