@@ -10,8 +10,8 @@
 
 Each side runs in its own process, alternating. Targets: at least 5x the naive loop, at least 1.0x
 plain HF. The last line is one JSON object with the ratios and targets. ``--batch-sizes`` measures
-sinklens at several batch sizes first and uses the fastest (the scan's default, ``SCAN_BATCH``, is set
-from this measurement).
+sinklens at several batch sizes first and uses the fastest (the scan's CPU default, ``SCAN_BATCH_CPU`` in
+:mod:`sinklens.load.sources`, is set from this measurement).
 
 Usage: ``python bench/bench_scan.py [--tokens N] [--n-repeats N] [--trials N] [--batch-sizes 1,4,8,16]``
 (on the default model; the scan's setup is measured once and kept in ``--setup``).

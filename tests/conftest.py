@@ -314,6 +314,9 @@ def headless_chromium(screenshot: Path, *, width: int = 1280, host_rules: str = 
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    assert (
+        CHROMIUM is not None and CHROMEDRIVER is not None
+    )  # the tests that call this skip without them
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in (
