@@ -32,6 +32,12 @@ gradient of the metric in the clean run times the clean-to-corrupted difference)
 top-ranked are then patched for real. At repeated positions (a word that becomes a sink when
 repeated) the layers and the mark-carrying heads are patched with the value the word has in
 natural text, to show whether the repeats are marked by the same components.
+
+Every patched run goes through the engine the general sweeps use
+(:func:`~sinklens.run.activation_patching.patched_rows`, many rows a forward pass, their common beginning
+computed once); the experiments here are not :func:`~sinklens.analyses.patching_sweep.patching_sweep` itself
+because their clean run (the lone token) and corrupted runs (the token after text) differ in length, and
+each comes with a placebo.
 """
 
 from __future__ import annotations

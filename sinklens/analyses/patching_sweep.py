@@ -20,7 +20,9 @@ These are the sweeps of TransformerLens' ``patching.get_act_patch_resid_pre``, `
 (the tests show the same numbers on the bridge). They differ in how they run: TransformerLens makes one forward
 pass per site and runs every model to the end; here many sites run in one forward pass (one site per batch row,
 :mod:`sinklens.run.activation_patching`), the run stops after the last layer the metric reads, the metric reads
-only the hooks it names, and sites after that layer, which cannot change the metric, are not run.
+only the hooks it names, and sites after that layer, which cannot change the metric, are not run. The sweeps
+and the paper's first-token mark experiments (:mod:`sinklens.analyses.first_token_mark`, whose clean and
+corrupted runs differ in length) run on one engine, :func:`~sinklens.run.activation_patching.patched_rows`.
 
 Metrics (:class:`PatchingMetric`): the first token's norm at the sink layer (:func:`first_token_norm`), the sink
 neurons' activation at a position (:func:`sink_neuron_activation`), the attention later queries pay a position
@@ -37,7 +39,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
-from tqdm.auto import tqdm
 from transformer_lens import ActivationCache
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities import get_act_name
@@ -45,7 +46,7 @@ from transformer_lens.utilities import get_act_name
 from sinklens.defaults import PATCHING_SITES
 from sinklens.errors import SinklensError
 from sinklens.results import Result
-from sinklens.run.activation_patching import Patch, Site, patch_hooks
+from sinklens.run.activation_patching import Patch, Site, patched_rows
 from sinklens.run.cache import check_layer, run_cache
 from sinklens.run.interventions import Neuron, neuron_hook_name
 
@@ -56,7 +57,6 @@ HOOKS = {
     "heads": "z",
     "head_positions": "z",
 }
-TOKENS_PER_BATCH = 8192  # tokens per forward pass: rows of one length, one site per row
 MIN_DIFFERENCE = (
     1e-6  # relative: a clean and corrupted metric closer than this cannot be normalised
 )
@@ -283,24 +283,18 @@ def patching_sweep(
             "pass a corrupted input that changes the metric, or another metric",
         )
     rows, heads, kept_positions = _sites(model, site, layers, positions)
-    per_batch = max(1, TOKENS_PER_BATCH // n_pos)
-    values = []
-    for start in tqdm(
-        range(0, len(rows), per_batch), desc=f"patching {site}", disable=not progress
-    ):
-        batch = rows[start : start + per_batch]
-        patches = [
-            Patch(s, row, p, _clean_value(clean_cache, s, p))
-            for row, writes in enumerate(batch)
-            for s, p in writes
-        ]
-        cache = run_cache(
-            model,
-            corrupted.expand(len(batch), -1),
-            metric.names,
-            interventions=patch_hooks(patches),
-        )
-        values.append(metric.function(cache).float().cpu())
+    row_patches = [
+        [Patch(s, 0, p, _clean_value(clean_cache, s, p)) for s, p in writes] for writes in rows
+    ]
+    values = patched_rows(
+        model,
+        corrupted,
+        row_patches,
+        metric.names,
+        lambda cache, start, n_rows: metric.function(cache),
+        progress=progress,
+        desc=f"patching {site}",
+    )
     shape = [
         len(layers),
         *([len(heads)] if heads is not None else []),
@@ -317,7 +311,7 @@ def patching_sweep(
         corrupted.cpu(),
         clean_value,
         corrupted_value,
-        torch.cat(values).reshape(shape),
+        values.reshape(shape),
         [texts[p] for p in positions],
     )
 

@@ -1,7 +1,7 @@
 """The sink as a patching metric: the sink neurons' activation, summed with the signs they have on the lone
 first token (:class:`SinkMetric`); whether the sink depends on the token being first at all
-(:func:`first_token_dependence`); and patched runs of one input, many rows a forward pass, that compute their
-shared beginning once (:func:`run_rows`). :mod:`sinklens.analyses.first_token_mark` builds on them.
+(:func:`first_token_dependence`); and patched runs of one input at the metric's position (:func:`run_rows`, on the engine every patching
+study shares, :func:`~sinklens.run.activation_patching.patched_rows`). :mod:`sinklens.analyses.first_token_mark` builds on them.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens.defaults import MARK_CONTEXTS
 from sinklens.errors import SinklensError
-from sinklens.run.activation_patching import Patch, patch_hooks
-from sinklens.run.cache import run_cache, shared_prefix
+from sinklens.run.activation_patching import Patch, patched_rows
+from sinklens.run.cache import run_cache
 from sinklens.run.interventions import Neuron, check_neurons, neuron_hook_name
 from sinklens.run.tokens import encode
 
 N_CONTEXTS = MARK_CONTEXTS
-TOKENS_PER_BATCH = 8192
 MAX_CONTEXT = 32  # tokens of text before the token in the longest corrupted run
 
 
@@ -96,37 +95,19 @@ def mark_contexts(model: TransformerBridge, text: str, n_contexts: int) -> list[
     return sorted({int(k) for k in np.linspace(1, min(MAX_CONTEXT, n_text), n_contexts)})
 
 
-def row_batches(n_rows: int, length: int):
-    size = max(1, TOKENS_PER_BATCH // max(length, 1))
-    return [range(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
-
-
 def run_rows(
-    model, tokens, row_patches: list[list[Patch]], position: int, metric: SinkMetric
+    model: TransformerBridge,
+    tokens: torch.Tensor,
+    row_patches: list[list[Patch]],
+    position: int,
+    metric: SinkMetric,
 ) -> torch.Tensor:
-    """Run ``tokens`` once per entry of ``row_patches`` (batched), each with its patches; the metric at ``position``.
-
-    Every row is the same up to the first position a patch writes or the metric reads, so that
-    prefix runs once and each row computes only what follows it (the same numbers, far fewer tokens:
-    a patch at the last of 1000 repeats costs one token per row instead of 1000)."""
+    """Run ``tokens`` once per entry of ``row_patches``, each with its patches; the metric at ``position``
+    (:func:`~sinklens.run.activation_patching.patched_rows`, every row's beginning computed once, up to the first
+    position a patch writes or the metric reads)."""
     start = min([position, *(p.position for r in row_patches for p in r)])
-    prefix = shared_prefix(model, tokens[:, :start], metric.names) if start > 0 else None
-    rest = tokens[:, start:]
-    out = []
-    for rows in row_batches(
-        len(row_patches), tokens.shape[1]
-    ):  # sized by the full length: each row holds the prefix's keys and values
-        batch = [
-            Patch(p.site, i, p.position - start, p.value)
-            for i, r in enumerate(rows)
-            for p in row_patches[r]
-        ]
-        cache = run_cache(
-            model,
-            rest.expand(len(rows), -1),
-            metric.names,
-            interventions=patch_hooks(batch),
-            prefix=prefix,
-        )
-        out.append(metric(cache, range(len(rows)), [position - start] * len(rows)))
-    return torch.cat(out)
+
+    def measure(cache, offset: int, n_rows: int) -> torch.Tensor:
+        return metric(cache, range(n_rows), [position - offset] * n_rows)
+
+    return patched_rows(model, tokens, row_patches, metric.names, measure, shared_until=start)

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+from transformer_lens import ActivationCache
 from transformer_lens.model_bridge import TransformerBridge
 
 from sinklens.results import value_type
-from sinklens.run.cache import Hook, forward
+from sinklens.run.cache import Hook, forward, run_cache, shared_prefix
 
 
 @value_type
@@ -85,6 +87,51 @@ def patch_hooks(patches: Sequence[Patch]) -> list[Hook]:
         return hook
 
     return [(name, make(writes)) for name, writes in by_name.items()]
+
+
+TOKENS_PER_BATCH = 8192  # tokens a forward pass holds: rows of one input, each with its own patches
+
+
+def patched_rows(
+    model: TransformerBridge,
+    tokens: Int[torch.Tensor, "1 pos"],
+    row_patches: Sequence[Sequence[Patch]],
+    names: Sequence[str],
+    measure: Callable[[ActivationCache, int, int], Float[torch.Tensor, " batch"]],
+    *,
+    shared_until: int = 0,
+    progress: bool = False,
+    desc: str = "patched runs",
+) -> Float[torch.Tensor, " row"]:
+    """Run ``tokens`` once per entry of ``row_patches``, each row with its own patches (their ``row`` is
+    ignored, their positions are ``tokens``'), many rows a forward pass, and return what ``measure(cache,
+    start, n_rows)`` gives for each: ``cache`` holds the hooks ``names`` of a batch of ``n_rows`` rows, its
+    positions starting at ``start``. Every activation-patching study of sinklens runs on this: the sweeps of
+    :mod:`sinklens.analyses.patching_sweep` and the first-token mark's experiments.
+
+    Every row is the same up to ``shared_until`` (the caller's promise: no patch writes and ``measure`` reads
+    nothing before it), so that prefix runs once and each row computes only what follows it: the same numbers,
+    far fewer tokens (a patch at the last of 1000 repeats costs one token per row instead of 1000)."""
+    start = shared_until
+    prefix = shared_prefix(model, tokens[:, :start], list(names)) if start > 0 else None
+    rest = tokens[:, start:]
+    # sized by the full length: each row holds the prefix's keys and values too
+    size = max(1, TOKENS_PER_BATCH // max(tokens.shape[1], 1))
+    out = []
+    for first in tqdm(range(0, len(row_patches), size), desc=desc, disable=not progress):
+        rows = row_patches[first : first + size]
+        batch = [
+            Patch(p.site, i, p.position - start, p.value) for i, r in enumerate(rows) for p in r
+        ]
+        cache = run_cache(
+            model,
+            rest.expand(len(rows), -1),
+            names,
+            interventions=patch_hooks(batch),
+            prefix=prefix,
+        )
+        out.append(measure(cache, start, len(rows)).float().cpu())
+    return torch.cat(out)
 
 
 def read_site(cache, site: Site, row: int, position: int) -> torch.Tensor:
