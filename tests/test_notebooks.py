@@ -152,8 +152,8 @@ def test_numbers_are_compared_within_a_relative_tolerance(text, other, same):
 
 
 # Re-executing every notebook takes longer than the 4 minutes the test suite can give it: on 2 idle cores,
-# scan_attack 324 s, patch 157 s and circuit 121 s (patching_sweep 679 s on 2 busy cores); the five figure
-# notebooks 149 s together, explore 86 s. These four are reproduced with SINKLENS_NOTEBOOKS=all (or
+# scan_attack 324 s, patch 157 s, circuit 121 s and patching_sweep 138 s; the five figure notebooks 149 s
+# together, explore 86 s. These four are reproduced with SINKLENS_NOTEBOOKS=all (or
 # `python -m sinklens.present.notebooks --check`).
 LONG_NOTEBOOKS = {"circuit", "patch", "patching_sweep", "scan_attack"}
 
