@@ -46,7 +46,7 @@ from transformer_lens.utilities import get_act_name
 from sinklens.defaults import PATCHING_SITES
 from sinklens.errors import SinklensError
 from sinklens.results import Result
-from sinklens.run.activation_patching import Patch, Site, patched_rows
+from sinklens.run.activation_patching import Patch, Site, patched_rows, read_site
 from sinklens.run.cache import check_layer, run_cache
 from sinklens.run.interventions import Neuron, neuron_hook_name
 
@@ -284,7 +284,7 @@ def patching_sweep(
         )
     rows, heads, kept_positions = _sites(model, site, layers, positions)
     row_patches = [
-        [Patch(s, 0, p, _clean_value(clean_cache, s, p)) for s, p in writes] for writes in rows
+        [Patch(s, 0, p, read_site(clean_cache, s, 0, p)) for s, p in writes] for writes in rows
     ]
     values = patched_rows(
         model,
@@ -314,8 +314,3 @@ def patching_sweep(
         values.reshape(shape),
         [texts[p] for p in positions],
     )
-
-
-def _clean_value(cache, site: Site, position: int) -> torch.Tensor:
-    value = cache[site.name][0, position]
-    return value if site.index is None else value[site.index]

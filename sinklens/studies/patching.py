@@ -35,7 +35,7 @@ from sinklens.studies.setup import CircuitSetup, circuit_setup
 
 
 def sink_pair(
-    setup: CircuitSetup, model: TransformerBridge, n_tokens: int = PATCHING_TOKENS
+    setup: CircuitSetup, n_tokens: int = PATCHING_TOKENS
 ) -> tuple[Int[torch.Tensor, "1 pos"], Int[torch.Tensor, "1 pos"]]:
     """The natural text's first ``n_tokens`` tokens after the sink-making first token (clean), and after the
     candidate first token whose peak norm is the smallest multiple of typical (corrupted)."""
@@ -122,7 +122,7 @@ def patching_study(
     model = model or settings.load_model(verbose, early_layers_only=not whole)
     setup = circuit_setup(model, settings.corpus_text(), settings)
     if clean is None or corrupted is None:
-        clean_ids, corrupted_ids = sink_pair(setup, model, n_tokens)
+        clean_ids, corrupted_ids = sink_pair(setup, n_tokens)
     else:
         clean_ids = text_tokens(model, clean, first=setup.first.id)
         corrupted_ids = text_tokens(model, corrupted, first=setup.first.id)
