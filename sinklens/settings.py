@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from sinklens.errors import SinklensError
 from sinklens.load.registry import DEFAULT_MODEL
-from sinklens.load.sources import check_device, check_dtype_name, check_max_memory, resolve_model
+from sinklens.load.sources import (
+    REMOTE_TIMEOUT,
+    check_device,
+    check_dtype_name,
+    check_max_memory,
+    check_remote,
+    resolve_model,
+)
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -101,6 +108,11 @@ class Settings:
     device: str | None = None  # None: the first GPU, else the CPU
     # with device "auto": the most accelerate's device map puts on each device, "0=20GiB,cpu=64GiB"
     max_memory: str | None = None
+    # "nnsight": run as nnsight traces (the analyses that only run the model, read hooks and ablate neurons)
+    backend: str = "transformer_lens"
+    remote: bool = False  # with backend nnsight: run on an NDIF server, not here
+    host: str | None = None  # the NDIF server; None: NDIF_HOST, else nnsight's configured host (NDIF)
+    remote_timeout: float = REMOTE_TIMEOUT  # seconds one remote job may take, queueing included
 
     @property
     def given_first_token(self) -> str | int | None:
@@ -139,6 +151,7 @@ class Settings:
         if self.dtype is not None:
             check_dtype_name(self.dtype)
         check_device(self.device)
+        check_remote(self.backend, self.remote, self.host, self.remote_timeout)
         if check_max_memory(self.max_memory) is not None and self.device != "auto":
             raise SinklensError(
                 "--max-memory caps accelerate's device map, which only --device auto uses",
@@ -230,6 +243,10 @@ class Settings:
             n_layers=n_layers,
             max_memory=self.max_memory,
             verbose=verbose,
+            backend=self.backend,
+            remote=self.remote,
+            host=self.host,
+            remote_timeout=self.remote_timeout,
         )
 
 

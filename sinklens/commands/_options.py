@@ -17,7 +17,13 @@ from typing import Any, NoReturn
 
 from sinklens.errors import SinklensError
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
-from sinklens.load.sources import DTYPE_NAMES, MAX_MEMORY_EXAMPLE, parse_max_memory
+from sinklens.load.sources import (
+    BACKENDS,
+    DTYPE_NAMES,
+    MAX_MEMORY_EXAMPLE,
+    REMOTE_TIMEOUT,
+    parse_max_memory,
+)
 from sinklens.settings import (
     AUTO,
     CRITERIA,
@@ -179,6 +185,35 @@ def placement(parser: argparse.ArgumentParser) -> None:
         metavar="DEVICE=SIZE,...",
         help=f"with --device auto: the most accelerate's device map puts on each device, GPUs by index, "
         f"then cpu and disk, e.g. {MAX_MEMORY_EXAMPLE} (default: as much as each has)",
+    )
+
+
+def backend(parser: argparse.ArgumentParser) -> None:
+    """How the model runs: a TransformerBridge here, or nnsight traces, here or on an NDIF server."""
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=BACKENDS[0],
+        help="transformer_lens (default) or nnsight: the same analyses as nnsight traces, "
+        "which can run remotely (--remote)",
+    )
+    parser.add_argument(
+        "--remote",
+        action="store_true",
+        help="with --backend nnsight: run on NDIF (key: NDIF_API_KEY); --model is then a model the "
+        "host serves, e.g. meta-llama/Llama-2-7b-hf",
+    )
+    parser.add_argument(
+        "--host",
+        help="with --remote: the NDIF server, e.g. http://localhost:8001 for a self-hosted one "
+        "(default: NDIF_HOST, else NDIF)",
+    )
+    parser.add_argument(
+        "--remote-timeout",
+        type=positive(float),
+        default=REMOTE_TIMEOUT,
+        metavar="SECONDS",
+        help="with --remote: the longest one remote job may take, queueing included (default: %(default)s)",
     )
 
 

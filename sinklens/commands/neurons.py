@@ -15,6 +15,7 @@ TOP = 10  # rows of the ranking printed
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.study(parser)
+    options.backend(parser)
     options.neurons(parser)
     options.as_json(parser)
     parser.add_argument(

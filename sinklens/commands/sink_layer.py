@@ -14,6 +14,7 @@ HELP = "print the first-token MLP norms and the sink layer"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.study(parser)
+    options.backend(parser)
     options.as_json(parser)
 
 

@@ -18,6 +18,7 @@ HELP = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.study(parser)
+    options.backend(parser)
     options.neurons(parser)
     options.as_json(parser)
     given = parser.add_mutually_exclusive_group()

@@ -21,6 +21,7 @@ DEFAULT_OUT = "sinklens-table"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.study(parser, several_models=True)
+    options.backend(parser)
     options.words(parser)
     options.neurons(parser)
     options.as_json(parser)

@@ -40,13 +40,16 @@ from sinklens.load.device_memory import (
 )
 from sinklens.load.fused_attention import use_fused_attention
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
+from sinklens.load.traced import TracedModel, load_traced, require_nnsight
 from sinklens.load.sources import (
+    REMOTE_TIMEOUT,
     SHARD_INDEX,
     ModelSource,
     aliases,
     check_device,
     check_dtype_name,
     check_max_memory,
+    check_remote,
     resolve_model,
     shard_index,
 )
@@ -71,15 +74,18 @@ def as_device(device: str | torch.device | None) -> str:
     return checked
 
 
-def placement(model: torch.nn.Module) -> dict[str, str]:
+def placement(model: torch.nn.Module | TracedModel) -> dict[str, str]:
     """The dtype and device(s) a loaded model runs in, as results record them."""
-    hf_model = getattr(model, "original_model", model)
-    device_map = getattr(hf_model, "hf_device_map", None) or {}
-    devices = sorted({str(d) for d in device_map.values()}) or [
-        str(next(model.parameters()).device)
-    ]
-    dtype = next(model.parameters()).dtype
-    record = {"dtype": str(dtype).removeprefix("torch."), "device": ",".join(devices)}
+    if isinstance(model, TracedModel):
+        record = model.placement()
+    else:
+        hf_model = getattr(model, "original_model", model)
+        device_map = getattr(hf_model, "hf_device_map", None) or {}
+        devices = sorted({str(d) for d in device_map.values()}) or [
+            str(next(model.parameters()).device)
+        ]
+        dtype = next(model.parameters()).dtype
+        record = {"dtype": str(dtype).removeprefix("torch."), "device": ",".join(devices)}
     source = getattr(model, "sinklens_source", None)
     if source is not None and source.layers_loaded is not None:
         record["layers_loaded"] = f"0..{source.layers_loaded - 1} of {source.n_layers}"
@@ -95,6 +101,10 @@ def load_model(
     n_layers: int | None = None,
     max_memory: str | Mapping[int | str, int | str] | None = None,
     verbose: bool = False,
+    backend: str = "transformer_lens",
+    remote: bool | str = False,
+    host: str | None = None,
+    remote_timeout: float = REMOTE_TIMEOUT,
 ) -> TransformerBridge:
     """Load ``spec`` as an eval-mode ``TransformerBridge``.
 
@@ -127,6 +137,13 @@ def load_model(
     ``.gguf`` file, a local Hugging Face directory, or a hub name. The bridge gets a
     ``sinklens_source`` attribute (a :class:`ModelSource`) that results record. ``verbose`` shows
     the transformers library's progress bars and notices.
+
+    ``backend="nnsight"`` gives the same model as a :class:`~sinklens.load.traced.TracedModel`, which the
+    analyses that run the model, read hooks and ablate neurons run on unchanged, as nnsight traces. With
+    ``remote=True`` it runs on an NDIF server (``host``, else ``NDIF_HOST``, else NDIF; the key from
+    ``NDIF_API_KEY``) and is not loaded here: ``spec`` is then a hub name the server serves (or a directory a
+    self-hosted server shares); ``remote="local"`` is nnsight's local simulation of a remote run. A remote
+    job that outlives ``remote_timeout`` seconds is an error.
     """
     dtype, device = None if dtype is None else as_dtype(dtype), as_device(device)
     if n_layers is not None and n_layers < 1:
@@ -134,8 +151,26 @@ def load_model(
             f"n_layers={n_layers} builds no layer", "pass at least 1, or None for the whole model"
         )
     max_memory = _check_max_memory(device, max_memory)
+    check_remote(backend, remote, host, remote_timeout)
+    if backend == "nnsight":
+        with _libraries_quiet(not verbose):
+            return _load_traced(  # type: ignore[return-value]  # a TracedModel runs every analysis it can
+                spec, dtype, device, n_layers, max_memory, remote, host, remote_timeout
+            )
     with _libraries_quiet(not verbose):
         return _load(spec, dtype, device, n_ctx, n_layers, max_memory)
+
+
+def _load_traced(spec, dtype, device, n_layers, max_memory, remote, host, timeout) -> TracedModel:
+    if remote is True:
+        source = resolve_model(spec)
+        location = _location(source, spec, None)
+        return load_traced(location, source, remote=True, host=host, timeout=timeout)
+    require_nnsight()
+    hf_model, tokenizer, source = _hf_pair(spec, dtype, device, n_layers, max_memory)
+    return load_traced(
+        source.name, source, hf_model=hf_model, tokenizer=tokenizer, remote=remote
+    )
 
 
 def _check_max_memory(device: str, max_memory) -> dict[int | str, int] | None:
@@ -207,16 +242,7 @@ def _hf_pair(
     spec: str, dtype: torch.dtype | None, device: str, n_layers: int | None, max_memory=None
 ):
     source = resolve_model(spec)
-    location: str | Path
-    if source.kind == "alias":
-        location = alias_weights(spec)
-    elif source.kind == "gguf":
-        gguf = Path(source.name)
-        location = _converted_gguf(lambda: gguf, f"{gguf.stem}-{sha256_file(gguf)[:16]}")
-    elif source.kind == "hub" and n_layers is not None:
-        location = _hub_early_layers(source.spec, n_layers) or source.name
-    else:
-        location = source.name
+    location = _location(source, spec, n_layers)
     hf_model, tokenizer, depth = _load_hf(location, source, dtype, device, n_layers, max_memory)
     loaded = hf_model.config.num_hidden_layers
     source = dataclasses.replace(
@@ -226,6 +252,20 @@ def _hf_pair(
         layers_loaded=loaded if loaded < depth else None,
     )
     return hf_model, tokenizer, source
+
+
+def _location(source: ModelSource, spec: str, n_layers: int | None) -> str | Path:
+    """Where the Hugging Face files of ``spec`` are: a hub name, or a local directory (GGUF files
+    and aliases converted once into the cache; with ``n_layers``, a view of a sharded hub checkpoint
+    holding only those layers)."""
+    if source.kind == "alias":
+        return alias_weights(spec)
+    if source.kind == "gguf":
+        gguf = Path(source.name)
+        return _converted_gguf(lambda: gguf, f"{gguf.stem}-{sha256_file(gguf)[:16]}")
+    if source.kind == "hub" and n_layers is not None:
+        return _hub_early_layers(source.spec, n_layers) or source.name
+    return source.name
 
 
 def _offline() -> bool:

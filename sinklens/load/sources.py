@@ -105,6 +105,37 @@ def shard_index(
     return index
 
 
+BACKENDS = ("transformer_lens", "nnsight")
+"""How a model runs: a TransformerBridge here, or nnsight traces (here, or remote on NDIF)."""
+REMOTE_TIMEOUT = 3600.0  # seconds a remote job may take, queueing included
+
+
+def check_backend(backend: str) -> str:
+    """``backend`` if it is one of :data:`BACKENDS`, else one clear error."""
+    if backend not in BACKENDS:
+        raise SinklensError(f"unknown backend {backend!r}", f"pass one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def check_remote(backend: str, remote: bool | str, host: str | None, timeout: float) -> None:
+    """The checks of a remote run's choices that need no network."""
+    check_backend(backend)
+    if remote and backend != "nnsight":
+        raise SinklensError(
+            "remote runs go through nnsight", "add backend='nnsight' (CLI: --backend nnsight)"
+        )
+    if host is not None and remote is not True:
+        raise SinklensError(
+            "a host is only used by a remote run", "add --remote (Python: remote=True), or drop --host"
+        )
+    if host is not None and not host.startswith(("http://", "https://")):
+        raise SinklensError(f"the host {host!r} is not a URL", "pass http(s)://host[:port]")
+    if not timeout > 0:
+        raise SinklensError(
+            f"the remote timeout must be positive, got {timeout}", "pass seconds, e.g. 3600"
+        )
+
+
 def aliases() -> str:
     return ", ".join(MODEL_ALIASES)
 

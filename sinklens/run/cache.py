@@ -36,6 +36,7 @@ from transformer_lens.model_bridge.generalized_components.base import alias_gene
 from transformer_lens.utilities import get_act_name
 
 from sinklens.errors import SinklensError
+from sinklens.run.traced_forward import is_traced, traced_run
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 Hook = tuple[str, Callable]
@@ -175,6 +176,9 @@ def forward(
     (``past_key_values``, ``return_type``, ...). A GPU that runs out of memory is one
     :class:`~sinklens.errors.SinklensError` naming the model's size, the free memory and the
     fixes."""
+    if is_traced(model):  # the nnsight backend: hooks become edits in a trace (run.traced_forward)
+        traced_run(model, tokens, {}, hooks, None if prefix is None else prefix.tokens)
+        return
     stop = stop_layer(model, names)
     if prefix is not None:
         kwargs["past_key_values"] = _continuing(prefix, tokens.shape[0], stop)
@@ -208,10 +212,13 @@ def forward(
 @dataclass(frozen=True)
 class SharedPrefix:
     """Keys and values of a prefix that every row of later runs starts with, computed once
-    (:func:`shared_prefix`); ``stop`` is the block it stopped before (:func:`stop_layer`; None: it ran whole)."""
+    (:func:`shared_prefix`); ``stop`` is the block it stopped before (:func:`stop_layer`; None: it ran whole).
+    On the nnsight backend only its ``tokens`` are kept: each run computes them again (a server keeps no
+    keys and values between requests)."""
 
     past: Any  # a Hugging Face cache holding each layer's keys and values
     stop: int | None
+    tokens: torch.Tensor | None = None
 
 
 def shared_prefix(
@@ -274,6 +281,12 @@ def run_cache(
     for name in names:
         if (m := _BLOCK.match(name)) is not None:
             check_layer(model, int(m.group(1)))
+    if is_traced(model):
+        reads = {name: reduce for name in names}
+        store = traced_run(
+            model, tokens, reads, interventions, None if prefix is None else prefix.tokens
+        )
+        return ActivationCache(store, model)
     store: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str):

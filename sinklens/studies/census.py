@@ -43,9 +43,10 @@ from sinklens.analyses.neuron_writes import neurons_writing
 from sinklens.analyses.norms import sink_threshold
 from sinklens.errors import SinklensError
 from sinklens.load.corpus import read_messages, read_text
-from sinklens.load.fused_attention import key_weights
+from sinklens.load.fused_attention import KeyWeights, key_weights
 from sinklens.results import Result, value_type
 from sinklens.run.cache import SharedPrefix, forward, run_cache
+from sinklens.run.traced_forward import is_traced
 from sinklens.run.interventions import Neuron
 from sinklens.run.tokens import chat_tokens, check_context, text_tokens
 from sinklens.settings import Settings
@@ -212,41 +213,17 @@ def find_sinks(
     typical = torch.stack([reference[n][1:].mean() for n in names]).cpu()
     first = torch.stack([reference[n][0] for n in names]).cpu()
     thresholds = _regime_thresholds(first, typical, settings)
-    norms, cosine, candidates = {}, {}, {}
-
-    def measure(layer: int):
-        def hook(resid: torch.Tensor, hook) -> None:
-            row = resid[0].float()
-            norms[layer] = row.norm(dim=-1)
-            cosine[layer] = torch.nn.functional.cosine_similarity(row, row[:1], dim=-1)
-            candidates[layer + 1] = (norms[layer] >= float(thresholds[layer])).nonzero().flatten()
-
-        return hook
-
     from transformers import DynamicCache
 
     # The text's keys and values, kept so that each sink's neuron search runs one token after them. A model with
-    # sliding-window layers keeps only the last window's, so its searches run their prefix afresh instead.
-    config = model.original_model.config
-    sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (
-        getattr(config, "layer_types", None) or ()
-    )
-    # TransformerLens types original_model as nn.Module, so its .config reads as Tensor | Module
-    past = None if sliding else DynamicCache(config=config)  # type: ignore[arg-type]
-    cache_kwargs: dict[str, Any] = {} if past is None else {"past_key_values": past}
+    # sliding-window layers keeps only the last window's, and a server none, so there each search runs its prefix.
+    past = None
+    if not is_traced(model) and not _sliding(model):
+        # TransformerLens types original_model as nn.Module, so its .config reads as Tensor | Module
+        past = DynamicCache(config=model.original_model.config)  # type: ignore[arg-type]
     with tqdm(total=2, desc="sinklens sinks", disable=not progress) as bar:
-        with (
-            torch.inference_mode(),
-            key_weights(model, lambda layer: candidates.get(layer)) as weights,
-        ):
-            forward(
-                model,
-                tokens,
-                names,
-                hooks=[(n, measure(layer)) for layer, n in enumerate(names)],
-                return_type=None,
-                **cache_kwargs,
-            )
+        measure = _measure_traced if is_traced(model) else _measure
+        norms, cosine, weights = measure(model, tokens, names, thresholds, past)
         bar.update()
         norms_t = torch.stack([norms[layer] for layer in range(n_layers)]).cpu()
         cosine_t = torch.stack([cosine[layer] for layer in range(n_layers)]).cpu()
@@ -272,6 +249,72 @@ def find_sinks(
     return SinkCensus(
         setup, label, tokens.cpu(), texts, norms_t, cosine_t, typical, first, thresholds, sinks
     )
+
+
+def _sliding(model) -> bool:
+    """Whether some layers attend to a sliding window (their cache keeps only the last window's keys)."""
+    config = model.original_model.config
+    return bool(
+        getattr(config, "sliding_window", None)
+        or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    )
+
+
+def _measure(model, tokens, names: list[str], thresholds, past) -> tuple[dict, dict, KeyWeights]:
+    """Each layer's norms and cosines to the first token, and the attention paid to the positions in the sink
+    regime, in one forward pass: the weights from the fused kernel (:func:`key_weights`), for the positions
+    found at the layer before as the pass goes. ``past`` keeps the text's keys and values (None: not kept)."""
+    norms, cosine, candidates = {}, {}, {}
+
+    def measure(layer: int):
+        def hook(resid: torch.Tensor, hook) -> None:
+            row = resid[0].float()
+            norms[layer] = row.norm(dim=-1)
+            cosine[layer] = torch.nn.functional.cosine_similarity(row, row[:1], dim=-1)
+            candidates[layer + 1] = (norms[layer] >= float(thresholds[layer])).nonzero().flatten()
+
+        return hook
+
+    cache_kwargs: dict[str, Any] = {} if past is None else {"past_key_values": past}
+    with torch.inference_mode(), key_weights(model, lambda layer: candidates.get(layer)) as weights:
+        forward(
+            model,
+            tokens,
+            names,
+            hooks=[(n, measure(layer)) for layer, n in enumerate(names)],
+            return_type=None,
+            **cache_kwargs,
+        )
+    return norms, cosine, weights
+
+
+def _norms_and_cosines(name: str, resid: torch.Tensor) -> torch.Tensor:
+    row = resid[0].float()
+    return torch.stack([row.norm(dim=-1), torch.nn.functional.cosine_similarity(row, row[:1], dim=-1)])
+
+
+def _measure_traced(model, tokens, names: list[str], thresholds, past) -> tuple[dict, dict, KeyWeights]:
+    """:func:`_measure` on the nnsight backend, where what a run measures comes back only as its saved values:
+    one pass for the norms and cosines, one for the attention weights the positions found are paid (read
+    from the attention pattern of the layers after them)."""
+    measured = run_cache(model, tokens, names, reduce=_norms_and_cosines)
+    norms = {layer: measured[name][0] for layer, name in enumerate(names)}
+    cosine = {layer: measured[name][1] for layer, name in enumerate(names)}
+    keys = {
+        layer + 1: (norms[layer] >= float(thresholds[layer])).nonzero().flatten()
+        for layer in range(len(names) - 1)
+    }
+    asked = {get_act_name("pattern", layer): found for layer, found in keys.items() if len(found)}
+    weights = KeyWeights(keys.get)
+    if asked:
+        patterns = run_cache(
+            model, tokens, list(asked), reduce=lambda name, pattern: pattern[..., asked[name]]
+        )
+        for layer in keys:
+            if get_act_name("pattern", layer) in asked:
+                weights.found[layer] = patterns[get_act_name("pattern", layer)]
+                weights.asked[layer] = keys[layer]
+    return norms, cosine, weights
 
 
 def _sink(
