@@ -38,7 +38,9 @@ from sinklens.load.sources import REMOTE_TIMEOUT, ModelSource
 log = logging.getLogger("sinklens")
 
 NDIF_HOST = "https://api.ndif.us"
-POLL_SECONDS = 0.5
+FIRST_POLL_SECONDS = 0.02  # a short job is answered at once; a long one is polled ever less often
+POLL_SECONDS = 2.0
+ROUTINE_STATUSES = ("RECEIVED", "RUNNING", "COMPLETED")  # logged at DEBUG; queueing and the like at INFO
 _PATTERN = "hook_pattern"
 _FIX_BACKEND = "run it with the TransformerLens backend (leave out backend='nnsight' / --backend nnsight)"
 # Where each part of a block runs, in the order a pre-norm decoder runs them; TransformerLens' names.
@@ -276,15 +278,19 @@ class TracedModel:
             from nnsight.intervention.backends.local import LocalSimulationBackend
 
             return LocalSimulationBackend(self.envoy)
+        from nnsight.intervention.backends.display import StatusDisplay
         from nnsight.intervention.backends.remote import RemoteBackend
 
-        return RemoteBackend(
+        backend = RemoteBackend(
             self.envoy.to_model_key(),
             host=self.remote,
             api_key=self.api_key,
             env=self.envoy._remoteable_get_env(),
             blocking=False,
         )
+        # nnsight prints each status to stdout, which would mix into --json output: sinklens logs them instead
+        backend.display = StatusDisplay(enabled=False, verbose=False)
+        return backend
 
 
 def remote_host(host: str | None) -> str:
@@ -338,7 +344,7 @@ def load_traced(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(location))
-        envoy = TransformersModel(str(location), tokenizer=tokenizer)
+        envoy = TransformersModel(str(location), tokenizer=tokenizer, task="text-generation")
         source = dataclasses.replace(
             source,
             bos_token_id=tokenizer.bos_token_id,
@@ -371,19 +377,24 @@ def load_traced(
 def wait_for(backend: Any, model: TracedModel, what: str) -> dict[str, Any]:
     """Poll a submitted non-blocking NDIF request until its saved values arrive, logging each new status on
     the ``sinklens`` logger; one clear error for a failed job or one that outlives ``model.timeout``."""
+    import httpx
     from nnsight.intervention.backends.remote import RemoteError
 
-    start, status = time.monotonic(), None
+    start, status, pause = time.monotonic(), None, FIRST_POLL_SECONDS
     while True:
         try:
             result = backend()
         except RemoteError as exc:
             raise job_failed(model, exc) from None
-        except OSError as exc:
+        except (OSError, httpx.TransportError) as exc:
             raise unreachable(model, exc) from None
+        except httpx.HTTPStatusError as exc:
+            raise job_failed(model, RemoteError(str(exc))) from None
         if backend.status != status:
             status = backend.status
-            log.info("%s on %s: %s", what, model.remote, getattr(status, "value", status))
+            name = getattr(status, "value", status)
+            level = logging.DEBUG if name in ROUTINE_STATUSES else logging.INFO
+            log.log(level, "%s on %s: %s", what, model.remote, name)
         if result is not None:
             return result
         if time.monotonic() - start > model.timeout:
@@ -392,7 +403,8 @@ def wait_for(backend: Any, model: TracedModel, what: str) -> dict[str, Any]:
                 f"{model.timeout:.0f} s",
                 "try again when the host is less busy, or raise the limit (--remote-timeout)",
             )
-        time.sleep(POLL_SECONDS)
+        time.sleep(pause)
+        pause = min(pause * 2, POLL_SECONDS)
 
 
 def job_failed(model: TracedModel, exc: Exception) -> SinklensError:

@@ -177,6 +177,11 @@ def forward(
     :class:`~sinklens.errors.SinklensError` naming the model's size, the free memory and the
     fixes."""
     if is_traced(model):  # the nnsight backend: hooks become edits in a trace (run.traced_forward)
+        if set(kwargs) - {"return_type"}:
+            raise SinklensError(
+                f"the nnsight backend runs tokens only, not {', '.join(sorted(kwargs))}",
+                "pass a shared_prefix() as prefix, or run it with the TransformerLens backend",
+            )
         traced_run(model, tokens, {}, hooks, None if prefix is None else prefix.tokens)
         return
     stop = stop_layer(model, names)
@@ -234,6 +239,8 @@ def shared_prefix(
             f"a shared prefix is one row of at least one token, not shape {tuple(tokens.shape)}",
             "pass tokens[:1, :k]",
         )
+    if is_traced(model):
+        return SharedPrefix(None, stop_layer(model, names), tokens.cpu())
     # TransformerLens types original_model as nn.Module, so its .config reads as Tensor | Module
     past = DynamicCache(config=model.original_model.config)  # type: ignore[arg-type]
     with torch.inference_mode():
