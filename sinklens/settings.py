@@ -111,7 +111,9 @@ class Settings:
     # "nnsight": run as nnsight traces (the analyses that only run the model, read hooks and ablate neurons)
     backend: str = "transformer_lens"
     remote: bool = False  # with backend nnsight: run on an NDIF server, not here
-    host: str | None = None  # the NDIF server; None: NDIF_HOST, else nnsight's configured host (NDIF)
+    host: str | None = (
+        None  # the NDIF server; None: NDIF_HOST, else nnsight's configured host (NDIF)
+    )
     remote_timeout: float = REMOTE_TIMEOUT  # seconds one remote job may take, queueing included
 
     @property

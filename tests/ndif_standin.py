@@ -27,7 +27,9 @@ class _Unimportable:
     @staticmethod
     def find_spec(name, path=None, target=None):
         if name.split(".")[0] in _BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r} (not on the NDIF stand-in)", name=name)
+            raise ModuleNotFoundError(
+                f"No module named {name!r} (not on the NDIF stand-in)", name=name
+            )
         return None
 
 
@@ -162,13 +164,18 @@ def handler(jobs: Jobs, key: str):
             message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
                 f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + body
             )
-            parts = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
+            parts = {
+                part.get_param("name", header="content-disposition"): part
+                for part in message.iter_parts()
+            }
             envelope = json.loads(parts["data"].get_content())
             blob = parts["blob"].get_payload(decode=True)
             job_id = uuid.uuid4().hex
             base_url = f"http://{self.headers['Host']}"
             jobs.status[job_id] = {"id": job_id, "status": "RECEIVED"}
-            threading.Thread(target=jobs.run, args=(job_id, envelope, blob, base_url), daemon=True).start()
+            threading.Thread(
+                target=jobs.run, args=(job_id, envelope, blob, base_url), daemon=True
+            ).start()
             return self.reply(200, json.dumps({"id": job_id, "status": "RECEIVED"}).encode())
 
         def do_GET(self):

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_arch, save_tiny
 
+from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_arch, save_tiny
 from sinklens import load_model
 from sinklens.errors import SinklensError
 from sinklens.run.cache import run_cache, shared_prefix
@@ -38,7 +38,11 @@ pytest.importorskip("nnsight")
 FAMILIES = ("llama", "mistral", "qwen2", "gemma3", "gpt2")
 STANDIN = Path(__file__).with_name("ndif_standin.py")
 KEY = "test-key"
-WHERE = {"backend", "device", "dtype"}  # where a model ran: the only fields the backends may differ in
+WHERE = {
+    "backend",
+    "device",
+    "dtype",
+}  # where a model ran: the only fields the backends may differ in
 
 
 def assert_close(expected, found, path: str = "", rel: float = 1e-4) -> None:
@@ -118,7 +122,13 @@ def test_a_shared_prefix_gives_the_full_runs_numbers(arch_dirs):
     names = ["blocks.1.hook_resid_post", "blocks.1.attn.hook_pattern"]
     prefix = shared_prefix(traced, tokens[:, :4], names)
     rows = tokens[:, 4:].expand(3, -1)
-    found = run_cache(traced, rows, names, prefix=prefix, interventions=ablation_hooks(traced, [[], [(0, 1)], [(1, 2)]]))
+    found = run_cache(
+        traced,
+        rows,
+        names,
+        prefix=prefix,
+        interventions=ablation_hooks(traced, [[], [(0, 1)], [(1, 2)]]),
+    )
     expected = run_cache(
         bridge,
         rows,
@@ -126,7 +136,11 @@ def test_a_shared_prefix_gives_the_full_runs_numbers(arch_dirs):
         prefix=shared_prefix(bridge, tokens[:, :4], names),
         interventions=ablation_hooks(bridge, [[], [(0, 1)], [(1, 2)]]),
     )
-    assert found[names[0]].shape == (3, 2, 32)  # only the positions after the prefix, as on the bridge
+    assert found[names[0]].shape == (
+        3,
+        2,
+        32,
+    )  # only the positions after the prefix, as on the bridge
     for name in names:
         torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-5)
 
@@ -143,7 +157,7 @@ def test_the_table_row_and_census_equal_the_bridges(planted, bridge_row, remote)
     assert row.setup.sink_neurons == [(SINK_LAYER, SINK_NEURON)]
     assert_close(_summary(bridge_row), _summary(row))
     assert row.placement["backend"].startswith("nnsight")
-    assert traced.requests == (0 if remote is False else traced.requests) and (remote is False or traced.requests > 10)
+    assert traced.requests == 0 if remote is False else traced.requests > 10
     tokens = text_tokens(traced, CORPUS[:300], first=row.choice.token.id)
     bridge = load_model(str(planted), device="cpu")
     census = find_sinks(traced, tokens, corpus_chars=300)
@@ -184,7 +198,9 @@ def _serve(*models: Path) -> tuple[subprocess.Popen, str]:
         if port_file.exists() and port_file.read_text():
             return server, f"http://127.0.0.1:{port_file.read_text()}"
         if server.poll() is not None:
-            raise RuntimeError(f"the stand-in stopped: {server.stderr.read() if server.stderr else ''}")
+            raise RuntimeError(
+                f"the stand-in stopped: {server.stderr.read() if server.stderr else ''}"
+            )
         time.sleep(0.1)
     server.kill()
     raise RuntimeError("the stand-in did not start in 60 s")
@@ -268,9 +284,12 @@ def test_a_job_that_outlives_its_timeout_is_one_line(planted, key, caplog):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         host = f"http://127.0.0.1:{server.server_address[1]}"
-        remote = load_model(str(planted), backend="nnsight", remote=True, host=host, remote_timeout=0.5)
-        with caplog.at_level(logging.INFO, logger="sinklens"), pytest.raises(
-            SinklensError, match="did not finish in 0 s"
+        remote = load_model(
+            str(planted), backend="nnsight", remote=True, host=host, remote_timeout=0.5
+        )
+        with (
+            caplog.at_level(logging.INFO, logger="sinklens"),
+            pytest.raises(SinklensError, match="did not finish in 0 s"),
         ):
             run_cache(remote, torch.tensor([[1, 2]]), ["blocks.0.hook_resid_post"])
         assert "QUEUED" in caplog.text  # a job waiting in a queue says so
@@ -280,14 +299,29 @@ def test_a_job_that_outlives_its_timeout_is_one_line(planted, key, caplog):
 
 def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "sinklens", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "sinklens", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 
 def test_the_command_line_refuses_a_missing_key_and_a_silent_host(planted):
     env = {k: v for k, v in os.environ.items() if k not in ("NDIF_API_KEY", "NDIF_HOST")}
-    env["NNSIGHT_CONFIG"] = str(planted / "no-such-config.yaml")  # no key saved in nnsight's config either
-    base = ("table", "--model", str(planted), "--n-repeats", "60", "--backend", "nnsight", "--remote")
+    env["NNSIGHT_CONFIG"] = str(
+        planted / "no-such-config.yaml"
+    )  # no key saved in nnsight's config either
+    base = (
+        "table",
+        "--model",
+        str(planted),
+        "--n-repeats",
+        "60",
+        "--backend",
+        "nnsight",
+        "--remote",
+    )
     no_key = _cli(*base, env=env)
     assert no_key.returncode == 2
     assert no_key.stderr.strip().splitlines()[-1].startswith("sinklens: error: no NDIF API key")
@@ -295,3 +329,33 @@ def test_the_command_line_refuses_a_missing_key_and_a_silent_host(planted):
     assert silent.returncode == 2, silent.stderr
     last = silent.stderr.strip().splitlines()[-1]
     assert last.startswith("sinklens: error: the NDIF host http://127.0.0.1:9 did not answer")
+
+
+def _where_it_ran(summary: dict) -> dict:
+    summary = copy.deepcopy(summary)
+    summary["setup"]["settings"].pop("backend")
+    return {k: v for k, v in summary.items() if k not in WHERE | {"layers_loaded"}}
+
+
+def test_the_default_models_table_and_sinks_commands_on_nnsight_equal_the_bridges(smollm2):
+    """``sinklens table --backend nnsight --json`` and ``sinklens sinks --backend nnsight --json`` on SmolLM2 give
+    the bridge's sink layer, neurons and census, and its norms and attention shares within 1e-4."""
+    from sinklens.settings import Settings
+    from sinklens.studies.census import census_of
+
+    env = dict(os.environ)
+    table = _cli("table", "--backend", "nnsight", "--json", env=env)
+    assert table.returncode == 0, table.stderr
+    found = json.loads(table.stdout)
+    settings = Settings()
+    row = sink_table_row(smollm2, settings.corpus_text(), settings)
+    assert found["sink_layer"] == 11 and found["sink_neurons"] == [
+        1229,
+        1487,
+    ]  # docs/results.md's row
+    assert found["backend"] == "nnsight"
+    assert_close(_where_it_ran(row.summary()), _where_it_ran(found))
+    sinks = _cli("sinks", "--backend", "nnsight", "--json", env=env)
+    assert sinks.returncode == 0, sinks.stderr
+    census = census_of(settings, model=smollm2)
+    assert_close(_where_it_ran(census.summary()), _where_it_ran(json.loads(sinks.stdout)))

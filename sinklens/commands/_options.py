@@ -194,8 +194,8 @@ def backend(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKENDS,
         default=BACKENDS[0],
-        help="transformer_lens (default) or nnsight: the same analyses as nnsight traces, "
-        "which can run remotely (--remote)",
+        help="run the model as a TransformerBridge (default) or as nnsight traces, which give the same "
+        "numbers and can run remotely (--remote)",
     )
     parser.add_argument(
         "--remote",

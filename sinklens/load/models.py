@@ -40,7 +40,6 @@ from sinklens.load.device_memory import (
 )
 from sinklens.load.fused_attention import use_fused_attention
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
-from sinklens.load.traced import TracedModel, load_traced, require_nnsight
 from sinklens.load.sources import (
     REMOTE_TIMEOUT,
     SHARD_INDEX,
@@ -53,6 +52,7 @@ from sinklens.load.sources import (
     resolve_model,
     shard_index,
 )
+from sinklens.load.traced import TracedModel, load_traced, require_nnsight
 
 log = logging.getLogger("sinklens")
 
@@ -168,9 +168,7 @@ def _load_traced(spec, dtype, device, n_layers, max_memory, remote, host, timeou
         return load_traced(location, source, remote=True, host=host, timeout=timeout)
     require_nnsight()
     hf_model, tokenizer, source = _hf_pair(spec, dtype, device, n_layers, max_memory)
-    return load_traced(
-        source.name, source, hf_model=hf_model, tokenizer=tokenizer, remote=remote
-    )
+    return load_traced(source.name, source, hf_model=hf_model, tokenizer=tokenizer, remote=remote)
 
 
 def _check_max_memory(device: str, max_memory) -> dict[int | str, int] | None:

@@ -126,7 +126,8 @@ def check_remote(backend: str, remote: bool | str, host: str | None, timeout: fl
         )
     if host is not None and remote is not True:
         raise SinklensError(
-            "a host is only used by a remote run", "add --remote (Python: remote=True), or drop --host"
+            "a host is only used by a remote run",
+            "add --remote (Python: remote=True), or drop --host",
         )
     if host is not None and not host.startswith(("http://", "https://")):
         raise SinklensError(f"the host {host!r} is not a URL", "pass http(s)://host[:port]")

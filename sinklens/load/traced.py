@@ -20,10 +20,7 @@ is refused in one line naming the backend.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
-import os
-import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +30,13 @@ import torch
 
 from sinklens.errors import SinklensError
 from sinklens.load.device_memory import text_config
+from sinklens.load.ndif import NdifHost, require_nnsight
 from sinklens.load.sources import REMOTE_TIMEOUT, ModelSource
 
-log = logging.getLogger("sinklens")
-
-NDIF_HOST = "https://api.ndif.us"
-FIRST_POLL_SECONDS = 0.02  # a short job is answered at once; a long one is polled ever less often
-POLL_SECONDS = 2.0
-ROUTINE_STATUSES = ("RECEIVED", "RUNNING", "COMPLETED")  # logged at DEBUG; queueing and the like at INFO
 _PATTERN = "hook_pattern"
-_FIX_BACKEND = "run it with the TransformerLens backend (leave out backend='nnsight' / --backend nnsight)"
+_FIX_BACKEND = (
+    "run it with the TransformerLens backend (leave out backend='nnsight' / --backend nnsight)"
+)
 # Where each part of a block runs, in the order a pre-norm decoder runs them; TransformerLens' names.
 _EXECUTION_ORDER = (
     "ln1",
@@ -63,17 +57,6 @@ _EXECUTION_ORDER = (
     "out",
 )
 _TOP_ORDER = ("embed", "pos_embed", "rotary_emb", "blocks", "ln_final", "unembed")
-
-
-def require_nnsight():
-    """The nnsight package, or one clear error naming the extra that installs it."""
-    try:
-        import nnsight
-    except ImportError:
-        raise SinklensError(
-            "the nnsight backend needs the nnsight package", "pip install 'sinklens[nnsight]'"
-        ) from None
-    return nnsight
 
 
 @dataclass(frozen=True)
@@ -99,12 +82,18 @@ def hook_sites(adapter: Any, n_layers: int) -> dict[str, Site]:
     def add(component: Any, tl_path: str, hf_path: str, order: tuple) -> None:
         sites[f"{tl_path}.hook_in"] = Site(hf_path, "input", (*order, 0))
         sites[f"{tl_path}.hook_out"] = Site(hf_path, "output", (*order, 2))
+        attention = hasattr(component, "hook_pattern") or type(component).__name__.endswith(
+            "AttentionBridge"
+        )
+        if (
+            attention
+        ):  # its inner hooks (hook_q, hook_z, ...) are per head on the bridge: not at a boundary
+            sites[f"{tl_path}.{_PATTERN}"] = Site(hf_path, "weights", (*order, 2))
+            return
         children = getattr(component, "submodules", None) or {}
         for name, child in children.items():
             rank = (*order, 1, _rank(name, _EXECUTION_ORDER))
             add(child, f"{tl_path}.{name}", f"{hf_path}.{child.name}", rank)
-        if hasattr(component, "hook_pattern") or type(component).__name__.endswith("AttentionBridge"):
-            sites[f"{tl_path}.{_PATTERN}"] = Site(hf_path, "weights", (*order, 2))
         # the component's own aliases: a block with post-norms reads hook_mlp_out after ln2_post
         for alias, targets in (getattr(component, "hook_aliases", None) or {}).items():
             found = [
@@ -182,21 +171,21 @@ class TracedModel:
         source: ModelSource,
         dtype: torch.dtype,
         *,
-        remote: str | None = None,
-        api_key: str | None = None,
-        timeout: float = REMOTE_TIMEOUT,
+        simulate: bool = False,
+        host: NdifHost | None = None,
     ):
         self.envoy = envoy
         self.tokenizer = tokenizer
         self.sinklens_source = source
-        self.remote = remote
-        self.api_key = api_key
-        self.timeout = timeout
+        self.host = host
+        # where traces run: None here, "local" in nnsight's simulation of a remote run, else the host's URL
+        self.remote = host.url if host is not None else "local" if simulate else None
         self.original_model = envoy._module
         hf_config = self.original_model.config
         adapter = _bridge_config(hf_config, source.name, dtype)
         self.cfg = adapter.cfg
-        self.cfg.device = "cpu" if remote else str(next(self.original_model.parameters()).device)
+        # a remote model is built on the meta device: its inputs are made on the CPU
+        self.cfg.device = "cpu" if host else str(next(self.original_model.parameters()).device)
         self.sites = hook_sites(adapter, self.cfg.n_layers)
         self.blocks = [_Block(self, layer) for layer in range(self.cfg.n_layers)]
         self._weights: dict[str, torch.Tensor] = {}
@@ -233,7 +222,9 @@ class TracedModel:
     def placement(self) -> dict[str, str]:
         """Where it runs, as results record it: the backend, the dtype and the device or host."""
         where = self.remote if self.remote not in (None, "local") else self.cfg.device
-        simulated = " (nnsight's local simulation of a remote run)" if self.remote == "local" else ""
+        simulated = (
+            " (nnsight's local simulation of a remote run)" if self.remote == "local" else ""
+        )
         return {
             "backend": f"nnsight{simulated}",
             "dtype": str(self.cfg.dtype).removeprefix("torch."),
@@ -278,48 +269,18 @@ class TracedModel:
             from nnsight.intervention.backends.local import LocalSimulationBackend
 
             return LocalSimulationBackend(self.envoy)
-        from nnsight.intervention.backends.display import StatusDisplay
-        from nnsight.intervention.backends.remote import RemoteBackend
+        assert self.host is not None  # remote is its URL
+        return self.host.backend(self.envoy)
 
-        backend = RemoteBackend(
-            self.envoy.to_model_key(),
-            host=self.remote,
-            api_key=self.api_key,
-            env=self.envoy._remoteable_get_env(),
-            blocking=False,
-        )
-        # nnsight prints each status to stdout, which would mix into --json output: sinklens logs them instead
-        backend.display = StatusDisplay(enabled=False, verbose=False)
-        return backend
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes the remote requests carried to the host (0 for a model run here)."""
+        return self.host.bytes_sent if self.host else 0
 
-
-def remote_host(host: str | None) -> str:
-    """The NDIF host to use: ``host``, else ``NDIF_HOST``, else nnsight's configured host (NDIF itself)."""
-    if host:
-        chosen = host
-    else:
-        from nnsight import CONFIG
-
-        chosen = os.environ.get("NDIF_HOST") or CONFIG.API.HOST or NDIF_HOST
-    if not chosen.startswith(("http://", "https://")):
-        raise SinklensError(
-            f"the NDIF host {chosen!r} is not a URL", "pass --host http(s)://host[:port]"
-        )
-    return chosen.rstrip("/")
-
-
-def remote_api_key(host: str) -> str:
-    """The NDIF API key (``NDIF_API_KEY``, else nnsight's config), or one line saying how to set one."""
-    from nnsight import CONFIG
-
-    key = os.environ.get("NDIF_API_KEY") or CONFIG.API.APIKEY
-    if not key:
-        raise SinklensError(
-            f"no NDIF API key for {host}",
-            "set NDIF_API_KEY (a free key from https://login.ndif.us), or save one with "
-            "nnsight.CONFIG.set_default_api_key('...')",
-        )
-    return key
+    @property
+    def bytes_received(self) -> int:
+        """Bytes of saved values the host sent back (0 for a model run here)."""
+        return self.host.bytes_received if self.host else 0
 
 
 def load_traced(
@@ -339,8 +300,7 @@ def load_traced(
     from nnsight import TransformersModel
 
     if remote is True:
-        host = remote_host(host)
-        key = remote_api_key(host)
+        ndif = NdifHost.of(host, source.name, timeout)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(location))
@@ -350,7 +310,9 @@ def load_traced(
             bos_token_id=tokenizer.bos_token_id,
             n_layers=text_config(envoy._module.config).num_hidden_layers,
         )
-        if Path(location).is_dir():  # a directory has no hub id to canonicalise (which needs the network)
+        if Path(
+            location
+        ).is_dir():  # a directory has no hub id to canonicalise (which needs the network)
             from nnsight.modeling import huggingface
 
             huggingface._ID_CACHE[str(location)] = str(location)
@@ -360,9 +322,7 @@ def load_traced(
             tokenizer,
             source,
             dtype if isinstance(dtype, torch.dtype) else torch.float32,
-            remote=host,
-            api_key=key,
-            timeout=timeout,
+            host=ndif,
         )
     envoy = TransformersModel(hf_model, tokenizer=tokenizer)
     return TracedModel(
@@ -370,99 +330,26 @@ def load_traced(
         tokenizer,
         source,
         next(hf_model.parameters()).dtype,
-        remote="local" if remote == "local" else None,
+        simulate=remote == "local",
     )
-
-
-def wait_for(backend: Any, model: TracedModel, what: str) -> dict[str, Any]:
-    """Poll a submitted non-blocking NDIF request until its saved values arrive, logging each new status on
-    the ``sinklens`` logger; one clear error for a failed job or one that outlives ``model.timeout``."""
-    import httpx
-    from nnsight.intervention.backends.remote import RemoteError
-
-    start, status, pause = time.monotonic(), None, FIRST_POLL_SECONDS
-    while True:
-        try:
-            result = backend()
-        except RemoteError as exc:
-            raise job_failed(model, exc) from None
-        except (OSError, httpx.TransportError) as exc:
-            raise unreachable(model, exc) from None
-        except httpx.HTTPStatusError as exc:
-            raise job_failed(model, RemoteError(str(exc))) from None
-        if backend.status != status:
-            status = backend.status
-            name = getattr(status, "value", status)
-            level = logging.DEBUG if name in ROUTINE_STATUSES else logging.INFO
-            log.log(level, "%s on %s: %s", what, model.remote, name)
-        if result is not None:
-            return result
-        if time.monotonic() - start > model.timeout:
-            raise SinklensError(
-                f"the remote job {backend.job_id} ({what}) on {model.remote} did not finish in "
-                f"{model.timeout:.0f} s",
-                "try again when the host is less busy, or raise the limit (--remote-timeout)",
-            )
-        time.sleep(pause)
-        pause = min(pause * 2, POLL_SECONDS)
-
-
-def job_failed(model: TracedModel, exc: Exception) -> SinklensError:
-    """The one line for a request the host refused or a job that failed on it."""
-    cause = exc.__cause__
-    status = getattr(getattr(cause, "response", None), "status_code", None)
-    detail = str(exc).removeprefix("Failed to send request: ").strip().splitlines()[0][:300]
-    if status in (401, 403):
-        return SinklensError(
-            f"{model.remote} refused the NDIF API key ({detail})",
-            "check NDIF_API_KEY (or nnsight's saved key) against https://login.ndif.us",
-        )
-    if cause is not None and status is None:
-        return unreachable(model, cause)
-    return SinklensError(
-        f"the remote job for {model.cfg.model_name} failed on {model.remote}: {detail}",
-        "check that the host serves this model (nnsight.ndif_status() lists what runs) and that the request "
-        "fits its limits (fewer --n-repeats)",
-    )
-
-
-def unreachable(model: TracedModel, exc: BaseException) -> SinklensError:
-    detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    return SinklensError(
-        f"the NDIF host {model.remote} did not answer ({detail})",
-        "check --host (or NDIF_HOST) and the network; https://nnsight.net/status says whether NDIF is up",
-    )
-
-
-@functools.lru_cache(maxsize=1)
-def register_for_remote() -> None:
-    """Ship sinklens' own code with remote requests by value (the server has torch, transformers and nnsight,
-    not sinklens): the hook functions an analysis passes (ablations, reductions) run there."""
-    require_nnsight().register("sinklens")
 
 
 @contextmanager
-def remote_errors(model: TracedModel):
-    """A request the host refuses, or a host that does not answer, as one clear error."""
-    if model.remote in (None, "local"):
+def remote_errors(model: TracedModel) -> Iterator[None]:
+    """For a model on an NDIF host, a request the host refuses or a host that does not answer as one line."""
+    if model.host is None:
         yield
         return
-    from nnsight.intervention.backends.remote import RemoteError
-
-    try:
+    with model.host.errors():
         yield
-    except RemoteError as exc:
-        raise job_failed(model, exc) from None
-    except OSError as exc:
-        raise unreachable(model, exc) from None
 
 
 def trace_outcome(model: TracedModel, backend: Any, saved: Any, what: str) -> Any:
     """What a trace saved in its variable ``saved``: the caller's variable here (nnsight sets it), the
-    server's once its job is done."""
-    if model.remote in (None, "local"):
+    host's once its job is done."""
+    if model.host is None:
         return saved
-    return wait_for(backend, model, what)["saved"]
+    return model.host.wait(backend, what)["saved"]
 
 
 def _remote_weight(model: TracedModel, path: str) -> torch.Tensor:

@@ -239,13 +239,14 @@ def shared_prefix(
             f"a shared prefix is one row of at least one token, not shape {tuple(tokens.shape)}",
             "pass tokens[:1, :k]",
         )
+    stop = stop_layer(model, names)
     if is_traced(model):
-        return SharedPrefix(None, stop_layer(model, names), tokens.cpu())
+        return SharedPrefix(None, stop, tokens.cpu())
     # TransformerLens types original_model as nn.Module, so its .config reads as Tensor | Module
     past = DynamicCache(config=model.original_model.config)  # type: ignore[arg-type]
     with torch.inference_mode():
         forward(model, tokens, names, past_key_values=past, return_type=None)
-    return SharedPrefix(past, stop_layer(model, names))
+    return SharedPrefix(past, stop)
 
 
 def _continuing(prefix: SharedPrefix, rows: int, stop: int | None):
@@ -290,10 +291,10 @@ def run_cache(
             check_layer(model, int(m.group(1)))
     if is_traced(model):
         reads = {name: reduce for name in names}
-        store = traced_run(
+        found = traced_run(
             model, tokens, reads, interventions, None if prefix is None else prefix.tokens
         )
-        return ActivationCache(store, model)
+        return ActivationCache(found, model)
     store: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str):

@@ -18,25 +18,19 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from jaxtyping import Int
 
 from sinklens.errors import SinklensError
-from sinklens.load.traced import (
-    Site,
-    TracedModel,
-    register_for_remote,
-    remote_errors,
-    require_nnsight,
-    trace_outcome,
-)
+from sinklens.load.ndif import register_for_remote, require_nnsight
+from sinklens.load.traced import Site, TracedModel, remote_errors, trace_outcome
 
 Reduce = Callable[[str, torch.Tensor], Any]
 
 
-def is_traced(model: Any) -> bool:
+def is_traced(model: Any) -> TypeGuard[TracedModel]:
     """Whether ``model`` runs on the nnsight backend."""
     return isinstance(model, TracedModel)
 

@@ -46,9 +46,9 @@ from sinklens.load.corpus import read_messages, read_text
 from sinklens.load.fused_attention import KeyWeights, key_weights
 from sinklens.results import Result, value_type
 from sinklens.run.cache import SharedPrefix, forward, run_cache
-from sinklens.run.traced_forward import is_traced
 from sinklens.run.interventions import Neuron
 from sinklens.run.tokens import chat_tokens, check_context, text_tokens
+from sinklens.run.traced_forward import is_traced
 from sinklens.settings import Settings
 from sinklens.studies.setup import CircuitSetup, OnSetup, circuit_setup
 
@@ -290,10 +290,14 @@ def _measure(model, tokens, names: list[str], thresholds, past) -> tuple[dict, d
 
 def _norms_and_cosines(name: str, resid: torch.Tensor) -> torch.Tensor:
     row = resid[0].float()
-    return torch.stack([row.norm(dim=-1), torch.nn.functional.cosine_similarity(row, row[:1], dim=-1)])
+    return torch.stack(
+        [row.norm(dim=-1), torch.nn.functional.cosine_similarity(row, row[:1], dim=-1)]
+    )
 
 
-def _measure_traced(model, tokens, names: list[str], thresholds, past) -> tuple[dict, dict, KeyWeights]:
+def _measure_traced(
+    model, tokens, names: list[str], thresholds, past
+) -> tuple[dict, dict, KeyWeights]:
     """:func:`_measure` on the nnsight backend, where what a run measures comes back only as its saved values:
     one pass for the norms and cosines, one for the attention weights the positions found are paid (read
     from the attention pattern of the layers after them)."""
