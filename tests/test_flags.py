@@ -65,6 +65,10 @@ VALUES = {
     "position": ["--position", "1"],
     "clean": ["--clean", "Speak, speak."],
     "corrupted": ["--corrupted", "Speak."],
+    "backend": ["--backend", "nnsight"],
+    "remote": ["--remote"],  # refused: it needs --backend nnsight
+    "host": ["--host", "http://127.0.0.1:9"],  # refused: it needs --remote
+    "remote_timeout": ["--remote-timeout", "5"],  # refused: it needs --remote
     "corpus": None,
     "scan": None,
     "text": None,
@@ -73,7 +77,8 @@ VALUES = {
 TEXT_ONLY = {"top"}  # changes what is printed without --json: compared in text
 # Honoured, and recorded, but they cannot change a number here: the only device is the CPU, batching does not
 # change the numbers, and no token of the tiny model's scan sample is a screen positive to run a share of.
-RECORDED_ONLY = {"device", "batch_size", "positives"}
+# The nnsight backend is recorded and, by design, changes no number (tests/test_nnsight.py).
+RECORDED_ONLY = {"device", "batch_size", "positives", "backend"}
 # The same for one command, on the tiny model: its planted sink is unambiguous, so a scan (which keeps only the
 # sink layer and neurons of its setup) finds the same ones whatever the sink-layer threshold (past it, the layer
 # with the largest first-token ratio is taken) and among any number of candidates; and no token of it reaches the

@@ -442,7 +442,10 @@ def _search(
         )  # a side measurement: fit it to the context
         repeat = repeated_tokens(model, notebook_word, n_repeats, first=first)
         name = act_name("pre", end)
-        gate = run_cache(model, repeat, [name])[name][0, -1].to(w_outs[end].device)
+        last = run_cache(
+            model, repeat, [name], reduce=lambda _, pre: pre[:, -1]
+        )  # only the last position
+        gate = last[name][0].to(w_outs[end].device)
         notebook_scores = (gate.abs() * w_outs[end].norm(dim=-1)).cpu()
         notebook_input = f"{token(model, first).text!r} + {token(model, int(repeat[0, -1])).text!r} x {n_repeats}"
     case = SINGLE_LAYER if len(layers) == 1 else SEVERAL_LAYERS

@@ -131,6 +131,11 @@ def check_remote(backend: str, remote: bool | str, host: str | None, timeout: fl
         )
     if host is not None and not host.startswith(("http://", "https://")):
         raise SinklensError(f"the host {host!r} is not a URL", "pass http(s)://host[:port]")
+    if timeout != REMOTE_TIMEOUT and remote is not True:
+        raise SinklensError(
+            "a remote timeout is only used by a remote run",
+            "add --remote (Python: remote=True), or drop --remote-timeout",
+        )
     if not timeout > 0:
         raise SinklensError(
             f"the remote timeout must be positive, got {timeout}", "pass seconds, e.g. 3600"

@@ -261,7 +261,7 @@ class TracedModel:
 
     def trace_backend(self) -> Any:
         """The nnsight backend a trace of this model runs with: None here, the local simulation, or a
-        non-blocking NDIF request that :func:`~sinklens.run.traced_forward` polls."""
+        non-blocking request to its NDIF host (:class:`~sinklens.load.ndif.NdifHost`), which polls it."""
         self.requests += self.remote is not None
         if self.remote is None:
             return None
@@ -360,6 +360,7 @@ def _remote_weight(model: TracedModel, path: str) -> torch.Tensor:
     saved: dict[str, Any] = {}
     with remote_errors(model), torch.no_grad():
         with envoy.trace(token, backend=backend) as tracer:
-            saved = nnsight.save({"weight": envoy.get(path).weight.detach().float().cpu()})
+            saved = nnsight.save({"weight": envoy.get(path).weight.detach().cpu()})
             tracer.stop()
-    return trace_outcome(model, backend, saved, f"the weight of {path}")["weight"]
+    # in the checkpoint's dtype on the wire (half of float32's bytes for a bf16 model), float32 here
+    return trace_outcome(model, backend, saved, f"the weight of {path}")["weight"].float()

@@ -108,6 +108,8 @@ def traced_run(
                     if isinstance(found, torch.Tensor):
                         found = found.detach().cpu()
                         found = found.float() if found.is_floating_point() else found
+                        if found.untyped_storage().nbytes() > found.nbytes:  # a view: send only it
+                            found = found.clone()
                     saved[name] = found
             tracer.stop()
     return trace_outcome(model, backend, saved, f"a run of {tuple(tokens.shape)} tokens")
