@@ -153,7 +153,8 @@ class Settings:
         if self.dtype is not None:
             check_dtype_name(self.dtype)
         check_device(self.device)
-        check_remote(self.backend, self.remote, self.host, self.remote_timeout)
+        placed = any(x is not None for x in (self.dtype, self.device, self.max_memory))
+        check_remote(self.backend, self.remote, self.host, self.remote_timeout, placed)
         if check_max_memory(self.max_memory) is not None and self.device != "auto":
             raise SinklensError(
                 "--max-memory caps accelerate's device map, which only --device auto uses",

@@ -29,6 +29,7 @@ from sinklens import load_model
 from sinklens.errors import SinklensError
 from sinklens.run.cache import run_cache, shared_prefix
 from sinklens.run.interventions import ablation_hooks
+from sinklens.run.sink_patch import patch_for
 from sinklens.run.tokens import text_tokens
 from sinklens.studies.census import find_sinks
 from sinklens.studies.table import sink_table_row
@@ -181,8 +182,16 @@ def test_what_a_traced_model_cannot_do_is_refused_in_one_line(arch_dirs):
         )
     with pytest.raises(SinklensError, match="has no hook 'blocks.0.attn.hook_attn_scores'"):
         run_cache(traced, torch.tensor([[1, 2]]), ["blocks.0.attn.hook_attn_scores"])
+    with pytest.raises(
+        SinklensError, match="cannot be installed on .* the server's model is shared"
+    ):
+        patch_for(traced, [(1, 3)]).install(traced)
     with pytest.raises(SinklensError, match="add backend='nnsight'"):
         load_model(str(arch_dirs["llama"]), remote=True)
+    with pytest.raises(
+        SinklensError, match="drop --dtype, --device and --max-memory with --remote"
+    ):
+        load_model(str(arch_dirs["llama"]), backend="nnsight", remote=True, dtype="bfloat16")
 
 
 # The loopback stand-in for NDIF.
@@ -359,3 +368,9 @@ def test_the_default_models_table_and_sinks_commands_on_nnsight_equal_the_bridge
     assert sinks.returncode == 0, sinks.stderr
     census = census_of(settings, model=smollm2)
     assert_close(_where_it_ran(census.summary()), _where_it_ran(json.loads(sinks.stdout)))
+
+
+def test_without_nnsight_installed_the_backend_is_one_line(arch_dirs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nnsight", None)  # as if it were not installed
+    with pytest.raises(SinklensError, match=r"pip install 'sinklens\[nnsight\]'"):
+        load_model(str(arch_dirs["llama"]), device="cpu", backend="nnsight")

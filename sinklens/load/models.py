@@ -145,13 +145,14 @@ def load_model(
     self-hosted server shares); ``remote="local"`` is nnsight's local simulation of a remote run. A remote
     job that outlives ``remote_timeout`` seconds is an error.
     """
+    placed = any(x is not None for x in (dtype, device, max_memory))
+    check_remote(backend, remote, host, remote_timeout, placed)
     dtype, device = None if dtype is None else as_dtype(dtype), as_device(device)
     if n_layers is not None and n_layers < 1:
         raise SinklensError(
             f"n_layers={n_layers} builds no layer", "pass at least 1, or None for the whole model"
         )
     max_memory = _check_max_memory(device, max_memory)
-    check_remote(backend, remote, host, remote_timeout)
     if backend == "nnsight":
         with _libraries_quiet(not verbose):
             return _load_traced(  # type: ignore[return-value]  # a TracedModel runs every analysis it can

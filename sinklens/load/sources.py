@@ -117,9 +117,17 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def check_remote(backend: str, remote: bool | str, host: str | None, timeout: float) -> None:
-    """The checks of a remote run's choices that need no network."""
+def check_remote(
+    backend: str, remote: bool | str, host: str | None, timeout: float, placed: bool = False
+) -> None:
+    """The checks of a remote run's choices that need no network; ``placed``: a dtype, device or memory cap
+    was given, which a remote model (run by the server as its deployment says) cannot honour."""
     check_backend(backend)
+    if remote is True and placed:
+        raise SinklensError(
+            "a remote model runs where and in the dtype the server's deployment says",
+            "drop --dtype, --device and --max-memory with --remote",
+        )
     if remote and backend != "nnsight":
         raise SinklensError(
             "remote runs go through nnsight", "add backend='nnsight' (CLI: --backend nnsight)"

@@ -50,6 +50,7 @@ from sinklens._io import write_json
 from sinklens.defaults import PATCH_HOOKS as HOOKS
 from sinklens.defaults import PATCH_VALUES as VALUES
 from sinklens.errors import SinklensError
+from sinklens.load.traced import TracedModel
 from sinklens.results import value_type
 
 FORMAT = "sinklens-patch/1"
@@ -181,7 +182,14 @@ class SinkPatch:
     def install(self, model: nn.Module) -> InstalledPatch:
         """Install on a ``TransformerBridge`` or a Hugging Face causal LM (see the module docstring). A bridge and
         the Hugging Face model inside it (``bridge.original_model``) share their modules, so they hold one patch
-        between them: installing on either replaces what either held."""
+        between them: installing on either replaces what either held. A model on the nnsight backend is refused:
+        on NDIF its modules are the server's, shared with its other users (those here are empty stand-ins)."""
+        if isinstance(model, TracedModel):
+            raise SinklensError(
+                f"a patch cannot be installed on {model.cfg.model_name} on the nnsight backend: on NDIF the "
+                "server's model is shared, and the modules here are stand-ins",
+                "install it on the bridge (load the model without backend='nnsight')",
+            )
         weights = _weights(model)
         current = installed_patch(model)
         if current is not None:

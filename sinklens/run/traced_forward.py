@@ -9,7 +9,7 @@ site, so a run that reads layer 3 computes no further, here or on the server. A 
 between requests); hooks and cached values see only the positions after it, as on the bridge.
 
 Everything the trace body reads travels to the server on a remote run: the plan is plain tuples, the hook
-functions are shipped by value (:func:`~sinklens.load.traced.register_for_remote`), and only the values kept
+functions are shipped by value (:func:`~sinklens.load.ndif.register_for_remote`), and only the values kept
 come back. A hook that reports through Python state (filling a dict of its caller) would do so on the server
 only, so readings come back through ``names`` and ``reduce``, never through hooks.
 """
@@ -46,7 +46,7 @@ def _plan(
         if site.io == "weights":
             raise SinklensError(
                 f"the nnsight backend reads attention patterns but does not edit them ({name})",
-                "edit the attention's output (hook_z, hook_attn_out) instead, or run it with the "
+                "edit the attention's output (hook_attn_out) instead, or run it with the "
                 "TransformerLens backend",
             )
         steps.setdefault((site.path, site.io), (site, [], []))[1].append(function)
