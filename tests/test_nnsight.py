@@ -374,3 +374,15 @@ def test_without_nnsight_installed_the_backend_is_one_line(arch_dirs, monkeypatc
     monkeypatch.setitem(sys.modules, "nnsight", None)  # as if it were not installed
     with pytest.raises(SinklensError, match=r"pip install 'sinklens\[nnsight\]'"):
         load_model(str(arch_dirs["llama"]), device="cpu", backend="nnsight")
+
+
+def test_a_remote_model_whose_config_cannot_be_read_is_one_line():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NDIF_API_KEY": KEY}
+    offline = _cli(
+        "sink-layer", "--model", "no-org/no-such-model", "--backend", "nnsight", "--remote", env=env
+    )
+    assert offline.returncode == 2
+    last = offline.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "sinklens: error: could not read the config and tokenizer of no-org/no-such-model"
+    )

@@ -115,8 +115,17 @@ class NdifHost:
                 host.bytes_received += len(content)
                 return super().finalize(content)
 
+        try:
+            key = (
+                envoy.to_model_key()
+            )  # a hub name is canonicalised through the hub, once per process
+        except Exception as exc:  # the hub's errors come in many types
+            raise SinklensError(
+                f"could not resolve {self.model_name} on the hub for NDIF ({str(exc).splitlines()[0][:200]})",
+                "check the name and the network (a remote run names its model by its hub id)",
+            ) from exc
         backend = Counted(
-            envoy.to_model_key(),
+            key,
             host=self.url,
             api_key=self.api_key,
             env=envoy._remoteable_get_env(),

@@ -37,7 +37,8 @@ _PATTERN = "hook_pattern"
 _FIX_BACKEND = (
     "run it with the TransformerLens backend (leave out backend='nnsight' / --backend nnsight)"
 )
-# Where each part of a block runs, in the order a pre-norm decoder runs them; TransformerLens' names.
+# Where each part of a block (and of its MLP) runs, in the order a pre-norm decoder runs them; TransformerLens'
+# names.
 _EXECUTION_ORDER = (
     "ln1",
     "attn",
@@ -45,13 +46,6 @@ _EXECUTION_ORDER = (
     "ln2",
     "mlp",
     "ln2_post",
-    "qkv",
-    "q",
-    "k",
-    "v",
-    "q_norm",
-    "k_norm",
-    "o",
     "gate",
     "in",
     "out",
@@ -85,9 +79,8 @@ def hook_sites(adapter: Any, n_layers: int) -> dict[str, Site]:
         attention = hasattr(component, "hook_pattern") or type(component).__name__.endswith(
             "AttentionBridge"
         )
-        if (
-            attention
-        ):  # its inner hooks (hook_q, hook_z, ...) are per head on the bridge: not at a boundary
+        # an attention's inner hooks (hook_q, hook_z, ...) are per head on the bridge, not at a module boundary
+        if attention:
             sites[f"{tl_path}.{_PATTERN}"] = Site(hf_path, "weights", (*order, 2))
             return
         children = getattr(component, "submodules", None) or {}
@@ -303,8 +296,16 @@ def load_traced(
         ndif = NdifHost.of(host, source.name, timeout)
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(location))
-        envoy = TransformersModel(str(location), tokenizer=tokenizer, task="text-generation")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(location))
+            envoy = TransformersModel(str(location), tokenizer=tokenizer, task="text-generation")
+        except Exception as exc:  # hub, access and file errors come in many types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise SinklensError(
+                f"could not read the config and tokenizer of {location} ({first})",
+                "a remote run reads them from the hub: check the name, the network and, for a gated model, "
+                "HF_TOKEN; or pass a local directory holding them",
+            ) from exc
         source = dataclasses.replace(
             source,
             bos_token_id=tokenizer.bos_token_id,
@@ -316,14 +317,11 @@ def load_traced(
             from nnsight.modeling import huggingface
 
             huggingface._ID_CACHE[str(location)] = str(location)
-        dtype = getattr(envoy._module.config, "dtype", None) or torch.float32
-        return TracedModel(
-            envoy,
-            tokenizer,
-            source,
-            dtype if isinstance(dtype, torch.dtype) else torch.float32,
-            host=ndif,
-        )
+        # the dtype the checkpoint declares (what a deployment usually runs; results record it)
+        declared = getattr(envoy._module.config, "dtype", None)
+        dtype = getattr(torch, declared, None) if isinstance(declared, str) else declared
+        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        return TracedModel(envoy, tokenizer, source, dtype, host=ndif)
     envoy = TransformersModel(hf_model, tokenizer=tokenizer)
     return TracedModel(
         envoy,
