@@ -78,13 +78,14 @@ def traced_run(
         register_for_remote()
     start = 0 if prefix is None else prefix.shape[1]
     if prefix is not None:
-        tokens = torch.cat([prefix.expand(tokens.shape[0], -1), tokens], dim=1)
+        tokens = torch.cat([prefix.cpu().expand(tokens.shape[0], -1), tokens.cpu()], dim=1)
+    tokens = tokens.to(model.cfg.device)  # a remote model's device is the CPU: the ids travel from there
     plan = _plan(model, reads, edits)
     model.use_attention("eager" if any(io == "weights" for _, io, *_ in plan) else "sdpa")
     envoy, backend = model.envoy, model.trace_backend()
     saved: dict[str, Any] = {}
     with remote_errors(model), torch.no_grad():
-        with envoy.trace(tokens.cpu(), backend=backend) as tracer:
+        with envoy.trace(tokens, backend=backend) as tracer:
             saved = nnsight.save({})
             for path, io, functions, kept, hook in plan:
                 module = envoy.get(path)
