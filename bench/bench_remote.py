@@ -7,11 +7,13 @@ The default model's row (``sink_table_row``, what ``sinklens table`` runs) and c
 * **nnsight**: the nnsight backend here (``--backend nnsight``);
 * **remote**: the nnsight backend with ``--remote``, against ``tests/ndif_standin.py`` in a separate process
   (sinklens, TransformerLens and jaxtyping unimportable there), which runs each request on its own copy
-  of the model on this machine, as NDIF runs it on its GPUs.
+  of the model on this machine, as NDIF runs it on its GPUs. It serves the directory the default model's
+  GGUF converts to, as a self-hosted server serves a directory it shares (NDIF itself serves hub names).
 
 It prints, per study and way: the wall time, the time over the bridge's, and for the remote way the requests
 made, the bytes sent and received (requests of the row and of the census). All three must give the same sink layer, sink
-neurons and census, and norms within 1e-4: the last line is one JSON object with everything.
+neurons and census, and the first-token norm and attention shares within 1e-4: the last line is one JSON
+object with everything.
 
 What this cannot measure: NDIF's queue and its GPUs. A request to NDIF also waits for a free worker, and a
 7B model's forward pass on its GPU takes milliseconds where this stand-in's CPU takes a second; the requests
@@ -69,7 +71,9 @@ def main() -> None:
         ways = {
             "bridge": load_model(DEFAULT_MODEL, device="cpu"),
             "nnsight": load_model(DEFAULT_MODEL, device="cpu", backend="nnsight"),
-            "remote": load_model(DEFAULT_MODEL, backend="nnsight", remote=True, host=host),
+            "remote": load_model(
+                str(alias_weights(DEFAULT_MODEL)), backend="nnsight", remote=True, host=host
+            ),
         }
         results: dict = {}
         for way, model in ways.items():

@@ -27,7 +27,8 @@ import torch
 from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_arch, save_tiny
 from sinklens import load_model
 from sinklens.errors import SinklensError
-from sinklens.run.cache import run_cache, shared_prefix
+from sinklens.run.activation_patching import activation_gradients
+from sinklens.run.cache import forward, run_cache, shared_prefix
 from sinklens.run.interventions import ablation_hooks
 from sinklens.run.sink_patch import patch_for
 from sinklens.run.tokens import text_tokens
@@ -186,6 +187,13 @@ def test_what_a_traced_model_cannot_do_is_refused_in_one_line(arch_dirs):
         SinklensError, match="cannot be installed on .* the server's model is shared"
     ):
         patch_for(traced, [(1, 3)]).install(traced)
+    with pytest.raises(SinklensError, match="the nnsight backend runs without them"):
+        activation_gradients(
+            traced, torch.tensor([[1, 2]]), ["blocks.0.hook_resid_post"], lambda a: 0
+        )
+    simulated = load_model(str(arch_dirs["llama"]), device="cpu", backend="nnsight", remote="local")
+    with pytest.raises(SinklensError, match="never comes back"):
+        forward(simulated, torch.tensor([[1, 2]]), [], hooks=[("blocks.0.hook_resid_post", print)])
     with pytest.raises(SinklensError, match="add backend='nnsight'"):
         load_model(str(arch_dirs["llama"]), remote=True)
     with pytest.raises(
@@ -243,7 +251,7 @@ def test_a_remote_table_row_and_census_equal_the_bridges(planted, bridge_row, st
     assert remote.original_model.device.type == "meta"  # the weights stay on the server
     row = sink_table_row(remote, CORPUS, n_repeats=60)
     assert_close(_summary(bridge_row), _summary(row))
-    assert row.placement == {"backend": "nnsight", "dtype": "float32", "device": standin}
+    assert row.placement == {"backend": "nnsight", "dtype": "float32 (declared)", "device": standin}
     assert remote.requests > 10 and "COMPLETED" in caplog.text
     tokens = text_tokens(remote, CORPUS[:300], first=row.choice.token.id)
     bridge = load_model(str(planted), device="cpu")
@@ -386,3 +394,8 @@ def test_a_remote_model_whose_config_cannot_be_read_is_one_line():
     assert last.startswith(
         "sinklens: error: could not read the config and tokenizer of no-org/no-such-model"
     )
+    alias = _cli(
+        "sink-layer", "--backend", "nnsight", "--remote", env=env
+    )  # the default model, an alias
+    assert alias.returncode == 2
+    assert "of HuggingFaceTB/SmolLM2-135M-Instruct" in alias.stderr.strip().splitlines()[-1]

@@ -39,6 +39,7 @@ from sinklens.load.device_memory import (
     truncate_config,
 )
 from sinklens.load.fused_attention import use_fused_attention
+from sinklens.load.ndif import NdifHost, require_nnsight
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
 from sinklens.load.sources import (
     REMOTE_TIMEOUT,
@@ -52,7 +53,7 @@ from sinklens.load.sources import (
     resolve_model,
     shard_index,
 )
-from sinklens.load.traced import TracedModel, load_traced, require_nnsight
+from sinklens.load.traced import TracedModel, load_traced
 
 log = logging.getLogger("sinklens")
 
@@ -154,6 +155,11 @@ def load_model(
         )
     max_memory = _check_max_memory(device, max_memory)
     if backend == "nnsight":
+        if n_ctx is not None:
+            raise SinklensError(
+                "the nnsight backend runs the model with its own context length",
+                "drop n_ctx, or load it with the TransformerLens backend",
+            )
         with _libraries_quiet(not verbose):
             return _load_traced(  # type: ignore[return-value]  # a TracedModel runs every analysis it can
                 spec, dtype, device, n_layers, max_memory, remote, host, remote_timeout
@@ -163,11 +169,20 @@ def load_model(
 
 
 def _load_traced(spec, dtype, device, n_layers, max_memory, remote, host, timeout) -> TracedModel:
-    if remote is True:
-        source = resolve_model(spec)
-        location = _location(source, spec, None)
-        return load_traced(location, source, remote=True, host=host, timeout=timeout)
     require_nnsight()
+    if remote is True:
+        ndif = NdifHost.of(
+            host, spec, timeout
+        )  # the host and key first: nothing is fetched without them
+        source = resolve_model(spec)
+        if source.kind == "gguf":
+            raise SinklensError(
+                f"{spec} is a GGUF file here, which no NDIF server holds",
+                "pass the hub name NDIF serves (or a directory a self-hosted server shares)",
+            )
+        # a built-in alias is a GGUF copy of a hub model: the server is asked for the hub model
+        location = MODEL_ALIASES[spec].hub_name if source.kind == "alias" else source.name
+        return load_traced(location, source, remote=ndif)
     hf_model, tokenizer, source = _hf_pair(spec, dtype, device, n_layers, max_memory)
     return load_traced(source.name, source, hf_model=hf_model, tokenizer=tokenizer, remote=remote)
 

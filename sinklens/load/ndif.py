@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sinklens.errors import SinklensError
@@ -26,11 +26,19 @@ log = logging.getLogger("sinklens")
 NDIF_HOST = "https://api.ndif.us"
 FIRST_POLL_SECONDS = 0.02  # a short job is answered at once; a long one is polled ever less often
 POLL_SECONDS = 2.0
+POLL_RETRIES = (
+    10  # polls in a row a host may fail (5xx, no connection) before the run gives up on it
+)
 ROUTINE_STATUSES = (
     "RECEIVED",
     "RUNNING",
     "COMPLETED",
 )  # logged at DEBUG; queueing and the like at INFO
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none), for a one-line error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def require_nnsight():
@@ -85,7 +93,7 @@ class NdifHost:
     """An NDIF server a model runs on, and what its requests have carried so far."""
 
     url: str
-    api_key: str
+    api_key: str = field(repr=False)
     model_name: str
     timeout: float
     bytes_sent: int = 0
@@ -121,7 +129,7 @@ class NdifHost:
             )  # a hub name is canonicalised through the hub, once per process
         except Exception as exc:  # the hub's errors come in many types
             raise SinklensError(
-                f"could not resolve {self.model_name} on the hub for NDIF ({str(exc).splitlines()[0][:200]})",
+                f"could not resolve {self.model_name} on the hub for NDIF ({first_line(exc)})",
                 "check the name and the network (a remote run names its model by its hub id)",
             ) from exc
         backend = Counted(
@@ -137,15 +145,14 @@ class NdifHost:
 
     @contextmanager
     def errors(self) -> Iterator[None]:
-        """A request the host refuses, or a host that does not answer, as one clear error."""
+        """A request the host refuses, or a host that does not answer, as one clear error (nnsight raises its
+        ``RemoteError`` for both when it submits, with the HTTP error as its cause)."""
         from nnsight.intervention.backends.remote import RemoteError
 
         try:
             yield
         except RemoteError as exc:
-            raise self.failed(exc) from None
-        except OSError as exc:
-            raise self.unreachable(exc) from None
+            raise self.failed(exc, exc.__cause__) from None
 
     def wait(self, backend: Any, what: str) -> dict[str, Any]:
         """Poll a submitted request until its saved values arrive, logging each new status; one clear error
@@ -153,16 +160,23 @@ class NdifHost:
         import httpx
         from nnsight.intervention.backends.remote import RemoteError
 
-        start, status, pause = time.monotonic(), None, FIRST_POLL_SECONDS
+        start, status, pause, misses = time.monotonic(), None, FIRST_POLL_SECONDS, 0
         while True:
+            result = None
             try:
                 result = backend()
-            except RemoteError as exc:
+                misses = 0
+            except RemoteError as exc:  # the job failed on the host
                 raise self.failed(exc) from None
-            except (OSError, httpx.TransportError) as exc:
-                raise self.unreachable(exc) from None
-            except httpx.HTTPStatusError as exc:
-                raise self.failed(RemoteError(str(exc))) from None
+            except (httpx.HTTPStatusError, httpx.TransportError) as exc:
+                # a refusal ends the run; a busy host (5xx) or a dropped connection is asked again, a while
+                answer = getattr(getattr(exc, "response", None), "status_code", 500)
+                misses += 1
+                if answer < 500:
+                    raise self.failed(exc, exc) from None
+                if misses > POLL_RETRIES:
+                    raise self.unreachable(exc) from None
+                log.info("%s on %s: %s; asking again", what, self.url, first_line(exc))
             if backend.status != status:
                 status = backend.status
                 name = getattr(status, "value", status)
@@ -179,18 +193,18 @@ class NdifHost:
             time.sleep(pause)
             pause = min(pause * 2, POLL_SECONDS)
 
-    def failed(self, exc: Exception) -> SinklensError:
-        """The one line for a request the host refused or a job that failed on it."""
-        cause = exc.__cause__
-        status = getattr(getattr(cause, "response", None), "status_code", None)
-        detail = str(exc).removeprefix("Failed to send request: ").strip().splitlines()[0][:300]
+    def failed(self, exc: Exception, http: BaseException | None = None) -> SinklensError:
+        """The one line for a request the host refused (``http``: the HTTP error behind it, if any) or a job that
+        failed on it."""
+        status = getattr(getattr(http, "response", None), "status_code", None)
+        detail = first_line(exc).removeprefix("Failed to send request: ")
         if status in (401, 403):
             return SinklensError(
                 f"{self.url} refused the NDIF API key ({detail})",
                 "check NDIF_API_KEY (or nnsight's saved key) against https://login.ndif.us",
             )
-        if cause is not None and status is None:
-            return self.unreachable(cause)
+        if http is not None and status is None:
+            return self.unreachable(http)
         return SinklensError(
             f"the remote job for {self.model_name} failed on {self.url}: {detail}",
             "check that the host serves this model (nnsight.ndif_status() lists what runs) and that the "
@@ -198,8 +212,7 @@ class NdifHost:
         )
 
     def unreachable(self, exc: BaseException) -> SinklensError:
-        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         return SinklensError(
-            f"the NDIF host {self.url} did not answer ({detail})",
+            f"the NDIF host {self.url} did not answer ({first_line(exc)})",
             "check --host (or NDIF_HOST) and the network; https://nnsight.net/status says whether NDIF is up",
         )

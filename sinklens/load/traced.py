@@ -30,8 +30,8 @@ import torch
 
 from sinklens.errors import SinklensError
 from sinklens.load.device_memory import text_config
-from sinklens.load.ndif import NdifHost, require_nnsight
-from sinklens.load.sources import REMOTE_TIMEOUT, ModelSource
+from sinklens.load.ndif import NdifHost, first_line, require_nnsight
+from sinklens.load.sources import ModelSource
 
 _PATTERN = "hook_pattern"
 _FIX_BACKEND = (
@@ -122,7 +122,7 @@ def _bridge_config(hf_config: Any, model_name: str, dtype: torch.dtype):
         return ArchitectureAdapterFactory.select_architecture_adapter(config)
     except (ValueError, NotImplementedError, KeyError) as exc:
         raise SinklensError(
-            f"TransformerLens has no architecture adapter for {model_name}: {str(exc).splitlines()[0]}",
+            f"TransformerLens has no architecture adapter for {model_name}: {first_line(exc)}",
             "use a causal LM architecture that TransformerLens supports (Llama, Gemma, Mistral, Qwen, GPT-2, ...)",
         ) from exc
 
@@ -214,15 +214,13 @@ class TracedModel:
 
     def placement(self) -> dict[str, str]:
         """Where it runs, as results record it: the backend, the dtype and the device or host."""
-        where = self.remote if self.remote not in (None, "local") else self.cfg.device
+        dtype = str(self.cfg.dtype).removeprefix("torch.")
+        if self.host is not None:  # the server runs the dtype its deployment says
+            return {"backend": "nnsight", "dtype": f"{dtype} (declared)", "device": self.host.url}
         simulated = (
             " (nnsight's local simulation of a remote run)" if self.remote == "local" else ""
         )
-        return {
-            "backend": f"nnsight{simulated}",
-            "dtype": str(self.cfg.dtype).removeprefix("torch."),
-            "device": str(where),
-        }
+        return {"backend": f"nnsight{simulated}", "dtype": dtype, "device": str(self.cfg.device)}
 
     def use_attention(self, implementation: str) -> None:
         """Run attention as ``eager`` (which returns the attention weights, for a run that reads a pattern) or
@@ -282,27 +280,23 @@ def load_traced(
     *,
     hf_model: Any = None,
     tokenizer: Any = None,
-    remote: bool | str = False,
-    host: str | None = None,
-    timeout: float = REMOTE_TIMEOUT,
+    remote: NdifHost | str | bool = False,
 ) -> TracedModel:
-    """A :class:`TracedModel` of the loaded ``hf_model`` (``remote=False`` or ``"local"``), or, with
-    ``remote=True``, of the model at ``location`` (a hub name NDIF serves, or a directory a self-hosted
-    server shares), built on the meta device from its config: its weights stay on the server."""
-    require_nnsight()
+    """A :class:`TracedModel` of the loaded ``hf_model`` (``remote=False``, or ``"local"`` for nnsight's local
+    simulation of a remote run), or, with ``remote`` an :class:`~sinklens.load.ndif.NdifHost`, of the model at
+    ``location`` on that host (a hub name it serves, or a directory a self-hosted server shares), built here on
+    the meta device from its config: its weights stay on the server."""
     from nnsight import TransformersModel
 
-    if remote is True:
-        ndif = NdifHost.of(host, source.name, timeout)
+    if isinstance(remote, NdifHost):
         from transformers import AutoTokenizer
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(location))
             envoy = TransformersModel(str(location), tokenizer=tokenizer, task="text-generation")
         except Exception as exc:  # hub, access and file errors come in many types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise SinklensError(
-                f"could not read the config and tokenizer of {location} ({first})",
+                f"could not read the config and tokenizer of {location} ({first_line(exc)})",
                 "a remote run reads them from the hub: check the name, the network and, for a gated model, "
                 "HF_TOKEN; or pass a local directory holding them",
             ) from exc
@@ -317,11 +311,11 @@ def load_traced(
             from nnsight.modeling import huggingface
 
             huggingface._ID_CACHE[str(location)] = str(location)
-        # the dtype the checkpoint declares (what a deployment usually runs; results record it)
+        # the dtype the checkpoint declares; the server runs what its deployment says (results say so)
         declared = getattr(envoy._module.config, "dtype", None)
         dtype = getattr(torch, declared, None) if isinstance(declared, str) else declared
         dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-        return TracedModel(envoy, tokenizer, source, dtype, host=ndif)
+        return TracedModel(envoy, tokenizer, source, dtype, host=remote)
     envoy = TransformersModel(hf_model, tokenizer=tokenizer)
     return TracedModel(
         envoy,
@@ -354,7 +348,7 @@ def _remote_weight(model: TracedModel, path: str) -> torch.Tensor:
     """The weight of the module at ``path`` of a remote model, read by a one-token trace that stops at once."""
     nnsight = require_nnsight()
     envoy, backend = model.envoy, model.trace_backend()
-    token = torch.tensor([[model.tokenizer.bos_token_id or 0]])
+    token = torch.tensor([[model.tokenizer.bos_token_id or 0]], device=model.cfg.device)
     saved: dict[str, Any] = {}
     with remote_errors(model), torch.no_grad():
         with envoy.trace(token, backend=backend) as tracer:

@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 from transformer_lens import ActivationCache
 from transformer_lens.model_bridge import TransformerBridge
 
+from sinklens.errors import SinklensError
 from sinklens.results import value_type
 from sinklens.run.cache import Hook, forward, run_cache, shared_prefix
+from sinklens.run.traced_forward import is_traced
 
 
 @value_type
@@ -155,6 +157,11 @@ def activation_gradients(
     every later component), whatever the parameters' ``requires_grad``. The run stops after
     the deepest block named.
     """
+    if is_traced(model):
+        raise SinklensError(
+            "gradients need the model here, and the nnsight backend runs without them (NDIF disables them)",
+            "run it with the TransformerLens backend (leave out backend='nnsight')",
+        )
     store: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}
 

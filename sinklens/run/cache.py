@@ -182,6 +182,12 @@ def forward(
                 f"the nnsight backend runs tokens only, not {', '.join(sorted(kwargs))}",
                 "pass a shared_prefix() as prefix, or run it with the TransformerLens backend",
             )
+        if hooks and model.remote is not None:
+            raise SinklensError(
+                f"forward() hooks on {model.cfg.model_name} would run on the server, and what they record "
+                "there never comes back",
+                "read activations with run_cache(names, reduce=...) and edit them with its interventions",
+            )
         traced_run(model, tokens, {}, hooks, None if prefix is None else prefix.tokens)
         return
     stop = stop_layer(model, names)

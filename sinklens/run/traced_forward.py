@@ -38,8 +38,8 @@ def is_traced(model: Any) -> TypeGuard[TracedModel]:
 def _plan(
     model: TracedModel, reads: Mapping[str, Reduce | None], edits: Sequence[tuple[str, Callable]]
 ) -> list[tuple]:
-    """The trace's steps in the order the model computes their sites: ``(module path, io, edit functions,
-    [(hook name, reduce)], hook stand-in)``, plain values that travel to a server as they are."""
+    """The trace's steps in the order the model computes their sites: ``(module path, io, [(edit function,
+    hook stand-in)], [(hook name, reduce)])``, plain values that travel to a server as they are."""
     steps: dict[tuple[str, str], tuple[Site, list, list]] = {}
     for name, function in edits:
         site = model.site(name)
@@ -49,7 +49,10 @@ def _plan(
                 "edit the attention's output (hook_attn_out) instead, or run it with the "
                 "TransformerLens backend",
             )
-        steps.setdefault((site.path, site.io), (site, [], []))[1].append(function)
+        # each hook function sees its own hook name, as a TransformerLens hook point gives it
+        steps.setdefault((site.path, site.io), (site, [], []))[1].append(
+            (function, types.SimpleNamespace(name=name))
+        )
     for name, reduce in reads.items():
         site = model.site(name)
         steps.setdefault((site.path, site.io), (site, [], []))[2].append((name, reduce))
@@ -57,10 +60,7 @@ def _plan(
     if reads:  # edits after the last site read change nothing read: the run stops before them
         last = max(model.site(name).order for name in reads)
         ordered = [step for step in ordered if step[0].order <= last]
-    return [
-        (site.path, site.io, fns, kept, types.SimpleNamespace(name=site.path))
-        for site, fns, kept in ordered
-    ]
+    return [(site.path, site.io, fns, kept) for site, fns, kept in ordered]
 
 
 def traced_run(
@@ -79,7 +79,9 @@ def traced_run(
     start = 0 if prefix is None else prefix.shape[1]
     if prefix is not None:
         tokens = torch.cat([prefix.cpu().expand(tokens.shape[0], -1), tokens.cpu()], dim=1)
-    tokens = tokens.to(model.cfg.device)  # a remote model's device is the CPU: the ids travel from there
+    tokens = tokens.to(
+        model.cfg.device
+    )  # a remote model's device is the CPU: the ids travel from there
     plan = _plan(model, reads, edits)
     model.use_attention("eager" if any(io == "weights" for _, io, *_ in plan) else "sdpa")
     envoy, backend = model.envoy, model.trace_backend()
@@ -87,13 +89,13 @@ def traced_run(
     with remote_errors(model), torch.no_grad():
         with envoy.trace(tokens, backend=backend) as tracer:
             saved = nnsight.save({})
-            for path, io, functions, kept, hook in plan:
+            for path, io, functions, kept in plan:
                 module = envoy.get(path)
                 whole = module.input if io == "input" else module.output
                 value = whole[1 if io == "weights" else 0] if isinstance(whole, tuple) else whole
                 axis = 2 if io == "weights" else 1
                 part = value.narrow(axis, start, value.shape[axis] - start)
-                for function in functions:
+                for function, hook in functions:
                     edited = function(part, hook)
                     part = part if edited is None else edited
                 if functions:
