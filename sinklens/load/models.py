@@ -11,12 +11,11 @@ unless ``verbose=True``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -40,6 +39,7 @@ from sinklens.load.device_memory import (
 )
 from sinklens.load.fused_attention import use_fused_attention
 from sinklens.load.ndif import NdifHost, require_nnsight
+from sinklens.load.quiet import libraries_quiet
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
 from sinklens.load.sources import (
     REMOTE_TIMEOUT,
@@ -160,11 +160,11 @@ def load_model(
                 "the nnsight backend runs the model with its own context length",
                 "drop n_ctx, or load it with the TransformerLens backend",
             )
-        with _libraries_quiet(not verbose):
+        with libraries_quiet(not verbose):
             return _load_traced(  # type: ignore[return-value]  # a TracedModel runs every analysis it can
                 spec, dtype, device, n_layers, max_memory, remote, host, remote_timeout
             )
-    with _libraries_quiet(not verbose):
+    with libraries_quiet(not verbose):
         return _load(spec, dtype, device, n_ctx, n_layers, max_memory)
 
 
@@ -197,41 +197,6 @@ def _check_max_memory(device: str, max_memory) -> dict[int | str, int] | None:
     return max_memory
 
 
-@contextmanager
-def _libraries_quiet(quiet: bool) -> Iterator[None]:
-    """Hide transformers' and huggingface_hub's progress bars and notices for the duration."""
-    if not quiet:
-        yield
-        return
-    from huggingface_hub.utils import (
-        are_progress_bars_disabled,
-        disable_progress_bars,
-        enable_progress_bars,
-    )
-    from transformers import modeling_gguf_pytorch_utils as gguf_reader
-    from transformers.utils import logging as hf_logging
-
-    bars_on, hub_bars_off, level = (
-        hf_logging.is_progress_bar_enabled(),
-        are_progress_bars_disabled(),
-        hf_logging.get_verbosity(),
-    )
-    gguf_bar = gguf_reader.tqdm  # the GGUF reader's bar ignores transformers' own switch
-    hf_logging.disable_progress_bar()
-    disable_progress_bars()
-    hf_logging.set_verbosity_error()
-    gguf_reader.tqdm = functools.partial(gguf_bar, disable=True)
-    try:
-        yield
-    finally:
-        gguf_reader.tqdm = gguf_bar
-        hf_logging.set_verbosity(level)
-        if bars_on:
-            hf_logging.enable_progress_bar()
-        if not hub_bars_off:
-            enable_progress_bars()
-
-
 def load_hf_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -246,7 +211,7 @@ def load_hf_model(
     ``dtype``, ``device`` and ``max_memory`` keywords."""
     dtype, device = None if dtype is None else as_dtype(dtype), as_device(device)
     max_memory = _check_max_memory(device, max_memory)
-    with _libraries_quiet(not verbose):
+    with libraries_quiet(not verbose):
         hf_model, tokenizer, source = _hf_pair(spec, dtype, device, None, max_memory)
     hf_model.sinklens_source = source
     return hf_model, tokenizer
