@@ -27,27 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _serve(model_dir: Path, key: str) -> tuple[subprocess.Popen, str]:
-    port_file = Path(tempfile.mkdtemp()) / "port"
-    server = subprocess.Popen(
-        [sys.executable, "-I", str(ROOT / "tests" / "ndif_standin.py"), "--serve", str(model_dir)]
-        + ["--key", key, "--port-file", str(port_file)]
-    )
-    for _ in range(600):
-        if port_file.exists() and port_file.read_text():
-            return server, f"http://127.0.0.1:{port_file.read_text()}"
-        time.sleep(0.1)
-    server.kill()
-    raise RuntimeError("the stand-in did not start")
 
 
 def main() -> None:
@@ -66,7 +51,12 @@ def main() -> None:
 
     text = shakespeare()[:PAPER_CORPUS_CHARS]
     os.environ["NDIF_API_KEY"] = "bench"
-    server, host = _serve(alias_weights(DEFAULT_MODEL), "bench")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ndif_standin import launch
+
+    server, host = launch(
+        [alias_weights(DEFAULT_MODEL)], "bench", Path(tempfile.mkdtemp()) / "port"
+    )
     try:
         ways = {
             "bridge": load_model(DEFAULT_MODEL, device="cpu"),

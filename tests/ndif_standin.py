@@ -33,14 +33,19 @@ class _Unimportable:
         return None
 
 
-sys.meta_path.insert(0, _Unimportable())
+if (
+    __name__ == "__main__"
+):  # the server process; a test imports this module only to start one (launch)
+    sys.meta_path.insert(0, _Unimportable())
 
 import argparse  # noqa: E402  (after the blocker, so nothing below can import what it blocks)
 import email.parser  # noqa: E402
 import email.policy  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import subprocess  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 import uuid  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
@@ -196,6 +201,25 @@ def handler(jobs: Jobs, key: str):
             return self.reply(404, b'{"detail": "Not Found"}')
 
     return Handler
+
+
+def launch(models: list[Path], key: str, port_file: Path) -> tuple[subprocess.Popen, str]:
+    """Start the stand-in serving ``models`` in a separate, isolated (``python -I``) process; its process and
+    URL once it listens (the port is written to ``port_file``)."""
+    command = [sys.executable, "-I", __file__, "--key", key, "--port-file", str(port_file)]
+    for model in models:
+        command += ["--serve", str(model)]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if port_file.exists() and port_file.read_text():
+            return server, f"http://127.0.0.1:{port_file.read_text()}"
+        if server.poll() is not None:
+            raise RuntimeError(
+                f"the stand-in stopped: {server.stderr.read() if server.stderr else ''}"
+            )
+        time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("the stand-in did not start in 60 s")
 
 
 def main() -> None:

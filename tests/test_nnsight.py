@@ -17,14 +17,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import CORPUS, SINK_LAYER, SINK_NEURON, save_arch, save_tiny
+from ndif_standin import launch
 from sinklens import load_model
 from sinklens.errors import SinklensError
 from sinklens.run.activation_patching import activation_gradients
@@ -38,7 +37,6 @@ from sinklens.studies.table import sink_table_row
 pytest.importorskip("nnsight")
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma3", "gpt2")
-STANDIN = Path(__file__).with_name("ndif_standin.py")
 KEY = "test-key"
 WHERE = {
     "backend",
@@ -205,27 +203,9 @@ def test_what_a_traced_model_cannot_do_is_refused_in_one_line(arch_dirs):
 # The loopback stand-in for NDIF.
 
 
-def _serve(*models: Path) -> tuple[subprocess.Popen, str]:
-    port_file = models[0].parent / f"port-{time.monotonic_ns()}"
-    command = [sys.executable, "-I", str(STANDIN), "--key", KEY, "--port-file", str(port_file)]
-    for model in models:
-        command += ["--serve", str(model)]
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    for _ in range(600):
-        if port_file.exists() and port_file.read_text():
-            return server, f"http://127.0.0.1:{port_file.read_text()}"
-        if server.poll() is not None:
-            raise RuntimeError(
-                f"the stand-in stopped: {server.stderr.read() if server.stderr else ''}"
-            )
-        time.sleep(0.1)
-    server.kill()
-    raise RuntimeError("the stand-in did not start in 60 s")
-
-
 @pytest.fixture(scope="module")
 def standin(planted):
-    server, host = _serve(planted)
+    server, host = launch([planted], KEY, planted.parent / "standin-port")
     yield host
     server.kill()
     server.wait()

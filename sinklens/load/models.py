@@ -38,7 +38,7 @@ from sinklens.load.device_memory import (
     truncate_config,
 )
 from sinklens.load.fused_attention import use_fused_attention
-from sinklens.load.ndif import NdifHost, require_nnsight
+from sinklens.load.ndif import NdifHost, first_line, require_nnsight
 from sinklens.load.quiet import libraries_quiet
 from sinklens.load.registry import DEFAULT_MODEL, MODEL_ALIASES
 from sinklens.load.sources import (
@@ -323,7 +323,7 @@ def _load(
         raise out_of_memory(hf_model, "TransformerLens wrapped it", n_layers=n_layers) from exc
     except (ValueError, NotImplementedError, KeyError) as exc:
         raise SinklensError(
-            f"TransformerLens cannot wrap {source.name} ({type(hf_model).__name__}): {_first_line(exc)}",
+            f"TransformerLens cannot wrap {source.name} ({type(hf_model).__name__}): {first_line(exc)}",
             "use a causal LM architecture that TransformerLens 4.3 supports (Llama, Gemma, Mistral, Qwen, GPT-2, ...)",
         ) from exc
     bridge.eval()
@@ -338,11 +338,6 @@ def alias_weights(alias: str) -> Path:
     return _converted_gguf(
         lambda: fetch_asset(model.gguf), f"{model.alias}-{model.gguf.sha256[:16]}"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def _load_hf(
@@ -415,17 +410,17 @@ def _load_hf(
         if source.kind == "hub":
             raise SinklensError(
                 f"could not load '{source.spec}': it is not a built-in alias ({aliases()}) nor a local path, "
-                f"and the Hugging Face hub did not provide it ({_first_line(exc)})",
+                f"and the Hugging Face hub did not provide it ({first_line(exc)})",
                 "check the name; without network access pass a local model directory or .gguf file, "
                 "or a built-in alias (and set HF_HUB_OFFLINE=1 to fail fast)",
             ) from exc
         if "Unrecognized configuration class" in str(exc):
             raise SinklensError(
-                f"{source.spec} is not a causal language model ({_first_line(exc)})",
+                f"{source.spec} is not a causal language model ({first_line(exc)})",
                 "sinklens studies decoder-only LMs: pass a model that AutoModelForCausalLM can load",
             ) from exc
         raise SinklensError(
-            f"could not load the model files in {location} ({_first_line(exc)})",
+            f"could not load the model files in {location} ({first_line(exc)})",
             "the files are incomplete or corrupt: save the model again with save_pretrained(), "
             f"or delete {location} if it is in the sinklens cache",
         ) from exc
@@ -459,7 +454,7 @@ def _converted_gguf(get_gguf, key: str) -> Path:
         )
     except Exception as exc:  # the gguf reader raises many types on a damaged file
         raise SinklensError(
-            f"{gguf} is not a readable GGUF model file ({type(exc).__name__}: {_first_line(exc)})",
+            f"{gguf} is not a readable GGUF model file ({type(exc).__name__}: {first_line(exc)})",
             "download the file again; a truncated or corrupt GGUF cannot be converted",
         ) from exc
     # the weights are plain float32 now; this lets save_pretrained run (ignore: torch types
